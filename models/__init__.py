@@ -1,0 +1,1 @@
+"""The PRISM editing engine: a pure library (no HTTP, no queue)."""

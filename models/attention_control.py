@@ -1,0 +1,201 @@
+"""Prompt-to-prompt attention control through diffusers attention processors.
+
+The denoising batch is ``[uncond x B, cond x B]`` with B = 1 + K: element 0 of each half is the
+source branch, elements 1..K are edit candidates. Control touches only the conditional half:
+each candidate's cross-attention is derived from the source's (Replace or Refine, optionally
+reweighted), and its self-attention is replaced by the source's for the candidate's own
+``self_replace_steps`` fraction, so several candidates share one pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention
+
+
+@dataclass
+class CandidateControl:
+    """How one edit candidate derives its attention from the source branch.
+
+    ``mapper`` is a (77, 77) Replace matrix; for Refine, ``refine_index`` / ``refine_alpha``
+    (77,) are set instead. ``equalizer`` (77,) scales cross-attention columns (Reweight).
+    """
+
+    cross_replace_steps: float
+    self_replace_steps: float
+    mapper: torch.Tensor | None = None
+    refine_index: torch.Tensor | None = None
+    refine_alpha: torch.Tensor | None = None
+    equalizer: torch.Tensor | None = None
+    blend_source_tokens: list[int] | None = None
+    blend_tokens: list[int] | None = None
+
+    @property
+    def blends(self) -> bool:
+        return bool(self.blend_source_tokens or self.blend_tokens)
+
+    def map_cross(self, base: torch.Tensor, edit: torch.Tensor) -> torch.Tensor:
+        """Cross-attention of the candidate from the source's ``base`` (heads, queries, 77)."""
+        if self.mapper is not None:
+            mapped = base @ self.mapper.to(base)
+        else:
+            alpha = self.refine_alpha.to(base)
+            mapped = base[..., self.refine_index.to(base.device)] * alpha + edit * (1 - alpha)
+        if self.equalizer is not None:
+            mapped = mapped * self.equalizer.to(base)
+        return mapped
+
+
+class LocalBlend:
+    """Keep the source latent outside the region the blend words attend to.
+
+    For each candidate the mask is the union of the source's map for its blend words and the
+    candidate's map for its own, accumulated over steps, max-pooled, normalised, thresholded.
+    Candidates without blend words are left unblended.
+    """
+
+    def __init__(self, threshold: float = 0.3, start: float = 0.2) -> None:
+        self.threshold = threshold
+        self.start = start
+
+    def masks(self, maps: torch.Tensor, token_sets: list[list[int]], latent_hw: tuple[int, int]) -> torch.Tensor:
+        """Binary masks (N, 1, h, w) from accumulated maps (N, r, r, 77)."""
+        weights = torch.zeros(len(token_sets), maps.shape[-1], device=maps.device, dtype=maps.dtype)
+        for b, tokens in enumerate(token_sets):
+            weights[b, tokens] = 1.0
+        m = (maps * weights[:, None, None, :]).sum(-1)[:, None]
+        m = F.max_pool2d(m, 3, stride=1, padding=1)
+        m = F.interpolate(m, size=latent_hw)
+        m = m / m.amax(dim=(2, 3), keepdim=True).clamp_min(1e-12)
+        return m > self.threshold
+
+    def mask(self, maps: torch.Tensor, candidates: list[CandidateControl], latent_hw: tuple[int, int]) -> torch.Tensor:
+        """Float masks (K, 1, h, w): 1 where candidate k may differ from the source."""
+        k = len(candidates)
+        source = self.masks(maps[:1].expand(k, *maps.shape[1:]), [c.blend_source_tokens or [] for c in candidates], latent_hw)
+        own = self.masks(maps[1:], [c.blend_tokens or [] for c in candidates], latent_hw)
+        unblended = torch.tensor([not c.blends for c in candidates], device=maps.device)[:, None, None, None]
+        return (source | own | unblended).float()
+
+    def apply(self, x: torch.Tensor, maps: torch.Tensor, candidates: list[CandidateControl]) -> torch.Tensor:
+        mask = self.mask(maps, candidates, tuple(x.shape[2:])).to(x.dtype)
+        return torch.cat([x[:1], x[:1] + mask * (x[1:] - x[:1])])
+
+
+class PromptToPromptControl:
+    """Attention edits for one batched denoising pass of a source plus K candidates.
+
+    ``step`` is set by the denoising loop before each UNet call. Self-attention is replaced only
+    at maps with at most ``self_replace_max_pixels`` queries (32x32 for a 64x64 latent).
+    """
+
+    def __init__(
+        self,
+        candidates: list[CandidateControl],
+        num_steps: int,
+        latent_hw: tuple[int, int],
+        local_blend: LocalBlend | None = None,
+    ) -> None:
+        self.candidates = candidates
+        self.num_steps = num_steps
+        self.latent_hw = latent_hw
+        self.local_blend = local_blend
+        self.self_replace_max_pixels = (latent_hw[0] // 2) * (latent_hw[1] // 2)
+        self.blend_pixels = max(1, (latent_hw[0] // 4) * (latent_hw[1] // 4))
+        self.step = 0
+        self._maps: dict[int, torch.Tensor] = {}
+
+    def _cross_active(self, c: CandidateControl) -> bool:
+        return self.step < int(c.cross_replace_steps * self.num_steps)
+
+    def _self_active(self, c: CandidateControl) -> bool:
+        return self.step < int(c.self_replace_steps * self.num_steps)
+
+    def __call__(self, probs: torch.Tensor, is_cross: bool, batch: int) -> torch.Tensor:
+        """Edit attention probabilities of shape (batch * heads, queries, keys)."""
+        heads = probs.shape[0] // batch
+        p = probs.view(batch, heads, *probs.shape[1:])
+        half = batch // 2
+        cond = p[half:]
+        if is_cross and self.local_blend is not None:
+            self._store(cond)
+        base = cond[0]
+        out = [base]
+        for k, c in enumerate(self.candidates, start=1):
+            own = cond[k]
+            if is_cross:
+                out.append(c.map_cross(base, own) if self._cross_active(c) else own)
+            elif self._self_active(c) and probs.shape[1] <= self.self_replace_max_pixels:
+                out.append(base)
+            else:
+                out.append(own)
+        return torch.cat([p[:half], torch.stack(out)]).view_as(probs)
+
+    def _store(self, cond: torch.Tensor) -> None:
+        queries = cond.shape[2]
+        head_mean = cond.float().mean(1)
+        if queries in self._maps:
+            self._maps[queries] += head_mean
+        else:
+            self._maps[queries] = head_mean.clone()
+
+    def after_step(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply LocalBlend to the latents (B, C, h, w) once ``start`` of the steps have passed."""
+        if self.local_blend is None or not self._maps:
+            return x
+        if self.step < int(self.local_blend.start * self.num_steps):
+            return x
+        queries = min(self._maps, key=lambda q: abs(q - self.blend_pixels))
+        side = int(round(queries**0.5))
+        maps = self._maps[queries].view(x.shape[0], side, side, -1).to(x.dtype)
+        return self.local_blend.apply(x, maps, self.candidates)
+
+
+class ControlledAttnProcessor:
+    """Plain (materialised) attention whose probabilities pass through a controller."""
+
+    def __init__(self, control: PromptToPromptControl) -> None:
+        self.control = control
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        batch = hidden_states.shape[0]
+        is_cross = encoder_hidden_states is not None
+        sequence_length = (encoder_hidden_states if is_cross else hidden_states).shape[1]
+        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if not is_cross:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
+        value = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
+        query = attn.head_to_batch_dim(query)
+        probs = attn.get_attention_scores(query, key, attention_mask)
+        probs = self.control(probs, is_cross, batch)
+        hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor

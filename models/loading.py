@@ -1,0 +1,216 @@
+"""Load the PRISM model bundle from local directories only, once, for reuse.
+
+Accepted layouts:
+  * a diffusers Stable Diffusion directory (unet/, vae/, text_encoder/, tokenizer/, scheduler/);
+  * the same base directory plus a UNet state-dict ``.safetensors`` file (how PRISM publishes
+    its fine-tuned UNet), loaded over the base UNet;
+  * a CLIP directory (transformers CLIPModel + tokenizer + preprocessor config) for scoring,
+    by default ``<model_dir>/clip``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import diffusers  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer  # noqa: E402
+
+from models.ddim import make_scheduler  # noqa: E402
+from models.errors import ModelLoadError  # noqa: E402
+
+diffusers.utils.logging.set_verbosity_error()
+diffusers.utils.logging.disable_progress_bar()
+transformers.utils.logging.set_verbosity_error()
+transformers.utils.logging.disable_progress_bar()
+
+REQUIRED_FILES = {
+    "unet": ["config.json", "diffusion_pytorch_model.safetensors"],
+    "vae": ["config.json", "diffusion_pytorch_model.safetensors"],
+    "text_encoder": ["config.json", "model.safetensors"],
+}
+CLIP_FILES = ["config.json", "model.safetensors", "preprocessor_config.json"]
+
+
+@dataclass
+class ClipParts:
+    model: CLIPModel
+    tokenizer: CLIPTokenizer
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+@dataclass
+class ModelBundle:
+    """Everything one worker holds in memory: loaded once, used for every job."""
+
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    scheduler: DDIMScheduler
+    clip: ClipParts
+    device: torch.device
+    dtype: torch.dtype
+    identity: str
+    resolution: int
+
+    @property
+    def latent_scale(self) -> float:
+        return float(getattr(self.vae.config, "scaling_factor", 0.18215))
+
+
+def _require(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise ModelLoadError(f"missing {what}: {path}")
+    return path
+
+
+def _fingerprint(h: "hashlib._Hash", path: Path) -> None:
+    """Hash a file by name, size and its first and last MiB: cheap for multi-GB weights."""
+    size = path.stat().st_size
+    h.update(f"{path.name}:{size}".encode())
+    with path.open("rb") as f:
+        h.update(f.read(1 << 20))
+        if size > 2 << 20:
+            f.seek(-(1 << 20), os.SEEK_END)
+            h.update(f.read())
+
+
+def _require_tokenizer(directory: Path) -> None:
+    """A tokenizer is either ``tokenizer.json`` or the ``vocab.json`` + ``merges.txt`` pair."""
+    if (directory / "tokenizer.json").exists():
+        return
+    for name in ("vocab.json", "merges.txt"):
+        _require(directory / name, "tokenizer file (or tokenizer.json)")
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_bundle(
+    model_dir: str | Path,
+    unet_weights: str | Path | None = None,
+    clip_dir: str | Path | None = None,
+    device: str | None = None,
+    dtype: torch.dtype | None = None,
+) -> ModelBundle:
+    """Load the diffusion model and CLIP scorer.
+
+    ``dtype`` applies to the UNet only (fp16 on CUDA, fp32 on CPU by default): it carries nearly
+    all of the compute, while the VAE, text encoder and CLIP run a few times per job in fp32.
+    """
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ModelLoadError(f"model directory not found: {model_dir}")
+    for sub, names in REQUIRED_FILES.items():
+        for name in names:
+            _require(model_dir / sub / name, f"{sub} file")
+    clip_path = Path(clip_dir) if clip_dir else model_dir / "clip"
+    if not clip_path.is_dir():
+        raise ModelLoadError(f"CLIP model directory not found: {clip_path} (set --clip-model / PRISM_CLIP_MODEL)")
+    for name in CLIP_FILES:
+        _require(clip_path / name, "CLIP file")
+    _require_tokenizer(model_dir / "tokenizer")
+    _require_tokenizer(clip_path)
+
+    device_t = torch.device(device or default_device())
+    if device_t.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("device 'cuda' requested but CUDA is not available")
+    dtype = dtype or (torch.float16 if device_t.type == "cuda" else torch.float32)
+
+    h = hashlib.sha256()
+    try:
+        unet = UNet2DConditionModel.from_pretrained(model_dir / "unet", local_files_only=True, torch_dtype=dtype)
+        if unet_weights is not None:
+            _load_unet_weights(unet, Path(unet_weights))
+        vae = AutoencoderKL.from_pretrained(model_dir / "vae", local_files_only=True)
+        text_encoder = CLIPTextModel.from_pretrained(model_dir / "text_encoder", local_files_only=True)
+        tokenizer = CLIPTokenizer.from_pretrained(model_dir / "tokenizer", local_files_only=True)
+        clip_model = CLIPModel.from_pretrained(clip_path, local_files_only=True)
+        clip_tokenizer = CLIPTokenizer.from_pretrained(clip_path, local_files_only=True)
+        preprocess = json.loads((clip_path / "preprocessor_config.json").read_text())
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"could not load model from {model_dir}: {exc}") from exc
+
+    scheduler_file = model_dir / "scheduler" / "scheduler_config.json"
+    scheduler_config = json.loads(scheduler_file.read_text()) if scheduler_file.exists() else None
+    scheduler = make_scheduler(scheduler_config)
+
+    for sub in ("unet", "vae", "text_encoder"):
+        for f in sorted((model_dir / sub).glob("*")):
+            _fingerprint(h, f)
+    if unet_weights is not None:
+        _fingerprint(h, Path(unet_weights))
+    for f in sorted(clip_path.glob("*")):
+        if f.is_file():
+            _fingerprint(h, f)
+
+    for module in (unet, vae, text_encoder, clip_model):
+        module.requires_grad_(False)
+        module.eval()
+    unet.to(device_t)
+    vae.to(device_t)
+    text_encoder.to(device_t)
+    clip_model.to(device_t)
+
+    size = preprocess.get("crop_size") or preprocess.get("size") or {}
+    image_size = int(size.get("height", size.get("shortest_edge", 224)) if isinstance(size, dict) else size)
+    clip = ClipParts(
+        model=clip_model,
+        tokenizer=clip_tokenizer,
+        image_size=image_size,
+        mean=tuple(preprocess.get("image_mean", (0.48145466, 0.4578275, 0.40821073))),
+        std=tuple(preprocess.get("image_std", (0.26862954, 0.26130258, 0.27577711))),
+    )
+    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    return ModelBundle(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        clip=clip,
+        device=device_t,
+        dtype=dtype,
+        identity=h.hexdigest()[:16],
+        resolution=int(unet.config.sample_size) * vae_scale,
+    )
+
+
+def _load_unet_weights(unet: UNet2DConditionModel, path: Path) -> None:
+    """Load a UNet state dict (diffusers key names) over the base UNet, strictly."""
+    _require(path, "UNet weights file")
+    if path.suffix != ".safetensors":
+        raise ModelLoadError(f"UNet weights must be a .safetensors file (no pickle): {path}")
+    try:
+        state = load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise ModelLoadError(f"could not read UNet weights {path}: {exc}") from exc
+    state = {k.removeprefix("unet."): v for k, v in state.items()}
+    expected = unet.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ModelLoadError(
+            f"UNet weights {path} do not match the base UNet: "
+            f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+        )
+    bad = [k for k, v in state.items() if v.shape != expected[k].shape]
+    if bad:
+        raise ModelLoadError(f"UNet weights {path} have wrong shapes for {len(bad)} tensors (e.g. {bad[:3]})")
+    unet.load_state_dict(state)

@@ -1,0 +1,299 @@
+"""The whole PRISM counterfactual: invert, edit (batched sweep), score, map back to the input.
+
+Plain arrays in, plain arrays and a JSON-able report out; no HTTP, no queue.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from models.ddim import PRISM_SCHEDULER_CONFIG, DDIMSampler
+from models.difference import difference, render_difference
+from models.editing import EditSpec, build_control, denoise
+from models.errors import InvalidInput
+from models.geometry import DecodedImage, Geometry, encode_png, from_model_output, quantize, to_model_input
+from models.inversion import (
+    Inversion,
+    InversionCache,
+    NullTextSettings,
+    ProgressCallback,
+    ddim_invert,
+    inversion_key,
+    null_text_optimize,
+)
+from models.loading import ModelBundle
+from models.prompts import check_prompt
+from models.scoring import ClipScorer, EditScores, score_candidates
+
+SCORE_REFERENCE = "reconstruction"
+
+
+@dataclass(frozen=True)
+class EditParams:
+    """Editing parameters with PRISM's defaults (DESIGN.md section 2)."""
+
+    steps: int = 50
+    guidance_scale: float = 7.5
+    cross_replace_steps: float = 0.8
+    self_replace_steps: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7, 0.8)
+    edit_word_weight: float = 2.0
+    blend_words: tuple[str, ...] | None = None
+    reweight_words: tuple[str, ...] | None = None
+    local_blend: bool = True
+    blend_threshold: float = 0.3
+    seed: int = 0
+    s_clip_threshold: float = 0.1
+    null_text: NullTextSettings = field(default_factory=NullTextSettings)
+
+    def validate(self) -> None:
+        """Range checks that need no model; each failure names its field."""
+        checks: list[tuple[str, bool, str]] = [
+            ("steps", 1 <= self.steps <= 1000, "must be between 1 and 1000"),
+            ("guidance_scale", 1.0 <= self.guidance_scale <= 30.0, "must be between 1 and 30"),
+            ("cross_replace_steps", 0.0 <= self.cross_replace_steps <= 1.0, "must be between 0 and 1"),
+            ("self_replace_steps", 1 <= len(self.self_replace_steps) <= 16, "needs 1 to 16 values"),
+            ("self_replace_steps", all(0.0 <= v <= 1.0 for v in self.self_replace_steps), "values must be between 0 and 1"),
+            ("edit_word_weight", 0.0 <= self.edit_word_weight <= 10.0, "must be between 0 and 10"),
+            ("blend_threshold", 0.0 < self.blend_threshold < 1.0, "must be between 0 and 1 (exclusive)"),
+            ("null_text_inner_steps", 0 <= self.null_text.inner_steps <= 100, "must be between 0 and 100"),
+        ]
+        for name, ok, message in checks:
+            if not ok:
+                raise InvalidInput(name, message)
+
+    def specs(self, edit_prompt: str) -> list[EditSpec]:
+        return [
+            EditSpec(
+                edit_prompt=edit_prompt,
+                self_replace_steps=v,
+                cross_replace_steps=self.cross_replace_steps,
+                edit_word_weight=self.edit_word_weight,
+                reweight_words=self.reweight_words,
+                blend_words=self.blend_words,
+                local_blend=self.local_blend,
+            )
+            for v in self.self_replace_steps
+        ]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Counterfactual:
+    """Outputs at the input's size, intensities in [0, 1], already quantized to ``bit_depth``."""
+
+    original: np.ndarray
+    counterfactual: np.ndarray
+    reconstruction: np.ndarray
+    difference: np.ndarray
+    bit_depth: int
+    scores: EditScores
+    chosen_self_replace: float
+    candidates: list[dict]
+    passed: bool
+    report: dict
+
+    def files(self) -> dict[str, bytes]:
+        """The five result files, by name."""
+        diff_png, scale = render_difference(self.difference)
+        report = {**self.report, "difference_png_scale": scale}
+        buf = io.BytesIO()
+        np.save(buf, self.difference.astype(np.float32))
+        return {
+            "counterfactual.png": encode_png(self.counterfactual, self.bit_depth),
+            "reconstruction.png": encode_png(self.reconstruction, self.bit_depth),
+            "difference.png": diff_png,
+            "difference.npy": buf.getvalue(),
+            "result.json": json.dumps(report, indent=2).encode(),
+        }
+
+
+def validate_request(bundle_tokenizer, original_prompt: str, edit_prompt: str, params: EditParams) -> None:
+    """Every check that needs only the tokenizer: run before any model work (or enqueueing)."""
+    from models.editing import candidate_control
+
+    params.validate()
+    check_prompt(bundle_tokenizer, original_prompt, "original_prompt")
+    check_prompt(bundle_tokenizer, edit_prompt, "edit_prompt")
+    candidate_control(bundle_tokenizer, original_prompt, params.specs(edit_prompt)[0])
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+
+    def measure(self, name: str, fn: Callable):
+        start = time.perf_counter()
+        result = fn()
+        self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - start, 4)
+        return result
+
+
+@torch.no_grad()
+def encode_latent(bundle: ModelBundle, image: torch.Tensor) -> torch.Tensor:
+    """VAE posterior mean times the scaling factor, for a (1, 1, S, S) image in [0, 1]."""
+    x = (image * 2 - 1).expand(-1, 3, -1, -1).to(bundle.device, bundle.vae.dtype)
+    return bundle.vae.encode(x).latent_dist.mean.float() * bundle.latent_scale
+
+
+@torch.no_grad()
+def decode_latents(bundle: ModelBundle, latents: torch.Tensor) -> torch.Tensor:
+    """(B, 4, h, w) latents -> (B, 1, S, S) grayscale in [0, 1]."""
+    images = bundle.vae.decode((latents / bundle.latent_scale).to(bundle.vae.dtype)).sample.float()
+    return ((images.mean(1, keepdim=True) + 1) / 2).clamp(0, 1)
+
+
+@torch.no_grad()
+def embed_prompts(bundle: ModelBundle, prompts: list[str]) -> torch.Tensor:
+    tokens = bundle.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    return bundle.text_encoder(tokens.input_ids.to(bundle.device))[0].float()
+
+
+def invert(
+    bundle: ModelBundle,
+    image: torch.Tensor,
+    original_prompt: str,
+    params: EditParams,
+    cache: InversionCache | None = None,
+    callback: ProgressCallback | None = None,
+    timer: _Timer | None = None,
+) -> tuple[Inversion, bool]:
+    """The null-text inversion of a model-size image, from ``cache`` when every key part matches."""
+    timer = timer or _Timer()
+    key = inversion_key(
+        image.numpy(),
+        original_prompt,
+        bundle.identity,
+        dict(bundle.scheduler.config) | {"fixed": PRISM_SCHEDULER_CONFIG},
+        params.steps,
+        params.guidance_scale,
+        params.null_text,
+    )
+    if cache is not None and (hit := cache.get(key)) is not None:
+        return hit, True
+    sampler = DDIMSampler(bundle.scheduler, params.steps)
+    z0 = timer.measure("encode", lambda: encode_latent(bundle, image))
+    cond, uncond = embed_prompts(bundle, [original_prompt, ""]).chunk(2)
+    latents = timer.measure("inversion", lambda: ddim_invert(bundle.unet, sampler, z0, cond, callback))
+    embeddings, losses = timer.measure(
+        "null_text",
+        lambda: null_text_optimize(
+            bundle.unet, sampler, latents, cond, uncond, params.guidance_scale, params.null_text, callback
+        ),
+    )
+    inversion = Inversion(
+        x_T=latents[-1].cpu(),
+        uncond_embeddings=embeddings,
+        key=key,
+        settings={"steps": params.steps, "guidance_scale": params.guidance_scale, "model": bundle.identity},
+        losses=losses,
+    )
+    if cache is not None:
+        cache.put(inversion)
+    return inversion, False
+
+
+def generate_counterfactual(
+    bundle: ModelBundle,
+    image: DecodedImage,
+    original_prompt: str,
+    edit_prompt: str,
+    params: EditParams = EditParams(),
+    cache: InversionCache | None = None,
+    callback: ProgressCallback | None = None,
+) -> Counterfactual:
+    """PRISM: invert the image under ``original_prompt``, edit towards ``edit_prompt`` for each
+    self_replace value in one batched pass, keep the candidate with the highest S_CLIP."""
+    validate_request(bundle.tokenizer, original_prompt, edit_prompt, params)
+    torch.manual_seed(params.seed)
+    timer = _Timer()
+    model_image, geometry = to_model_input(image.pixels, bundle.resolution)
+    inversion, cached = invert(bundle, model_image, original_prompt, params, cache, callback, timer)
+
+    specs = params.specs(edit_prompt)
+    sampler = DDIMSampler(bundle.scheduler, params.steps)
+    latent_hw = tuple(inversion.x_T.shape[2:])
+    control = build_control(bundle.tokenizer, original_prompt, specs, params.steps, latent_hw, params.blend_threshold)
+    cond = embed_prompts(bundle, [original_prompt] + [s.edit_prompt for s in specs])
+    latents = timer.measure(
+        "editing",
+        lambda: denoise(
+            bundle.unet,
+            sampler,
+            inversion.x_T.to(bundle.device),
+            inversion.uncond_embeddings,
+            cond,
+            params.guidance_scale,
+            control,
+            callback,
+        ),
+    )
+    images = timer.measure("decode", lambda: decode_latents(bundle, latents).cpu())
+    if callback:
+        callback("scoring", 0, 1)
+    scorer = ClipScorer(bundle.clip, bundle.device)
+    scores = timer.measure(
+        "scoring",
+        lambda: score_candidates(scorer, images[:1], images[1:], original_prompt, [s.edit_prompt for s in specs]),
+    )
+    best = max(range(len(scores)), key=lambda k: scores[k].s_clip)
+    if callback:
+        callback("scoring", 1, 1)
+    return _assemble(image, geometry, images, best, scores, specs, params, inversion, cached, bundle, timer)
+
+
+def _assemble(
+    image: DecodedImage,
+    geometry: Geometry,
+    images: torch.Tensor,
+    best: int,
+    scores: list[EditScores],
+    specs: list[EditSpec],
+    params: EditParams,
+    inversion: Inversion,
+    cached: bool,
+    bundle: ModelBundle,
+    timer: _Timer,
+) -> Counterfactual:
+    counterfactual = quantize(from_model_output(images[1 + best, 0], geometry), image.bit_depth)
+    reconstruction = quantize(from_model_output(images[0, 0], geometry), image.bit_depth)
+    diff = difference(counterfactual, image.pixels)
+    chosen = scores[best]
+    passed = chosen.s_clip >= params.s_clip_threshold
+    candidates = [{"self_replace_steps": s.self_replace_steps, **sc.to_dict()} for s, sc in zip(specs, scores)]
+    report = {
+        "s_clip": chosen.s_clip,
+        "passed": passed,
+        "s_clip_threshold": params.s_clip_threshold,
+        "similarities": chosen.to_dict(),
+        "score_reference": SCORE_REFERENCE,
+        "chosen_self_replace": specs[best].self_replace_steps,
+        "candidates": candidates,
+        "timings": timer.timings,
+        "parameters": params.to_dict(),
+        "model": {"identity": bundle.identity, "resolution": bundle.resolution, "device": str(bundle.device), "dtype": str(bundle.dtype)},
+        "geometry": geometry.to_dict(),
+        "bit_depth": image.bit_depth,
+        "inversion": {"key": inversion.key, "cached": cached, "final_losses": inversion.losses[-3:]},
+        "difference": {"definition": "counterfactual - input, intensities in [0, 1]", "min": float(diff.min()), "max": float(diff.max())},
+    }
+    return Counterfactual(
+        original=image.pixels,
+        counterfactual=counterfactual,
+        reconstruction=reconstruction,
+        difference=diff,
+        bit_depth=image.bit_depth,
+        scores=chosen,
+        chosen_self_replace=specs[best].self_replace_steps,
+        candidates=candidates,
+        passed=passed,
+        report=report,
+    )
