@@ -73,16 +73,19 @@ class LocalBlend:
         return m > self.threshold
 
     def mask(self, maps: torch.Tensor, candidates: list[CandidateControl], latent_hw: tuple[int, int]) -> torch.Tensor:
-        """Float masks (K, 1, h, w): 1 where candidate k may differ from the source."""
+        """Boolean masks (K, 1, h, w): True where candidate k may differ from the source."""
         k = len(candidates)
-        source = self.masks(maps[:1].expand(k, *maps.shape[1:]), [c.blend_source_tokens or [] for c in candidates], latent_hw)
+        source = self.masks(
+            maps[:1].expand(k, *maps.shape[1:]), [c.blend_source_tokens or [] for c in candidates], latent_hw
+        )
         own = self.masks(maps[1:], [c.blend_tokens or [] for c in candidates], latent_hw)
         unblended = torch.tensor([not c.blends for c in candidates], device=maps.device)[:, None, None, None]
-        return (source | own | unblended).float()
+        return source | own | unblended
 
     def apply(self, x: torch.Tensor, maps: torch.Tensor, candidates: list[CandidateControl]) -> torch.Tensor:
-        mask = self.mask(maps, candidates, tuple(x.shape[2:])).to(x.dtype)
-        return torch.cat([x[:1], x[:1] + mask * (x[1:] - x[:1])])
+        """Candidates take the source's latent outside their mask, exactly."""
+        mask = self.mask(maps, candidates, tuple(x.shape[2:]))
+        return torch.cat([x[:1], torch.where(mask, x[1:], x[:1])])
 
 
 class PromptToPromptControl:
@@ -104,7 +107,7 @@ class PromptToPromptControl:
         self.latent_hw = latent_hw
         self.local_blend = local_blend
         self.self_replace_max_pixels = (latent_hw[0] // 2) * (latent_hw[1] // 2)
-        self.blend_pixels = max(1, (latent_hw[0] // 4) * (latent_hw[1] // 4))
+        self.blend_pixels = max(16, (latent_hw[0] // 4) * (latent_hw[1] // 4))
         self.step = 0
         self._maps: dict[int, torch.Tensor] = {}
 

@@ -17,6 +17,7 @@ from models.errors import InvalidInput
 from models.inversion import ProgressCallback
 from models.prompts import (
     differing_words,
+    prompt_words,
     refinement_mapper,
     replacement_mapper,
     word_token_indices,
@@ -37,8 +38,8 @@ class EditSpec:
 
 
 def _words_in(prompt: str, words: Sequence[str]) -> list[str]:
-    present = set(prompt.lower().split())
-    return [w for entry in words for w in entry.lower().split() if w in present]
+    present = set(prompt_words(prompt))
+    return [w for entry in words for w in prompt_words(entry) if w in present]
 
 
 def candidate_control(tokenizer, source_prompt: str, spec: EditSpec) -> CandidateControl:
@@ -59,7 +60,7 @@ def candidate_control(tokenizer, source_prompt: str, spec: EditSpec) -> Candidat
 
     if spec.local_blend:
         if spec.blend_words is not None:
-            for word in (w for entry in spec.blend_words for w in entry.lower().split()):
+            for word in (w for entry in spec.blend_words for w in prompt_words(entry)):
                 if not _words_in(source_prompt, [word]) and not _words_in(spec.edit_prompt, [word]):
                     raise InvalidInput("blend_words", f"word {word!r} occurs in neither prompt")
             source_words = _words_in(source_prompt, spec.blend_words)

@@ -16,23 +16,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from safetensors.torch import load_file
+from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
-import diffusers  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
-from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer  # noqa: E402
-
-from models.ddim import make_scheduler  # noqa: E402
-from models.errors import ModelLoadError  # noqa: E402
-
-diffusers.utils.logging.set_verbosity_error()
-diffusers.utils.logging.disable_progress_bar()
-transformers.utils.logging.set_verbosity_error()
-transformers.utils.logging.disable_progress_bar()
+from models.ddim import make_scheduler
+from models.errors import ModelLoadError
 
 REQUIRED_FILES = {
     "unet": ["config.json", "diffusion_pytorch_model.safetensors"],
@@ -77,7 +67,7 @@ def _require(path: Path, what: str) -> Path:
     return path
 
 
-def _fingerprint(h: "hashlib._Hash", path: Path) -> None:
+def _fingerprint(h: hashlib._Hash, path: Path) -> None:
     """Hash a file by name, size and its first and last MiB: cheap for multi-GB weights."""
     size = path.stat().st_size
     h.update(f"{path.name}:{size}".encode())

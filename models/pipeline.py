@@ -59,7 +59,11 @@ class EditParams:
             ("guidance_scale", 1.0 <= self.guidance_scale <= 30.0, "must be between 1 and 30"),
             ("cross_replace_steps", 0.0 <= self.cross_replace_steps <= 1.0, "must be between 0 and 1"),
             ("self_replace_steps", 1 <= len(self.self_replace_steps) <= 16, "needs 1 to 16 values"),
-            ("self_replace_steps", all(0.0 <= v <= 1.0 for v in self.self_replace_steps), "values must be between 0 and 1"),
+            (
+                "self_replace_steps",
+                all(0.0 <= v <= 1.0 for v in self.self_replace_steps),
+                "values must be between 0 and 1",
+            ),
             ("edit_word_weight", 0.0 <= self.edit_word_weight <= 10.0, "must be between 0 and 10"),
             ("blend_threshold", 0.0 < self.blend_threshold < 1.0, "must be between 0 and 1 (exclusive)"),
             ("null_text_inner_steps", 0 <= self.null_text.inner_steps <= 100, "must be between 0 and 100"),
@@ -268,7 +272,9 @@ def _assemble(
     diff = difference(counterfactual, image.pixels)
     chosen = scores[best]
     passed = chosen.s_clip >= params.s_clip_threshold
-    candidates = [{"self_replace_steps": s.self_replace_steps, **sc.to_dict()} for s, sc in zip(specs, scores)]
+    candidates = [
+        {"self_replace_steps": s.self_replace_steps, **sc.to_dict()} for s, sc in zip(specs, scores, strict=True)
+    ]
     report = {
         "s_clip": chosen.s_clip,
         "passed": passed,
@@ -279,11 +285,20 @@ def _assemble(
         "candidates": candidates,
         "timings": timer.timings,
         "parameters": params.to_dict(),
-        "model": {"identity": bundle.identity, "resolution": bundle.resolution, "device": str(bundle.device), "dtype": str(bundle.dtype)},
+        "model": {
+            "identity": bundle.identity,
+            "resolution": bundle.resolution,
+            "device": str(bundle.device),
+            "dtype": str(bundle.dtype),
+        },
         "geometry": geometry.to_dict(),
         "bit_depth": image.bit_depth,
         "inversion": {"key": inversion.key, "cached": cached, "final_losses": inversion.losses[-3:]},
-        "difference": {"definition": "counterfactual - input, intensities in [0, 1]", "min": float(diff.min()), "max": float(diff.max())},
+        "difference": {
+            "definition": "counterfactual - input, intensities in [0, 1]",
+            "min": float(diff.min()),
+            "max": float(diff.max()),
+        },
     }
     return Counterfactual(
         original=image.pixels,

@@ -7,6 +7,7 @@ tokens follow, then the end token and padding.
 from __future__ import annotations
 
 import difflib
+import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -28,6 +29,15 @@ class WordSpan:
         return list(range(self.start, self.stop))
 
 
+def normalize_word(word: str) -> str:
+    """Lower-case and strip surrounding punctuation, so 'Effusion,' matches 'effusion'."""
+    return word.lower().strip(string.punctuation)
+
+
+def prompt_words(prompt: str) -> list[str]:
+    return [normalize_word(w) for w in prompt.split()]
+
+
 def _token_count(tokenizer, text: str) -> int:
     return len(tokenizer(text, add_special_tokens=False).input_ids)
 
@@ -46,7 +56,7 @@ def word_spans(tokenizer, prompt: str) -> list[WordSpan]:
     spans, cursor = [], 1
     for word in prompt.split():
         n = _token_count(tokenizer, word)
-        spans.append(WordSpan(word.lower(), cursor, cursor + n))
+        spans.append(WordSpan(normalize_word(word), cursor, cursor + n))
         cursor += n
     return spans
 
@@ -58,7 +68,7 @@ def content_length(tokenizer, prompt: str) -> int:
 
 def differing_words(source: str, edit: str) -> tuple[list[str], list[str]]:
     """Words removed from ``source`` and words added in ``edit`` (a word-level diff)."""
-    a, b = source.lower().split(), edit.lower().split()
+    a, b = prompt_words(source), prompt_words(edit)
     removed: list[str] = []
     added: list[str] = []
     for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_opcodes():
@@ -73,7 +83,7 @@ def word_token_indices(tokenizer, prompt: str, words: Sequence[str], field: str)
     spans = word_spans(tokenizer, prompt)
     indices: list[int] = []
     for entry in words:
-        for word in entry.lower().split():
+        for word in prompt_words(entry):
             hits = [s for s in spans if s.word == word]
             if not hits:
                 raise InvalidInput(field, f"word {word!r} does not occur in the prompt")
@@ -93,9 +103,9 @@ def replacement_mapper(tokenizer, source: str, edit: str) -> torch.Tensor:
         raise InvalidInput("edit_prompt", "replacement needs prompts with the same number of words")
     mapper = torch.zeros(MAX_TOKENS, MAX_TOKENS)
     mapper[0, 0] = 1.0
-    for s, d in zip(src, dst):
+    for s, d in zip(src, dst, strict=True):
         if s.word == d.word:
-            for i, j in zip(s.indices, d.indices):
+            for i, j in zip(s.indices, d.indices, strict=True):
                 mapper[i, j] = 1.0
         else:
             for j in d.indices:

@@ -49,7 +49,9 @@ class ClipScorer:
 
     @torch.no_grad()
     def text_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
-        tokens = self.clip.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=77, return_tensors="pt")
+        tokens = self.clip.tokenizer(
+            list(prompts), padding="max_length", truncation=True, max_length=77, return_tensors="pt"
+        )
         feats = self.clip.model.get_text_features(
             input_ids=tokens.input_ids.to(self.device), attention_mask=tokens.attention_mask.to(self.device)
         )
@@ -71,7 +73,11 @@ def directional_similarity(
 
 
 def score_candidates(
-    scorer: ClipScorer, reference: torch.Tensor, candidates: torch.Tensor, original_prompt: str, edit_prompts: Sequence[str]
+    scorer: ClipScorer,
+    reference: torch.Tensor,
+    candidates: torch.Tensor,
+    original_prompt: str,
+    edit_prompts: Sequence[str],
 ) -> list[EditScores]:
     """Scores of each candidate image (K, 1, H, W) against one reference image (1, 1, H, W)."""
     ref = scorer.image_embeddings(reference)

@@ -13,7 +13,6 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import (
     CLIPConfig,
-    CLIPImageProcessor,
     CLIPModel,
     CLIPTextConfig,
     CLIPTextModel,
@@ -100,10 +99,23 @@ def make_tiny_model(directory: str | Path, seed: int = 0, sample_size: int = 8) 
         patch_size=8,
         projection_dim=hidden,
     )
-    config = CLIPConfig(text_config=_text_config(hidden).to_dict(), vision_config=vision.to_dict(), projection_dim=hidden)
+    config = CLIPConfig(
+        text_config=_text_config(hidden).to_dict(), vision_config=vision.to_dict(), projection_dim=hidden
+    )
     CLIPModel(config).save_pretrained(clip_dir)
     tokenizer.save_pretrained(clip_dir)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(clip_dir)
+    (clip_dir / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "image_processor_type": "CLIPImageProcessor",
+                "size": {"shortest_edge": 32},
+                "crop_size": {"height": 32, "width": 32},
+                "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                "image_std": [0.26862954, 0.26130258, 0.27577711],
+            },
+            indent=2,
+        )
+    )
     (out / "model_index.json").write_text(
         json.dumps(
             {

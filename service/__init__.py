@@ -1,0 +1,1 @@
+"""The PRISM HTTP API (FastAPI). Never imports torch: the engine runs in workers."""

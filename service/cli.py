@@ -1,0 +1,125 @@
+"""The ``prism`` command: engine tools (edit, make-tiny-model) and the service (serve, worker).
+
+Heavy imports happen inside each command, so ``prism serve`` never loads torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from exc
+
+
+def _edit(args: argparse.Namespace) -> int:
+    import json
+
+    from tqdm import tqdm
+
+    from models.builtin import builtin_model_dir
+    from models.errors import ImageError, InvalidInput, ModelLoadError
+    from models.geometry import decode_image
+    from models.inversion import InversionCache
+    from models.loading import load_bundle
+    from models.pipeline import EditParams, generate_counterfactual
+
+    params = EditParams(
+        steps=args.steps,
+        guidance_scale=args.guidance,
+        cross_replace_steps=args.cross_replace,
+        self_replace_steps=args.self_replace,
+        edit_word_weight=args.edit_word_weight,
+        blend_words=tuple(args.blend_words) if args.blend_words else None,
+        reweight_words=tuple(args.reweight_words) if args.reweight_words else None,
+        seed=args.seed,
+    )
+    try:
+        image = decode_image(Path(args.image).read_bytes())
+        model_dir = args.model or os.environ.get("PRISM_MODEL_DIR")
+        if not model_dir:
+            print("no --model given: using the built-in tiny model (random weights, edits nothing)", file=sys.stderr)
+            model_dir = builtin_model_dir()
+        bundle = load_bundle(
+            model_dir,
+            unet_weights=args.unet_weights or os.environ.get("PRISM_UNET_WEIGHTS") or None,
+            clip_dir=args.clip_model or os.environ.get("PRISM_CLIP_MODEL") or None,
+            device=args.device,
+        )
+        bars: dict[str, tqdm] = {}
+
+        def progress(phase: str, step: int, total: int) -> None:
+            if phase not in bars:
+                for bar in bars.values():
+                    bar.close()
+                bars[phase] = tqdm(total=total, desc=phase, file=sys.stderr)
+            bars[phase].update(step - bars[phase].n)
+
+        cache = InversionCache(Path(args.cache)) if args.cache else None
+        result = generate_counterfactual(
+            bundle, image, args.original_prompt, args.edit_prompt, params, cache=cache, callback=progress
+        )
+        for bar in bars.values():
+            bar.close()
+    except (InvalidInput, ImageError, ModelLoadError, OSError) as exc:
+        print(f"prism edit: error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, data in result.files().items():
+        (out / name).write_bytes(data)
+    print(json.dumps({"out": str(out), "s_clip": result.scores.s_clip, "passed": result.passed}))
+    return 0
+
+
+def _make_tiny(args: argparse.Namespace) -> int:
+    from models.tiny import make_tiny_model
+
+    print(make_tiny_model(args.directory, seed=args.seed))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prism", description="PRISM counterfactual chest X-ray generation")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    edit = sub.add_parser("edit", help="generate a counterfactual for one image")
+    edit.add_argument("--image", required=True, help="input PNG or JPEG")
+    edit.add_argument("--original-prompt", required=True)
+    edit.add_argument("--edit-prompt", required=True)
+    edit.add_argument("--out", required=True, help="output directory")
+    edit.add_argument("--model", help="diffusers SD directory (default: $PRISM_MODEL_DIR, else the built-in model)")
+    edit.add_argument("--unet-weights", help="fine-tuned UNet .safetensors loaded over --model")
+    edit.add_argument("--clip-model", help="CLIP directory for scoring (default: MODEL/clip)")
+    edit.add_argument("--steps", type=int, default=50)
+    edit.add_argument("--guidance", type=float, default=7.5)
+    edit.add_argument("--self-replace", type=_floats, default=(0.4, 0.5, 0.6, 0.7, 0.8))
+    edit.add_argument("--cross-replace", type=float, default=0.8)
+    edit.add_argument("--edit-word-weight", type=float, default=2.0)
+    edit.add_argument("--blend-words", nargs="+", help="default: the words that differ between the prompts")
+    edit.add_argument("--reweight-words", nargs="+", help="default: the words the edit prompt adds")
+    edit.add_argument("--seed", type=int, default=0)
+    edit.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    edit.add_argument("--cache", help="directory to cache inversions in (reused for the same image and prompt)")
+    edit.set_defaults(func=_edit)
+
+    tiny = sub.add_parser("make-tiny-model", help="write a tiny random-weight model with the SD v1.5 structure")
+    tiny.add_argument("directory")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(func=_make_tiny)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from models.errors import ModelLoadError
+from models.loading import load_bundle
+
+
+def test_tiny_model_has_sd15_structure(bundle):
+    assert bundle.unet.config.in_channels == 4 and bundle.unet.config.cross_attention_dim == 32
+    assert bundle.tokenizer.model_max_length == 77
+    assert bundle.scheduler.config.beta_schedule == "scaled_linear"
+    assert bundle.latent_scale == pytest.approx(0.18215)
+    assert bundle.resolution == 64 and bundle.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "missing",
+    [
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/config.json",
+        "text_encoder/model.safetensors",
+        "clip/config.json",
+    ],
+)
+def test_missing_file_is_named(tiny_model_dir, tmp_path, missing):
+    copy = shutil.copytree(tiny_model_dir, tmp_path / "m")
+    (copy / missing).unlink()
+    with pytest.raises(ModelLoadError, match=missing.split("/")[-1]) as err:
+        load_bundle(copy)
+    assert str(copy) in str(err.value)
+
+
+def test_unet_state_dict_loads_over_base_and_changes_identity(tiny_model_dir, bundle, tmp_path):
+    state = {k: v + 0.01 for k, v in bundle.unet.state_dict().items()}
+    weights = tmp_path / "prism_unet.safetensors"
+    save_file(state, str(weights))
+    loaded = load_bundle(tiny_model_dir, unet_weights=weights)
+    key = "conv_in.weight"
+    assert torch.allclose(loaded.unet.state_dict()[key], state[key])
+    assert loaded.identity != bundle.identity
+
+
+def test_mismatched_unet_weights_are_rejected(tiny_model_dir, tmp_path):
+    weights = tmp_path / "bad.safetensors"
+    save_file({"conv_in.weight": torch.zeros(1)}, str(weights))
+    with pytest.raises(ModelLoadError, match="do not match"):
+        load_bundle(tiny_model_dir, unet_weights=weights)
+    with pytest.raises(ModelLoadError, match="UNet weights file"):
+        load_bundle(tiny_model_dir, unet_weights=tmp_path / "nope.safetensors")
+    pickle_file = tmp_path / "w.bin"
+    pickle_file.write_bytes(b"x")
+    with pytest.raises(ModelLoadError, match="no pickle"):
+        load_bundle(tiny_model_dir, unet_weights=pickle_file)
+
+
+def test_cuda_request_without_cuda_is_a_clear_error(tiny_model_dir):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(ModelLoadError, match="CUDA is not available"):
+        load_bundle(tiny_model_dir, device="cuda")
