@@ -1,18 +1,5 @@
 """The PRISM editing engine: a pure library (no HTTP, no queue).
 
-Importing it pins the Hugging Face libraries offline (weights only ever come from local
-directories) and quiets their progress bars, which would otherwise fill worker logs.
+Modules that need torch import it themselves; ``words``, ``params``, ``validation`` and
+``tokenizer`` do not, so the API process can validate requests without loading torch.
 """
-
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-import diffusers  # noqa: E402
-import transformers  # noqa: E402
-
-diffusers.utils.logging.set_verbosity_error()
-diffusers.utils.logging.disable_progress_bar()
-transformers.utils.logging.set_verbosity_error()
-transformers.utils.logging.disable_progress_bar()

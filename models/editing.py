@@ -15,13 +15,9 @@ from models.attention_control import CandidateControl, ControlledAttnProcessor, 
 from models.ddim import DDIMSampler
 from models.errors import InvalidInput
 from models.inversion import ProgressCallback
-from models.prompts import (
-    differing_words,
-    prompt_words,
-    refinement_mapper,
-    replacement_mapper,
-    word_token_indices,
-)
+from models.params import EditParams
+from models.token_maps import refinement_mapper, replacement_mapper
+from models.words import differing_words, prompt_words, word_token_indices
 
 
 @dataclass(frozen=True)
@@ -35,6 +31,22 @@ class EditSpec:
     reweight_words: tuple[str, ...] | None = None
     blend_words: tuple[str, ...] | None = None
     local_blend: bool = True
+
+
+def edit_specs(params: EditParams, edit_prompt: str) -> list[EditSpec]:
+    """One candidate per self_replace value of the PRISM sweep."""
+    return [
+        EditSpec(
+            edit_prompt=edit_prompt,
+            self_replace_steps=v,
+            cross_replace_steps=params.cross_replace_steps,
+            edit_word_weight=params.edit_word_weight,
+            reweight_words=params.reweight_words,
+            blend_words=params.blend_words,
+            local_blend=params.local_blend,
+        )
+        for v in params.self_replace_steps
+    ]
 
 
 def _words_in(prompt: str, words: Sequence[str]) -> list[str]:

@@ -18,16 +18,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from models.ddim import DDIMSampler
+from models.params import NullTextSettings
 
 ProgressCallback = Callable[[str, int, int], None]
-
-
-@dataclass(frozen=True)
-class NullTextSettings:
-    inner_steps: int = 10
-    learning_rate: float = 1e-2
-    early_stop: float = 1e-5
-    early_stop_growth: float = 2e-5
 
 
 @dataclass

@@ -21,6 +21,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from safetensors.torch import load_file
 from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
+import models.hf_offline  # noqa: F401  (before diffusers/transformers)
 from models.ddim import make_scheduler
 from models.errors import ModelLoadError
 

@@ -9,85 +9,29 @@ import io
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from models.ddim import PRISM_SCHEDULER_CONFIG, DDIMSampler
 from models.difference import difference, render_difference
-from models.editing import EditSpec, build_control, denoise
-from models.errors import InvalidInput
+from models.editing import EditSpec, build_control, denoise, edit_specs
 from models.geometry import DecodedImage, Geometry, encode_png, from_model_output, quantize, to_model_input
 from models.inversion import (
     Inversion,
     InversionCache,
-    NullTextSettings,
     ProgressCallback,
     ddim_invert,
     inversion_key,
     null_text_optimize,
 )
 from models.loading import ModelBundle
-from models.prompts import check_prompt
+from models.params import EditParams
 from models.scoring import ClipScorer, EditScores, score_candidates
+from models.validation import validate_request
 
 SCORE_REFERENCE = "reconstruction"
-
-
-@dataclass(frozen=True)
-class EditParams:
-    """Editing parameters with PRISM's defaults (DESIGN.md section 2)."""
-
-    steps: int = 50
-    guidance_scale: float = 7.5
-    cross_replace_steps: float = 0.8
-    self_replace_steps: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7, 0.8)
-    edit_word_weight: float = 2.0
-    blend_words: tuple[str, ...] | None = None
-    reweight_words: tuple[str, ...] | None = None
-    local_blend: bool = True
-    blend_threshold: float = 0.3
-    seed: int = 0
-    s_clip_threshold: float = 0.1
-    null_text: NullTextSettings = field(default_factory=NullTextSettings)
-
-    def validate(self) -> None:
-        """Range checks that need no model; each failure names its field."""
-        checks: list[tuple[str, bool, str]] = [
-            ("steps", 1 <= self.steps <= 1000, "must be between 1 and 1000"),
-            ("guidance_scale", 1.0 <= self.guidance_scale <= 30.0, "must be between 1 and 30"),
-            ("cross_replace_steps", 0.0 <= self.cross_replace_steps <= 1.0, "must be between 0 and 1"),
-            ("self_replace_steps", 1 <= len(self.self_replace_steps) <= 16, "needs 1 to 16 values"),
-            (
-                "self_replace_steps",
-                all(0.0 <= v <= 1.0 for v in self.self_replace_steps),
-                "values must be between 0 and 1",
-            ),
-            ("edit_word_weight", 0.0 <= self.edit_word_weight <= 10.0, "must be between 0 and 10"),
-            ("blend_threshold", 0.0 < self.blend_threshold < 1.0, "must be between 0 and 1 (exclusive)"),
-            ("null_text_inner_steps", 0 <= self.null_text.inner_steps <= 100, "must be between 0 and 100"),
-        ]
-        for name, ok, message in checks:
-            if not ok:
-                raise InvalidInput(name, message)
-
-    def specs(self, edit_prompt: str) -> list[EditSpec]:
-        return [
-            EditSpec(
-                edit_prompt=edit_prompt,
-                self_replace_steps=v,
-                cross_replace_steps=self.cross_replace_steps,
-                edit_word_weight=self.edit_word_weight,
-                reweight_words=self.reweight_words,
-                blend_words=self.blend_words,
-                local_blend=self.local_blend,
-            )
-            for v in self.self_replace_steps
-        ]
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -118,16 +62,6 @@ class Counterfactual:
             "difference.npy": buf.getvalue(),
             "result.json": json.dumps(report, indent=2).encode(),
         }
-
-
-def validate_request(bundle_tokenizer, original_prompt: str, edit_prompt: str, params: EditParams) -> None:
-    """Every check that needs only the tokenizer: run before any model work (or enqueueing)."""
-    from models.editing import candidate_control
-
-    params.validate()
-    check_prompt(bundle_tokenizer, original_prompt, "original_prompt")
-    check_prompt(bundle_tokenizer, edit_prompt, "edit_prompt")
-    candidate_control(bundle_tokenizer, original_prompt, params.specs(edit_prompt)[0])
 
 
 class _Timer:
@@ -222,7 +156,7 @@ def generate_counterfactual(
     model_image, geometry = to_model_input(image.pixels, bundle.resolution)
     inversion, cached = invert(bundle, model_image, original_prompt, params, cache, callback, timer)
 
-    specs = params.specs(edit_prompt)
+    specs = edit_specs(params, edit_prompt)
     sampler = DDIMSampler(bundle.scheduler, params.steps)
     latent_hw = tuple(inversion.x_T.shape[2:])
     control = build_control(bundle.tokenizer, original_prompt, specs, params.steps, latent_hw, params.blend_threshold)

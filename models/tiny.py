@@ -16,24 +16,14 @@ from transformers import (
     CLIPModel,
     CLIPTextConfig,
     CLIPTextModel,
-    CLIPTokenizer,
     CLIPVisionConfig,
 )
 
+import models.hf_offline  # noqa: F401  (before diffusers/transformers)
 from models.ddim import make_scheduler
+from models.tokenizer import clip_tokenizer
 
-ASSETS = Path(__file__).parent / "assets" / "clip_tokenizer"
 VOCAB_SIZE = 49408
-
-
-def clip_tokenizer() -> CLIPTokenizer:
-    """The real CLIP BPE tokenizer (77-token window) from the vocabulary shipped in the repo."""
-    return CLIPTokenizer(
-        str(ASSETS / "vocab.json"),
-        str(ASSETS / "merges.txt"),
-        model_max_length=77,
-        pad_token="<|endoftext|>",
-    )
 
 
 def _text_config(hidden: int) -> CLIPTextConfig:

@@ -28,7 +28,8 @@ def _edit(args: argparse.Namespace) -> int:
     from models.geometry import decode_image
     from models.inversion import InversionCache
     from models.loading import load_bundle
-    from models.pipeline import EditParams, generate_counterfactual
+    from models.params import EditParams
+    from models.pipeline import generate_counterfactual
 
     params = EditParams(
         steps=args.steps,

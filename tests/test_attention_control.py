@@ -9,8 +9,8 @@ from models.attention_control import (
     PromptToPromptControl,
 )
 from models.editing import EditSpec, candidate_control
-from models.prompts import word_spans
-from models.tiny import clip_tokenizer
+from models.tokenizer import clip_tokenizer
+from models.words import word_spans
 
 SOURCE = "chest x-ray of a patient with support devices"
 EDIT = "chest x-ray of a patient without support devices"

@@ -2,7 +2,8 @@ import torch
 
 from models.ddim import DDIMSampler
 from models.editing import EditSpec, build_control, denoise
-from models.pipeline import EditParams, embed_prompts, encode_latent, invert
+from models.params import EditParams
+from models.pipeline import embed_prompts, encode_latent, invert
 
 SOURCE = "chest x-ray of a patient with support devices"
 EDIT = "chest x-ray of a patient without support devices"

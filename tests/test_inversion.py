@@ -6,8 +6,9 @@ import torch
 
 from models.ddim import DDIMSampler
 from models.editing import denoise
-from models.inversion import Inversion, InversionCache, NullTextSettings, ddim_invert, inversion_key, null_text_optimize
-from models.pipeline import EditParams, embed_prompts, encode_latent, invert
+from models.inversion import Inversion, InversionCache, ddim_invert, inversion_key, null_text_optimize
+from models.params import EditParams, NullTextSettings
+from models.pipeline import embed_prompts, encode_latent, invert
 
 PROMPT = "chest x-ray showing support devices"
 STEPS = 10

@@ -2,15 +2,9 @@ import pytest
 import torch
 
 from models.errors import InvalidInput
-from models.prompts import (
-    check_prompt,
-    differing_words,
-    refinement_mapper,
-    replacement_mapper,
-    word_spans,
-    word_token_indices,
-)
-from models.tiny import clip_tokenizer
+from models.token_maps import refinement_mapper, replacement_mapper
+from models.tokenizer import clip_tokenizer
+from models.words import check_prompt, differing_words, word_spans, word_token_indices
 
 SOURCE = "chest x-ray of a patient with support devices"
 EDIT = "chest x-ray of a patient without support devices"

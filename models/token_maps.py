@@ -1,0 +1,71 @@
+"""Token mappings between a source and an edit prompt, for prompt-to-prompt's Replace and Refine."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from models.errors import InvalidInput
+from models.words import MAX_TOKENS, word_spans
+
+
+def replacement_mapper(tokenizer, source: str, edit: str) -> torch.Tensor:
+    """A (77, 77) matrix M with edit_attention = source_attention @ M, for prompts of equal word count.
+
+    Equal words map token to token; a replaced word spreads its source tokens' attention evenly
+    over the new word's tokens, so the attention mass of the word is kept.
+    """
+    src, dst = word_spans(tokenizer, source), word_spans(tokenizer, edit)
+    if len(src) != len(dst):
+        raise InvalidInput("edit_prompt", "replacement needs prompts with the same number of words")
+    mapper = torch.zeros(MAX_TOKENS, MAX_TOKENS)
+    mapper[0, 0] = 1.0
+    for s, d in zip(src, dst, strict=True):
+        if s.word == d.word:
+            for i, j in zip(s.indices, d.indices, strict=True):
+                mapper[i, j] = 1.0
+        else:
+            for j in d.indices:
+                mapper[s.start : s.stop, j] = 1.0 / len(d.indices)
+    i, j = (src[-1].stop if src else 1), (dst[-1].stop if dst else 1)
+    while i < MAX_TOKENS and j < MAX_TOKENS:
+        mapper[i, j] = 1.0
+        i, j = i + 1, j + 1
+    return mapper
+
+
+def _align(a: Sequence[int], b: Sequence[int]) -> list[tuple[int, int]]:
+    """Global (Needleman-Wunsch) alignment: match 1, mismatch -1, gap 0; returns matched pairs."""
+    n, m = len(a), len(b)
+    score = [[0] * (m + 1) for _ in range(n + 1)]
+    for i in range(1, n + 1):
+        for j in range(1, m + 1):
+            diag = score[i - 1][j - 1] + (1 if a[i - 1] == b[j - 1] else -1)
+            score[i][j] = max(diag, score[i - 1][j], score[i][j - 1])
+    pairs, i, j = [], n, m
+    while i > 0 and j > 0:
+        if a[i - 1] == b[j - 1] and score[i][j] == score[i - 1][j - 1] + 1:
+            pairs.append((i - 1, j - 1))
+            i, j = i - 1, j - 1
+        elif score[i][j] == score[i - 1][j]:
+            i -= 1
+        elif score[i][j] == score[i][j - 1]:
+            j -= 1
+        else:
+            i, j = i - 1, j - 1
+    return pairs[::-1]
+
+
+def refinement_mapper(tokenizer, source: str, edit: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token alignment for Refine: ``index[j]`` is the source token for edit token j, ``alpha[j]``
+    is 1 where the edit token is aligned to an identical source token and 0 where it is new."""
+    a = [tokenizer.bos_token_id, *tokenizer(source, add_special_tokens=False).input_ids]
+    b = [tokenizer.bos_token_id, *tokenizer(edit, add_special_tokens=False).input_ids]
+    index = torch.zeros(MAX_TOKENS, dtype=torch.long)
+    alpha = torch.zeros(MAX_TOKENS)
+    for i, j in _align(a, b):
+        index[j], alpha[j] = i, 1.0
+    for j in range(len(b), MAX_TOKENS):
+        index[j], alpha[j] = min(j - len(b) + len(a), MAX_TOKENS - 1), 1.0
+    return index, alpha

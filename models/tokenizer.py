@@ -1,0 +1,24 @@
+"""The CLIP BPE tokenizer (the one SD v1.5 uses) from the vocabulary shipped in the repo.
+
+Torch-free, so the API process can count tokens and check words before enqueueing.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from transformers import CLIPTokenizer
+
+ASSETS = Path(__file__).parent / "assets" / "clip_tokenizer"
+
+
+@lru_cache(maxsize=1)
+def clip_tokenizer() -> CLIPTokenizer:
+    """A 77-token CLIP tokenizer built from ``assets/clip_tokenizer`` (no download)."""
+    return CLIPTokenizer(
+        str(ASSETS / "vocab.json"),
+        str(ASSETS / "merges.txt"),
+        model_max_length=77,
+        pad_token="<|endoftext|>",
+    )

@@ -1,0 +1,85 @@
+"""Words of prompts: their token spans in the 77-token CLIP window, diffs, and checks.
+
+Position 0 of the window is the start token, the prompt's tokens follow, then the end token
+and padding. Torch-free: the API uses it to validate requests before enqueueing.
+"""
+
+from __future__ import annotations
+
+import difflib
+import string
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from models.errors import InvalidInput
+
+MAX_TOKENS = 77
+
+
+@dataclass(frozen=True)
+class WordSpan:
+    word: str
+    start: int
+    stop: int
+
+    @property
+    def indices(self) -> list[int]:
+        return list(range(self.start, self.stop))
+
+
+def normalize_word(word: str) -> str:
+    """Lower-case and strip surrounding punctuation, so 'Effusion,' matches 'effusion'."""
+    return word.lower().strip(string.punctuation)
+
+
+def prompt_words(prompt: str) -> list[str]:
+    return [normalize_word(w) for w in prompt.split()]
+
+
+def _token_count(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def check_prompt(tokenizer, prompt: str, field: str) -> None:
+    """Reject empty prompts and prompts that do not fit the 77-token window."""
+    if not prompt or not prompt.strip():
+        raise InvalidInput(field, "must not be empty")
+    count = _token_count(tokenizer, prompt) + 2
+    if count > MAX_TOKENS:
+        raise InvalidInput(field, f"is {count} tokens long; the model's window is {MAX_TOKENS}")
+
+
+def word_spans(tokenizer, prompt: str) -> list[WordSpan]:
+    """Token positions (in the 77-token window) of each whitespace-separated word."""
+    spans, cursor = [], 1
+    for word in prompt.split():
+        n = _token_count(tokenizer, word)
+        spans.append(WordSpan(normalize_word(word), cursor, cursor + n))
+        cursor += n
+    return spans
+
+
+def differing_words(source: str, edit: str) -> tuple[list[str], list[str]]:
+    """Words removed from ``source`` and words added in ``edit`` (a word-level diff)."""
+    a, b = prompt_words(source), prompt_words(edit)
+    removed: list[str] = []
+    added: list[str] = []
+    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_opcodes():
+        if tag != "equal":
+            removed.extend(a[i1:i2])
+            added.extend(b[j1:j2])
+    return removed, added
+
+
+def word_token_indices(tokenizer, prompt: str, words: Sequence[str], field: str) -> list[int]:
+    """Token positions of ``words`` in ``prompt``; every word must occur in the prompt."""
+    spans = word_spans(tokenizer, prompt)
+    indices: list[int] = []
+    for entry in words:
+        for word in prompt_words(entry):
+            hits = [s for s in spans if s.word == word]
+            if not hits:
+                raise InvalidInput(field, f"word {word!r} does not occur in the prompt")
+            for span in hits:
+                indices.extend(span.indices)
+    return sorted(set(indices))
