@@ -86,6 +86,64 @@ def _make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.app import create_app
+
+    uvicorn.run(create_app(), host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from service.settings import get_settings
+    from worker.main import run_worker
+
+    run_worker(get_settings(), burst=args.burst)
+    return 0
+
+
+def _up(args: argparse.Namespace) -> int:
+    """Redis (unless PRISM_REDIS_URL is set), N workers and the API; all stopped on exit."""
+    import signal
+    import subprocess
+
+    from service.redis_server import LocalRedis
+
+    env = dict(os.environ)
+    local = None
+    if not env.get("PRISM_REDIS_URL"):
+        local = LocalRedis(Path(env.get("PRISM_HOME", Path.home() / ".cache" / "prism")) / "redis").start()
+        env["PRISM_REDIS_URL"] = local.url
+        print(f"started redis-server at {local.url}", file=sys.stderr)
+    if not env.get("PRISM_MODEL_DIR"):
+        from models.builtin import builtin_model_dir
+
+        builtin_model_dir()
+    children = [subprocess.Popen([sys.executable, "-m", "service.cli", "worker"], env=env) for _ in range(args.workers)]
+    api = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve", "--host", args.host, "--port", str(args.port)], env=env
+    )
+    children.append(api)
+    print(f"PRISM API docs: http://{args.host}:{args.port}/docs", file=sys.stderr, flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: api.terminate())
+    try:
+        api.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for child in children:
+            child.terminate()
+        for child in children:
+            try:
+                child.wait(30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        if local:
+            local.stop()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prism", description="PRISM counterfactual chest X-ray generation")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -114,6 +172,21 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("directory")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=_make_tiny)
+
+    serve = sub.add_parser("serve", help="run the HTTP API (uvicorn)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.set_defaults(func=_serve)
+
+    worker = sub.add_parser("worker", help="run a worker: load the model once, then serve jobs")
+    worker.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    worker.set_defaults(func=_worker)
+
+    up = sub.add_parser("up", help="start redis (if PRISM_REDIS_URL is unset), workers and the API")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=8000)
+    up.add_argument("--workers", type=int, default=1)
+    up.set_defaults(func=_up)
     return parser
 
 

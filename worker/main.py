@@ -1,0 +1,92 @@
+"""``prism worker``: a long-lived RQ SimpleWorker that loads the model bundle once.
+
+RQ's default worker forks a child per job, which cannot reuse a CUDA model; SimpleWorker runs
+jobs in-process. One worker per GPU (choose it with CUDA_VISIBLE_DEVICES); any number of
+workers on any hosts may serve one Redis. A heartbeat thread keeps a short-lived
+``prism:alive:<name>`` key so the API can tell live workers from dead ones within seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+
+from redis import Redis
+from rq import Queue, SimpleWorker
+from rq.serializers import JSONSerializer
+
+from service.jobs import ALIVE_PREFIX
+from service.settings import Settings
+from worker import tasks
+from worker.runner import JobRunner
+
+log = logging.getLogger("prism.worker")
+
+
+class PrismWorker(SimpleWorker):
+    """SimpleWorker with JSON job arguments, no job descriptions in logs, and a liveness key."""
+
+    def __init__(self, queues, *, runner: JobRunner, heartbeat_s: int, **kwargs) -> None:
+        kwargs.setdefault("serializer", JSONSerializer)
+        super().__init__(queues, log_job_description=False, **kwargs)
+        tasks.install(runner)
+        self.heartbeat_s = heartbeat_s
+        self._alive = threading.Event()
+
+    @property
+    def alive_key(self) -> str:
+        return f"{ALIVE_PREFIX}{self.name}"
+
+    def _beat(self) -> None:
+        while not self._alive.wait(self.heartbeat_s):
+            try:
+                self.connection.set(self.alive_key, os.getpid(), ex=3 * self.heartbeat_s)
+            except Exception:  # Redis restarting: keep beating, the next beat recreates the key
+                log.warning("heartbeat failed; retrying")
+
+    def work(self, *args, **kwargs) -> bool:
+        self.connection.set(self.alive_key, os.getpid(), ex=3 * self.heartbeat_s)
+        thread = threading.Thread(target=self._beat, name="prism-heartbeat", daemon=True)
+        thread.start()
+        try:
+            return super().work(*args, **kwargs)
+        finally:
+            self._alive.set()
+            self.connection.delete(self.alive_key)
+
+
+def load_model(settings: Settings):
+    from models.builtin import builtin_model_dir
+    from models.loading import load_bundle
+
+    model_dir = settings.model_dir or builtin_model_dir()
+    if not settings.model_dir:
+        log.warning("PRISM_MODEL_DIR is not set: using the built-in model")
+    return load_bundle(model_dir, settings.unet_weights, settings.clip_model, device=settings.device)
+
+
+def run_worker(settings: Settings, burst: bool = False) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    start = time.perf_counter()
+    bundle = load_model(settings)
+    log.info(
+        "model %s loaded on %s (%s) in %.1f s",
+        bundle.identity,
+        bundle.device,
+        bundle.dtype,
+        time.perf_counter() - start,
+    )
+    redis = Redis.from_url(settings.redis_url)
+    queue = Queue(settings.queue_name, connection=redis, serializer=JSONSerializer)
+    worker = PrismWorker(
+        [queue],
+        connection=redis,
+        runner=JobRunner(bundle, settings),
+        heartbeat_s=settings.worker_heartbeat_s,
+        name=f"{socket.gethostname()}.{os.getpid()}",
+        default_result_ttl=settings.job_ttl_s,
+    )
+    worker.work(burst=burst, with_scheduler=False)

@@ -1,0 +1,21 @@
+"""The RQ job function. It runs inside the long-lived worker, which installed its runner."""
+
+from __future__ import annotations
+
+from rq import get_current_job
+
+from worker.runner import JobRunner
+
+_runner: JobRunner | None = None
+
+
+def install(runner: JobRunner) -> None:
+    """Called once by the worker after loading the model."""
+    global _runner
+    _runner = runner
+
+
+def run_counterfactual(input_key: str, request: dict) -> dict:
+    if _runner is None:
+        raise RuntimeError("no model loaded in this process: run jobs with `prism worker`")
+    return _runner.run(get_current_job(), input_key, request)
