@@ -30,6 +30,11 @@ def output_key(job_id: str, name: str) -> str:
     return f"prism:output:{job_id}:{name}"
 
 
+def alive_key(queue_name: str, worker_name: str) -> str:
+    """Heartbeat key of a worker serving ``queue_name``; it expires when the worker stops beating."""
+    return f"{ALIVE_PREFIX}{queue_name}:{worker_name}"
+
+
 def links(job_id: str, with_files: bool = False) -> JobLinks:
     files = {name: f"/jobs/{job_id}/files/{name}" for name in FILE_NAMES} if with_files else {}
     return JobLinks(self=f"/jobs/{job_id}", files=files)
@@ -121,4 +126,5 @@ class JobStore:
 
     def live_workers(self) -> int:
         """Workers whose heartbeat key has not expired (no registry cleanup involved)."""
-        return sum(1 for _ in self.redis.scan_iter(match=f"{ALIVE_PREFIX}*", count=100))
+        pattern = f"{alive_key(self.settings.queue_name, '')}*"
+        return sum(1 for _ in self.redis.scan_iter(match=pattern, count=100))

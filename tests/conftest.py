@@ -36,3 +36,28 @@ def write_png(path: Path, pixels: np.ndarray, bit_depth: int = 8) -> Path:
     else:
         Image.fromarray(np.round(pixels * 255).astype(np.uint8), mode="L").save(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    from service.redis_server import LocalRedis
+
+    with LocalRedis() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def service(redis_server, tiny_model_dir, tmp_path_factory):
+    """A real API process and one real worker process against the test redis-server."""
+    from tests.service_harness import ApiProcess, service_env, start_worker, stop, wait_ready
+
+    logs = tmp_path_factory.mktemp("service-logs")
+    env = service_env(redis_server.url, tiny_model_dir)
+    worker = start_worker(env, logs / "worker.log")
+    api = ApiProcess(env, logs / "api.log")
+    try:
+        wait_ready(api.url)
+        yield api
+    finally:
+        api.stop()
+        stop(worker)

@@ -3,7 +3,7 @@
 RQ's default worker forks a child per job, which cannot reuse a CUDA model; SimpleWorker runs
 jobs in-process. One worker per GPU (choose it with CUDA_VISIBLE_DEVICES); any number of
 workers on any hosts may serve one Redis. A heartbeat thread keeps a short-lived
-``prism:alive:<name>`` key so the API can tell live workers from dead ones within seconds.
+``prism:alive:<queue>:<name>`` key so the API can tell live workers from dead ones within seconds.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from redis import Redis
 from rq import Queue, SimpleWorker
 from rq.serializers import JSONSerializer
 
-from service.jobs import ALIVE_PREFIX
+from service.jobs import alive_key
 from service.settings import Settings
 from worker import tasks
 from worker.runner import JobRunner
@@ -38,7 +38,7 @@ class PrismWorker(SimpleWorker):
 
     @property
     def alive_key(self) -> str:
-        return f"{ALIVE_PREFIX}{self.name}"
+        return alive_key(self.queues[0].name, self.name)
 
     def _beat(self) -> None:
         while not self._alive.wait(self.heartbeat_s):

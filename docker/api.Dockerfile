@@ -1,0 +1,16 @@
+# PRISM API: validates requests and enqueues jobs. Slim, no torch.
+FROM python:3.11-slim
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+WORKDIR /app
+COPY docker/requirements-api.txt /app/docker/requirements-api.txt
+RUN pip install --no-cache-dir -r docker/requirements-api.txt
+COPY pyproject.toml README.md /app/
+COPY models /app/models
+COPY service /app/service
+COPY worker /app/worker
+RUN pip install --no-cache-dir --no-deps . \
+    && useradd --system --uid 10001 prism
+USER prism
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=3s CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz')"
+CMD ["prism", "serve", "--host", "0.0.0.0", "--port", "8000"]
