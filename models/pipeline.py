@@ -77,8 +77,12 @@ class _Timer:
 
 @torch.no_grad()
 def encode_latent(bundle: ModelBundle, image: torch.Tensor) -> torch.Tensor:
-    """VAE posterior mean times the scaling factor, for a (1, 1, S, S) image in [0, 1]."""
-    x = (image * 2 - 1).expand(-1, 3, -1, -1).to(bundle.device, bundle.vae.dtype)
+    """VAE posterior mean times the scaling factor, for a (1, 1, S, S) image in [0, 1].
+
+    Grayscale is repeated over the VAE's input channels (3 for SD v1.5, 1 for the built-in model).
+    """
+    channels = bundle.vae.config.in_channels
+    x = (image * 2 - 1).expand(-1, channels, -1, -1).to(bundle.device, bundle.vae.dtype)
     return bundle.vae.encode(x).latent_dist.mean.float() * bundle.latent_scale
 
 

@@ -45,7 +45,7 @@ class ClipScorer:
         mean = torch.tensor(self.clip.mean, device=self.device)[None, :, None, None]
         std = torch.tensor(self.clip.std, device=self.device)[None, :, None, None]
         feats = self.clip.model.get_image_features(pixel_values=(x - mean) / std)
-        return F.normalize(_as_tensor(feats).float(), dim=-1)
+        return F.normalize(projected_features(feats).float(), dim=-1)
 
     @torch.no_grad()
     def text_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
@@ -55,10 +55,10 @@ class ClipScorer:
         feats = self.clip.model.get_text_features(
             input_ids=tokens.input_ids.to(self.device), attention_mask=tokens.attention_mask.to(self.device)
         )
-        return F.normalize(_as_tensor(feats).float(), dim=-1)
+        return F.normalize(projected_features(feats).float(), dim=-1)
 
 
-def _as_tensor(features) -> torch.Tensor:
+def projected_features(features) -> torch.Tensor:
     """transformers may return a model output instead of a tensor; take the pooled projection."""
     if isinstance(features, torch.Tensor):
         return features

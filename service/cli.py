@@ -144,6 +144,19 @@ def _up(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_builtin(args: argparse.Namespace) -> int:
+    import logging
+
+    import torch
+
+    from phantoms.training import train_builtin
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
+    train_builtin(Path(args.work), Path(args.out), n_images=args.images, scale=args.scale)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prism", description="PRISM counterfactual chest X-ray generation")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -172,6 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("directory")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=_make_tiny)
+
+    train = sub.add_parser("train-builtin", help="train the built-in phantom model (resumable)")
+    train.add_argument("--work", default=".prism/train", help="checkpoints and cached data")
+    train.add_argument("--out", default="models/assets/builtin", help="where the model is written")
+    train.add_argument("--images", type=int, default=16000)
+    train.add_argument("--scale", type=float, default=1.0, help="multiply every stage's step count")
+    train.add_argument("--threads", type=int, default=2)
+    train.set_defaults(func=_train_builtin)
 
     serve = sub.add_parser("serve", help="run the HTTP API (uvicorn)")
     serve.add_argument("--host", default="127.0.0.1")
