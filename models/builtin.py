@@ -1,30 +1,19 @@
-"""Where the engine finds a model when none is configured.
+"""The built-in model: trained on synthetic phantoms, shipped in the repository.
 
-Until a trained built-in model ships, the default is the tiny random-weight model, built once
-offline into the PRISM home directory: it exercises the whole pipeline but edits nothing.
+Used by the service and ``prism edit`` when no model is configured. It edits phantoms, not real
+radiographs: see ``models/assets/builtin/MODEL_CARD.md``.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
+from models.errors import ModelLoadError
 
-def prism_home() -> Path:
-    return Path(os.environ.get("PRISM_HOME", Path.home() / ".cache" / "prism"))
+BUILTIN_DIR = Path(__file__).parent / "assets" / "builtin"
 
 
 def builtin_model_dir() -> Path:
-    """The built-in model directory, created on first use (no network involved)."""
-    from models.tiny import make_tiny_model
-
-    target = prism_home() / "builtin-tiny"
-    if not (target / "model_index.json").exists():
-        tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-        make_tiny_model(tmp)
-        try:
-            tmp.rename(target)
-        except OSError:
-            shutil.rmtree(tmp)
-    return target
+    if not (BUILTIN_DIR / "unet" / "config.json").exists():
+        raise ModelLoadError(f"built-in model missing at {BUILTIN_DIR}: run `prism train-builtin`")
+    return BUILTIN_DIR

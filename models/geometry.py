@@ -58,6 +58,8 @@ def to_grayscale(img: Image.Image) -> DecodedImage:
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img, dtype=np.float64)
         return DecodedImage((np.clip(arr, 0, 65535) / 65535.0).astype(np.float32), 16)
+    if img.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+        img = img.convert("RGB")
     if img.mode in ("RGBA", "LA", "P", "PA"):
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (0, 0, 0, 255))

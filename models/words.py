@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import string
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -41,9 +42,13 @@ def _token_count(tokenizer, text: str) -> int:
 
 
 def check_prompt(tokenizer, prompt: str, field: str) -> None:
-    """Reject empty prompts and prompts that do not fit the 77-token window."""
+    """Reject empty prompts, control characters and prompts that do not fit the 77-token window."""
     if not prompt or not prompt.strip():
         raise InvalidInput(field, "must not be empty")
+    if "\ufffd" in prompt:
+        raise InvalidInput(field, "is not valid UTF-8 text")
+    if any(unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co", "Cn") for c in prompt):
+        raise InvalidInput(field, "must not contain control or unassigned characters")
     count = _token_count(tokenizer, prompt) + 2
     if count > MAX_TOKENS:
         raise InvalidInput(field, f"is {count} tokens long; the model's window is {MAX_TOKENS}")

@@ -29,7 +29,9 @@ def explicit_caption(findings: Findings) -> str:
 def typed_caption(findings: Findings, rng: np.random.Generator) -> str:
     """A looser variant: other openings, 'and', lower case, abbreviations."""
     present = [NAMES[n].lower() for n in FINDINGS if getattr(findings, n)]
-    opening = rng.choice(["chest x-ray showing", "cxr showing", "chest radiograph with", "chest x-ray of a patient with"])
+    opening = rng.choice(
+        ["chest x-ray showing", "cxr showing", "chest radiograph with", "chest x-ray of a patient with"]
+    )
     if not present:
         return str(rng.choice(["normal chest x-ray", "chest x-ray with no findings", "normal chest radiograph"]))
     if len(present) > 1 and rng.random() < 0.5:

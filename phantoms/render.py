@@ -141,7 +141,9 @@ def _devices(y, x, p) -> np.ndarray:
         d = np.maximum(d, _ellipse(y, x, lx, ly, 0.025, 0.025, soft=0.004))
         d = np.maximum(d, 0.8 * _polyline(y, x, [(lx, ly), (lx + 0.1, ly * 0.6), (1.05, ly * 0.5)], 0.9 / size))
     if p["tube"]:
-        d = np.maximum(d, 0.85 * _polyline(y, x, [(-0.05, p["cx"]), (0.3, p["cx"] + 0.01), (0.45, p["cx"])], 1.3 / size))
+        d = np.maximum(
+            d, 0.85 * _polyline(y, x, [(-0.05, p["cx"]), (0.3, p["cx"] + 0.01), (0.45, p["cx"])], 1.3 / size)
+        )
     return np.clip(d, 0, 1)
 
 
@@ -152,7 +154,7 @@ def render(anatomy: Anatomy, findings: Findings) -> np.ndarray:
     rng = np.random.default_rng(p["texture_seed"])
     body = _ellipse(y, x, 0.62, p["cx"], 0.62, p["body_w"], soft=0.03)
     img = 0.08 + 0.42 * body
-    img += 0.35 * _ellipse(y, x, 0.0, p["cx"], 0.14, 0.5 * p["body_w"])  * (y < 0.12) * body
+    img += 0.35 * _ellipse(y, x, 0.0, p["cx"], 0.14, 0.5 * p["body_w"]) * (y < 0.12) * body
     right, left, centres = _lungs(y, x, p)
     lungs = np.maximum(right, left)
     ribs = 0.5 + 0.5 * np.cos(2 * np.pi * (y + 0.25 * (x - p["cx"]) ** 2 * 4) / p["rib_period"] + p["rib_phase"])

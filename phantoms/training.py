@@ -16,13 +16,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-
-import models.hf_offline  # noqa: F401  (before diffusers/transformers)
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig
 
+import models.hf_offline  # noqa: F401  (before diffusers/transformers)
 from models.ddim import make_scheduler
 from models.scoring import projected_features
 from models.tokenizer import ASSETS, clip_tokenizer
@@ -212,7 +211,9 @@ def train_clip(images: np.ndarray, labels: np.ndarray, work: Path, out: Path, st
         patch_size=8,
         projection_dim=hidden,
     )
-    config = CLIPConfig(text_config=_text_config(hidden, 2).to_dict(), vision_config=vision.to_dict(), projection_dim=hidden)
+    config = CLIPConfig(
+        text_config=_text_config(hidden, 2).to_dict(), vision_config=vision.to_dict(), projection_dim=hidden
+    )
     model = CLIPModel(config)
     tokenizer = clip_tokenizer()
     opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=1e-2)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, File, Form, Request, Response, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Request, Response, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.security import APIKeyHeader
 from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -14,7 +17,10 @@ from models.errors import InvalidInput
 from models.params import EditParams
 from models.tokenizer import clip_tokenizer
 from models.validation import validate_request
-from service.jobs import JobStore, links
+from service.auth import ANONYMOUS, KeyRing, tenant_for
+from service.jobs import IdempotencyConflict, JobStore, NotCancelable, QueueFull, links
+from service.middleware import BodySizeLimit
+from service.ratelimit import retry_after
 from service.schemas import (
     FILE_NAMES,
     Health,
@@ -45,6 +51,27 @@ def get_store(request: Request, settings: Annotated[Settings, Depends(get_settin
     return JobStore(request.app.state.redis, settings)
 
 
+api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="API key from `prism keys add`")
+
+
+def get_tenant(
+    request: Request,
+    settings: Annotated[Settings, Depends(get_settings)],
+    api_key: Annotated[str | None, Depends(api_key_header)],
+) -> str:
+    """The tenant owning the request's API key; 401 without a valid key (unless auth is off)."""
+    if settings.auth == "off":
+        return ANONYMOUS
+    tenant = tenant_for(api_key, request.app.state.keys.entries())
+    if tenant is None:
+        raise HTTPException(401, "missing or invalid X-API-Key", headers={"WWW-Authenticate": "APIKey"})
+    return tenant
+
+
+Tenant = Annotated[str, Depends(get_tenant)]
+Store = Annotated[JobStore, Depends(get_store)]
+
+
 def _split(text: str | None) -> tuple[str, ...] | None:
     if text is None or not text.strip():
         return None
@@ -55,8 +82,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     app = FastAPI(title="PRISM counterfactual service", version="0.1.0", description=DESCRIPTION)
     app.state.redis = Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
+    app.state.keys = KeyRing(Path(settings.api_keys_file) if settings.api_keys_file else None)
     app.dependency_overrides[get_settings] = lambda: settings
-    unavailable = {"model": MessageBody, "description": "Redis is unreachable; retry after Retry-After seconds"}
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
+    unavailable = {"model": MessageBody, "description": "Redis unreachable or queue full; retry after Retry-After"}
+    unauthorized = {"model": MessageBody, "description": "missing or invalid X-API-Key"}
+    not_found = {"model": MessageBody, "description": "no such job (or it belongs to another API key)"}
+    retry = {"Retry-After": str(settings.retry_after_s)}
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        """FastAPI's 422 body, minus the echoed input (it may hold prompt text)."""
+        detail = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+        return JSONResponse({"detail": detail}, status_code=422)
 
     @app.exception_handler(RedisConnectionError)
     @app.exception_handler(RedisTimeoutError)
@@ -70,15 +108,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         response_model=JobAccepted,
         summary="Submit an image for a counterfactual edit",
         responses={
-            413: {"model": ValidationErrorBody, "description": "image too large"},
+            401: unauthorized,
+            409: {"model": MessageBody, "description": "Idempotency-Key reused with a different request"},
+            413: {"model": ValidationErrorBody, "description": "request body or image too large"},
             415: {"model": ValidationErrorBody, "description": "not a PNG or JPEG"},
             422: {"model": ValidationErrorBody, "description": "a field is invalid; `loc` names it"},
+            429: {"model": MessageBody, "description": "rate limit of this API key exceeded"},
             503: unavailable,
         },
     )
     def submit(
         response: Response,
-        store: Annotated[JobStore, Depends(get_store)],
+        store: Store,
+        tenant: Tenant,
         image: Annotated[UploadFile, File(description="chest X-ray, PNG (8/16-bit) or JPEG")],
         original_prompt: Annotated[str, Form(examples=["chest x-ray of a patient with support devices"])],
         edit_prompt: Annotated[str, Form(examples=["chest x-ray of a patient without support devices"])],
@@ -96,7 +138,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             str | None, Form(description="comma-separated; default: the words the edit prompt adds")
         ] = None,
         seed: Annotated[int, Form(ge=0, le=2**31 - 1)] = DEFAULTS.seed,
+        idempotency_key: Annotated[
+            str | None,
+            Header(max_length=200, description="repeat a POST with the same key to get the same job back"),
+        ] = None,
     ):
+        wait = retry_after(store.redis, tenant, settings.rate_limit_per_minute)
+        if wait is not None:
+            return JSONResponse({"detail": "rate limit exceeded"}, status_code=429, headers={"Retry-After": str(wait)})
         data = image.file.read(settings.max_upload_bytes + 1)
         if len(data) > settings.max_upload_bytes:
             return _error(413, "image", f"file exceeds {settings.max_upload_bytes} bytes", "too_large")
@@ -127,7 +176,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "edit_prompt": edit_prompt,
             **{k: v for k, v in params.to_dict().items() if k != "null_text"},
         }
-        job_id = store.submit(data, request)
+        try:
+            job_id = store.submit(data, request, tenant, idempotency_key)
+        except QueueFull:
+            return JSONResponse({"detail": "queue is full; retry later"}, status_code=503, headers=retry)
+        except IdempotencyConflict:
+            return JSONResponse({"detail": "Idempotency-Key was used for a different request"}, status_code=409)
         response.headers["Location"] = f"/jobs/{job_id}"
         response.headers["Retry-After"] = str(settings.retry_after_s)
         return JobAccepted(id=job_id, links=links(job_id))
@@ -136,10 +190,30 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "/jobs/{job_id}",
         response_model=JobStatus,
         summary="Status, progress, scores and result links of a job",
-        responses={404: {"model": MessageBody, "description": "no such job"}, 503: unavailable},
+        responses={401: unauthorized, 404: not_found, 503: unavailable},
     )
-    def job_status(job_id: str, store: Annotated[JobStore, Depends(get_store)]):
-        status = store.status(job_id)
+    def job_status(job_id: str, store: Store, tenant: Tenant):
+        status = store.status(job_id, tenant)
+        if status is None:
+            return JSONResponse({"detail": "no such job"}, status_code=404)
+        return status
+
+    @app.post(
+        "/jobs/{job_id}/cancel",
+        response_model=JobStatus,
+        summary="Cancel a job: a queued job is removed, a running one stops within one denoising step",
+        responses={
+            401: unauthorized,
+            404: not_found,
+            409: {"model": MessageBody, "description": "the job has already finished"},
+            503: unavailable,
+        },
+    )
+    def cancel(job_id: str, store: Store, tenant: Tenant):
+        try:
+            status = store.cancel(job_id, tenant)
+        except NotCancelable:
+            return JSONResponse({"detail": "the job has already finished"}, status_code=409)
         if status is None:
             return JSONResponse({"detail": "no such job"}, status_code=404)
         return status
@@ -153,12 +227,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "description": "the file",
                 "content": {"image/png": {}, "application/octet-stream": {}, "application/json": {}},
             },
+            401: unauthorized,
             404: {"model": MessageBody, "description": "no such job or file, or not finished"},
             503: unavailable,
         },
     )
-    def job_file(job_id: str, name: str, store: Annotated[JobStore, Depends(get_store)]):
-        content = store.file(job_id, name)
+    def job_file(job_id: str, name: str, store: Store, tenant: Tenant):
+        content = store.file(job_id, name, tenant)
         if content is None:
             return JSONResponse({"detail": f"no file {name!r} for this job; files: {', '.join(FILE_NAMES)}"}, 404)
         media_type = CONTENT_TYPES[name[name.rindex(".") :]]
@@ -176,7 +251,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Redis reachable and at least one worker alive",
         responses={503: {"model": Health, "description": "not ready"}},
     )
-    def readyz(store: Annotated[JobStore, Depends(get_store)]):
+    def readyz(store: Store):
         try:
             store.redis.ping()
             workers = store.live_workers()

@@ -45,7 +45,7 @@ def _edit(args: argparse.Namespace) -> int:
         image = decode_image(Path(args.image).read_bytes())
         model_dir = args.model or os.environ.get("PRISM_MODEL_DIR")
         if not model_dir:
-            print("no --model given: using the built-in tiny model (random weights, edits nothing)", file=sys.stderr)
+            print("no --model given: using the built-in phantom model (synthetic data only)", file=sys.stderr)
             model_dir = builtin_model_dir()
         bundle = load_bundle(
             model_dir,
@@ -116,10 +116,6 @@ def _up(args: argparse.Namespace) -> int:
         local = LocalRedis(Path(env.get("PRISM_HOME", Path.home() / ".cache" / "prism")) / "redis").start()
         env["PRISM_REDIS_URL"] = local.url
         print(f"started redis-server at {local.url}", file=sys.stderr)
-    if not env.get("PRISM_MODEL_DIR"):
-        from models.builtin import builtin_model_dir
-
-        builtin_model_dir()
     children = [subprocess.Popen([sys.executable, "-m", "service.cli", "worker"], env=env) for _ in range(args.workers)]
     api = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "serve", "--host", args.host, "--port", str(args.port)], env=env
@@ -155,6 +151,42 @@ def _train_builtin(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     train_builtin(Path(args.work), Path(args.out), n_images=args.images, scale=args.scale)
     return 0
+
+
+def _keys_add(args: argparse.Namespace) -> int:
+    from service.auth import add_key
+    from service.settings import get_settings
+
+    path = args.file or get_settings().api_keys_file
+    if not path:
+        print("prism keys add: set PRISM_API_KEYS_FILE or pass --file", file=sys.stderr)
+        return 2
+    try:
+        key = add_key(Path(path), args.name)
+    except ValueError as exc:
+        print(f"prism keys add: {exc}", file=sys.stderr)
+        return 2
+    print(f"added key {args.name!r} to {path}; it is shown once:")
+    print(key)
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from models.builtin import builtin_model_dir
+    from models.loading import load_bundle
+    from models.params import EditParams, NullTextSettings
+    from phantoms.bench import run_benchmark
+    from phantoms.classifier import FindingClassifier
+
+    model_dir = Path(args.model) if args.model else builtin_model_dir()
+    bundle = load_bundle(model_dir, device=args.device)
+    classifier = FindingClassifier.load(model_dir / "classifier.safetensors")
+    params = EditParams(
+        steps=args.steps, self_replace_steps=args.self_replace, null_text=NullTextSettings(inner_steps=args.inner_steps)
+    )
+    report = run_benchmark(bundle, classifier, args.n, Path(args.out), params)
+    print((Path(args.out) / "results.md").read_text())
+    return 0 if report["tasks"] else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -193,6 +225,22 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--scale", type=float, default=1.0, help="multiply every stage's step count")
     train.add_argument("--threads", type=int, default=2)
     train.set_defaults(func=_train_builtin)
+
+    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="keys_command", required=True)
+    keys_add = keys.add_parser("add", help="create an API key; prints it as the last line")
+    keys_add.add_argument("name")
+    keys_add.add_argument("--file", help="keys file (default: $PRISM_API_KEYS_FILE)")
+    keys_add.set_defaults(func=_keys_add)
+
+    bench = sub.add_parser("bench-phantom", help="measure edits against true counterfactuals on held-out phantoms")
+    bench.add_argument("--n", type=int, default=50, help="phantoms per task")
+    bench.add_argument("--out", default="bench-out")
+    bench.add_argument("--model", help="model directory with classifier.safetensors (default: built-in)")
+    bench.add_argument("--steps", type=int, default=50)
+    bench.add_argument("--inner-steps", type=int, default=10, help="null-text inner steps")
+    bench.add_argument("--self-replace", type=_floats, default=(0.4, 0.5, 0.6, 0.7, 0.8))
+    bench.add_argument("--device", choices=["cpu", "cuda"])
+    bench.set_defaults(func=_bench)
 
     serve = sub.add_parser("serve", help="run the HTTP API (uvicorn)")
     serve.add_argument("--host", default="127.0.0.1")

@@ -59,6 +59,7 @@ class JobStatus(BaseModel):
     id: str
     status: JobState
     progress: Progress
+    requeues: int = Field(0, description="times the job went back to the queue because its worker died")
     created_at: datetime | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None

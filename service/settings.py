@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -19,11 +20,18 @@ class Settings(BaseSettings):
     device: str | None = Field(None, description="cpu or cuda; unset: cuda when available")
     inversion_cache_dir: str | None = Field(None, description="directory for cached inversions; unset: no cache")
     job_ttl_s: int = Field(24 * 3600, ge=60, description="how long inputs, results and failures are kept")
-    job_timeout_s: int = Field(3600, ge=10, description="a job running longer fails with code 'timeout'")
-    max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    job_timeout_s: int = Field(3600, ge=1, description="a job running longer fails with code 'timeout'")
+    max_upload_bytes: int = Field(
+        80 * 1024 * 1024, ge=1024, description="request body limit: a 16-bit 4096x4096 X-ray is 32 MiB raw"
+    )
     max_image_pixels: int = Field(4096 * 4096, ge=64 * 64)
     retry_after_s: int = 2
     worker_heartbeat_s: int = Field(10, ge=1, description="worker heartbeat period; a worker is dead after 3 missed")
+    max_requeues: int = Field(1, ge=0, description="times a job whose worker died is re-queued before it fails")
+    max_queue_depth: int = Field(100, ge=1, description="above this many queued jobs, POST answers 503")
+    auth: Literal["on", "off"] = Field("on", description="'off' only for local use: no API keys, one tenant")
+    api_keys_file: str | None = Field(None, description="file of 'name:sha256(key)' lines (prism keys add NAME)")
+    rate_limit_per_minute: int = Field(30, ge=1, description="submissions per API key per minute (429 above)")
 
 
 @lru_cache(maxsize=1)

@@ -20,6 +20,7 @@ def service_env(redis_url: str, model_dir: Path, **extra: str) -> dict[str, str]
         PRISM_MODEL_DIR=str(model_dir),
         PRISM_DEVICE="cpu",
         PRISM_WORKER_HEARTBEAT_S="1",
+        PRISM_AUTH="off",
         PYTHONUNBUFFERED="1",
         **extra,
     )
@@ -83,3 +84,38 @@ def poll(url: str, job_id: str, until: set[str], timeout: float = 300) -> dict:
             return body
         time.sleep(0.2)
     raise TimeoutError(f"job {job_id} still {body['status']}")
+
+
+class Cluster:
+    """A private redis-server, ``workers`` worker processes and an API, with extra settings."""
+
+    def __init__(self, tmp: Path, model_dir: Path, workers: int = 1, **settings: str) -> None:
+        from service.redis_server import LocalRedis
+
+        self.tmp = tmp
+        self.redis = LocalRedis(tmp / "redis-data").start()
+        self.env = service_env(self.redis.url, model_dir, **settings)
+        self.workers = [self.add_worker() for _ in range(workers)]
+        self.api = ApiProcess(self.env, tmp / "api.log")
+        self.url = self.api.url
+        if workers:
+            wait_ready(self.url, workers)
+
+    def add_worker(self) -> subprocess.Popen:
+        n = len(list(self.tmp.glob("worker*.log")))
+        return start_worker(self.env, self.tmp / f"worker{n}.log")
+
+    def logs(self) -> str:
+        return "\n".join(p.read_text(errors="replace") for p in sorted(self.tmp.glob("*.log")))
+
+    def close(self) -> None:
+        self.api.stop()
+        for w in self.workers:
+            stop(w)
+        self.redis.close()
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -13,12 +13,15 @@ import os
 import socket
 import threading
 import time
+import uuid
 
 from redis import Redis
+from redis.exceptions import RedisError
 from rq import Queue, SimpleWorker
 from rq.serializers import JSONSerializer
 
-from service.jobs import alive_key
+from service.keys import alive_key
+from service.recovery import recover_lost_jobs
 from service.settings import Settings
 from worker import tasks
 from worker.runner import JobRunner
@@ -29,23 +32,32 @@ log = logging.getLogger("prism.worker")
 class PrismWorker(SimpleWorker):
     """SimpleWorker with JSON job arguments, no job descriptions in logs, and a liveness key."""
 
-    def __init__(self, queues, *, runner: JobRunner, heartbeat_s: int, **kwargs) -> None:
+    def __init__(self, queues, *, runner: JobRunner, settings: Settings, **kwargs) -> None:
         kwargs.setdefault("serializer", JSONSerializer)
         super().__init__(queues, log_job_description=False, **kwargs)
         tasks.install(runner)
-        self.heartbeat_s = heartbeat_s
+        self.settings = settings
+        self.heartbeat_s = settings.worker_heartbeat_s
         self._alive = threading.Event()
+        self.stopping = False
+
+    def request_stop(self, signum, frame) -> None:
+        """SIGTERM/SIGINT: finish the current job, then leave for good (no reconnect)."""
+        self.stopping = True
+        super().request_stop(signum, frame)
 
     @property
     def alive_key(self) -> str:
         return alive_key(self.queues[0].name, self.name)
 
     def _beat(self) -> None:
+        """Refresh the liveness key, and re-queue jobs of workers that stopped beating."""
         while not self._alive.wait(self.heartbeat_s):
             try:
                 self.connection.set(self.alive_key, os.getpid(), ex=3 * self.heartbeat_s)
-            except Exception:  # Redis restarting: keep beating, the next beat recreates the key
-                log.warning("heartbeat failed; retrying")
+                recover_lost_jobs(self.connection, self.settings)
+            except RedisError:
+                log.warning("heartbeat failed (Redis unreachable); retrying")
 
     def work(self, *args, **kwargs) -> bool:
         self.connection.set(self.alive_key, os.getpid(), ex=3 * self.heartbeat_s)
@@ -55,7 +67,10 @@ class PrismWorker(SimpleWorker):
             return super().work(*args, **kwargs)
         finally:
             self._alive.set()
-            self.connection.delete(self.alive_key)
+            try:
+                self.connection.delete(self.alive_key)
+            except RedisError:
+                log.warning("could not remove the liveness key; it expires by itself")
 
 
 def load_model(settings: Settings):
@@ -64,7 +79,7 @@ def load_model(settings: Settings):
 
     model_dir = settings.model_dir or builtin_model_dir()
     if not settings.model_dir:
-        log.warning("PRISM_MODEL_DIR is not set: using the built-in model")
+        log.warning("PRISM_MODEL_DIR is not set: using the built-in phantom model (synthetic data only)")
     return load_bundle(model_dir, settings.unet_weights, settings.clip_model, device=settings.device)
 
 
@@ -81,12 +96,23 @@ def run_worker(settings: Settings, burst: bool = False) -> None:
     )
     redis = Redis.from_url(settings.redis_url)
     queue = Queue(settings.queue_name, connection=redis, serializer=JSONSerializer)
-    worker = PrismWorker(
-        [queue],
-        connection=redis,
-        runner=JobRunner(bundle, settings),
-        heartbeat_s=settings.worker_heartbeat_s,
-        name=f"{socket.gethostname()}.{os.getpid()}",
-        default_result_ttl=settings.job_ttl_s,
-    )
-    worker.work(burst=burst, with_scheduler=False)
+    runner = JobRunner(bundle, settings)
+    delay = 1.0
+    while True:
+        worker = PrismWorker(
+            [queue],
+            connection=redis,
+            runner=runner,
+            settings=settings,
+            name=f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:6]}",
+            default_result_ttl=settings.job_ttl_s,
+        )
+        try:
+            worker.work(burst=burst, with_scheduler=False)
+        except RedisError:
+            log.warning("lost Redis")
+        if burst or worker.stopping:
+            return
+        log.warning("worker loop ended without a stop request; reconnecting in %.0f s", delay)
+        time.sleep(delay)
+        delay = min(delay * 2, 30.0)

@@ -14,7 +14,7 @@ from models.inversion import InversionCache
 from models.loading import ModelBundle
 from models.params import EditParams
 from models.pipeline import generate_counterfactual
-from service.jobs import output_key
+from service.keys import cancel_key, output_key
 from service.settings import Settings
 
 log = logging.getLogger("prism.worker")
@@ -28,6 +28,10 @@ RESULT_FIELDS = (
     "candidates",
     "timings",
 )
+
+
+class JobCanceled(Exception):
+    """Raised from the progress callback when the client canceled the job."""
 
 
 def _failure(code: str, message: str) -> dict:
@@ -69,6 +73,8 @@ class JobRunner:
 
         def progress(phase: str, step: int, total: int) -> None:
             nonlocal last_save
+            if redis.exists(cancel_key(job.id)):
+                raise JobCanceled
             now = time.monotonic()
             if step in (0, 1, total) or now - last_save > 0.5:
                 job.meta["progress"] = {"phase": phase, "step": step, "total": total}
@@ -77,6 +83,7 @@ class JobRunner:
 
         log.info("job %s: started", job.id)
         try:
+            progress("decode", 0, 1)
             result = generate_counterfactual(
                 self.bundle,
                 image,
@@ -88,6 +95,10 @@ class JobRunner:
             )
         except InvalidInput as exc:
             return _failure("invalid_parameters", f"{exc.field}: check the request")
+        except JobCanceled:
+            redis.delete(input_key, cancel_key(job.id))
+            log.info("job %s: canceled", job.id)
+            return {"canceled": True}
         ttl = self.settings.job_ttl_s
         with redis.pipeline() as pipe:
             for name, content in result.files().items():

@@ -1,0 +1,33 @@
+"""The shipped phantom model: loads offline, edits towards the true counterfactual."""
+
+import json
+
+import pytest
+
+from models.builtin import BUILTIN_DIR, builtin_model_dir
+from models.loading import load_bundle
+from models.params import EditParams, NullTextSettings
+from phantoms.bench import run_benchmark
+from phantoms.classifier import FindingClassifier
+
+
+@pytest.fixture(scope="module")
+def builtin():
+    return load_bundle(builtin_model_dir(), device="cpu")
+
+
+def test_shipped_weights_are_small_and_load_offline(builtin):
+    size = sum(p.stat().st_size for p in BUILTIN_DIR.rglob("*") if p.is_file())
+    assert size < 50 * 1024 * 1024
+    assert builtin.resolution == 128 and builtin.vae.config.in_channels == 1
+    assert (BUILTIN_DIR / "MODEL_CARD.md").read_text().count("not for clinical use") >= 1
+
+
+def test_device_removal_moves_towards_the_truth(builtin, tmp_path):
+    classifier = FindingClassifier.load(BUILTIN_DIR / "classifier.safetensors")
+    params = EditParams(steps=10, self_replace_steps=(0.4, 0.8), null_text=NullTextSettings(inner_steps=5))
+    report = run_benchmark(builtin, classifier, 3, tmp_path, params, tasks=("remove_devices",))
+    result = report["tasks"]["remove_devices"]
+    assert result["l1_ratio"] < 1.0, result
+    assert json.loads((tmp_path / "results.json").read_text())["tasks"]["remove_devices"]["n"] == 3
+    assert (tmp_path / "grid.png").exists() and "remove_devices" in (tmp_path / "results.md").read_text()
