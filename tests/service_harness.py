@@ -22,8 +22,8 @@ def service_env(redis_url: str, model_dir: Path, **extra: str) -> dict[str, str]
         PRISM_WORKER_HEARTBEAT_S="1",
         PRISM_AUTH="off",
         PYTHONUNBUFFERED="1",
-        **extra,
     )
+    env.update(extra)
     return env
 
 
