@@ -141,7 +141,7 @@ def test_redis_unreachable_gives_503_with_retry_after(tiny_model_dir, tmp_path):
         assert ready.status_code == 503 and ready.json()["redis"] is False
         r = _submit(api.url, _png(xray_like(32, 32)))
         assert r.status_code == 503 and r.headers["Retry-After"] == "2"
-        assert httpx.get(f"{api.url}/jobs/abc", timeout=10).status_code == 503
+        assert httpx.get(f"{api.url}/jobs/{'0' * 32}", timeout=10).status_code == 503
     finally:
         api.stop()
 
