@@ -26,7 +26,8 @@ from models.tokenizer import clip_tokenizer
 VOCAB_SIZE = 49408
 
 
-def _text_config(hidden: int) -> CLIPTextConfig:
+def clip_text_config(hidden: int) -> CLIPTextConfig:
+    """A 2-layer CLIP text transformer of width ``hidden`` over the real 49,408-token vocabulary."""
     return CLIPTextConfig(
         vocab_size=VOCAB_SIZE,
         hidden_size=hidden,
@@ -39,6 +40,21 @@ def _text_config(hidden: int) -> CLIPTextConfig:
         eos_token_id=49407,
         pad_token_id=49407,
     )
+
+
+def small_clip_config(hidden: int, image_size: int, patch_size: int = 8) -> CLIPConfig:
+    """A small CLIPModel (2-layer towers of width ``hidden``) for S_CLIP scoring."""
+    vision = CLIPVisionConfig(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=hidden,
+    )
+    text = clip_text_config(hidden).to_dict()
+    return CLIPConfig(text_config=text, vision_config=vision.to_dict(), projection_dim=hidden)
 
 
 def make_tiny_model(directory: str | Path, seed: int = 0, sample_size: int = 8) -> Path:
@@ -74,24 +90,13 @@ def make_tiny_model(directory: str | Path, seed: int = 0, sample_size: int = 8) 
         sample_size=sample_size * 8,
         scaling_factor=0.18215,
     ).save_pretrained(out / "vae")
-    CLIPTextModel(_text_config(hidden)).save_pretrained(out / "text_encoder")
+    CLIPTextModel(clip_text_config(hidden)).save_pretrained(out / "text_encoder")
     tokenizer = clip_tokenizer()
     tokenizer.save_pretrained(out / "tokenizer")
     make_scheduler().save_pretrained(out / "scheduler")
 
     clip_dir = out / "clip"
-    vision = CLIPVisionConfig(
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=32,
-        patch_size=8,
-        projection_dim=hidden,
-    )
-    config = CLIPConfig(
-        text_config=_text_config(hidden).to_dict(), vision_config=vision.to_dict(), projection_dim=hidden
-    )
+    config = small_clip_config(hidden, image_size=32)
     CLIPModel(config).save_pretrained(clip_dir)
     tokenizer.save_pretrained(clip_dir)
     (clip_dir / "preprocessor_config.json").write_text(

@@ -19,11 +19,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig
+from transformers import CLIPModel, CLIPTextModel
 
 import models.hf_offline  # noqa: F401  (before diffusers/transformers)
 from models.ddim import make_scheduler
 from models.scoring import projected_features
+from models.tiny import clip_text_config, small_clip_config
 from models.tokenizer import ASSETS, clip_tokenizer
 from phantoms.captions import training_caption
 from phantoms.classifier import FindingClassifier
@@ -132,21 +133,6 @@ def encode_all(vae: AutoencoderKL, images: np.ndarray) -> torch.Tensor:
     return torch.cat(chunks)
 
 
-def _text_config(hidden: int, layers: int) -> CLIPTextConfig:
-    return CLIPTextConfig(
-        vocab_size=49408,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        projection_dim=hidden,
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=49407,
-    )
-
-
 def _save_tokenizer(directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     for name in ("vocab.json", "merges.txt"):
@@ -167,7 +153,7 @@ def train_unet(latents: torch.Tensor, labels: np.ndarray, work: Path, out: Path,
         attention_head_dim=8,
         norm_num_groups=16,
     )
-    text_encoder = CLIPTextModel(_text_config(TEXT_HIDDEN, 2))
+    text_encoder = CLIPTextModel(clip_text_config(TEXT_HIDDEN))
     tokenizer = clip_tokenizer()
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=1e-2)
@@ -202,18 +188,7 @@ def train_unet(latents: torch.Tensor, labels: np.ndarray, work: Path, out: Path,
 def train_clip(images: np.ndarray, labels: np.ndarray, work: Path, out: Path, steps: int = 1500) -> None:
     torch.manual_seed(5)
     hidden = 32
-    vision = CLIPVisionConfig(
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=64,
-        patch_size=8,
-        projection_dim=hidden,
-    )
-    config = CLIPConfig(
-        text_config=_text_config(hidden, 2).to_dict(), vision_config=vision.to_dict(), projection_dim=hidden
-    )
+    config = small_clip_config(hidden, image_size=64)
     model = CLIPModel(config)
     tokenizer = clip_tokenizer()
     opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=1e-2)
