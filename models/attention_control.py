@@ -9,6 +9,7 @@ reweighted), and its self-attention is replaced by the source's for the candidat
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -157,10 +158,17 @@ class PromptToPromptControl:
         return self.local_blend.apply(x, maps, self.candidates)
 
 
-class ControlledAttnProcessor:
-    """Plain (materialised) attention whose probabilities pass through a controller."""
+AttentionHook = Callable[[torch.Tensor, bool, int], torch.Tensor]
 
-    def __init__(self, control: PromptToPromptControl) -> None:
+
+class ControlledAttnProcessor:
+    """Plain (materialised) attention whose probabilities pass through a controller.
+
+    ``control(probs, is_cross, batch)`` returns the probabilities to use: a
+    :class:`PromptToPromptControl` when editing, a recorder when training attention.
+    """
+
+    def __init__(self, control: AttentionHook) -> None:
         self.control = control
 
     def __call__(

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 from models.errors import InvalidInput
+
+OUTPUT_MODES = ("residual", "decoded")
 
 
 @dataclass(frozen=True)
@@ -17,7 +20,13 @@ class NullTextSettings:
 
 @dataclass(frozen=True)
 class EditParams:
-    """Editing parameters with PRISM's defaults (DESIGN.md section 2)."""
+    """Editing parameters with PRISM's defaults (DESIGN.md section 2).
+
+    ``output`` says how the counterfactual is formed: ``"residual"`` adds the edit's effect
+    (decoded edit minus decoded reconstruction) to the input at its own resolution, so pixels the
+    edit leaves alone keep the input's exact values and detail the VAE cannot reproduce;
+    ``"decoded"`` returns the decoded edit itself, as the paper does.
+    """
 
     steps: int = 50
     guidance_scale: float = 7.5
@@ -30,6 +39,7 @@ class EditParams:
     blend_threshold: float = 0.3
     seed: int = 0
     s_clip_threshold: float = 0.1
+    output: Literal["residual", "decoded"] = "residual"
     null_text: NullTextSettings = field(default_factory=NullTextSettings)
 
     def validate(self) -> None:
@@ -46,6 +56,7 @@ class EditParams:
             ),
             ("edit_word_weight", 0.0 <= self.edit_word_weight <= 10.0, "must be between 0 and 10"),
             ("blend_threshold", 0.0 < self.blend_threshold < 1.0, "must be between 0 and 1 (exclusive)"),
+            ("output", self.output in OUTPUT_MODES, f"must be one of {', '.join(OUTPUT_MODES)}"),
             ("null_text_inner_steps", 0 <= self.null_text.inner_steps <= 100, "must be between 0 and 100"),
         ]
         for name, ok, message in checks:

@@ -205,8 +205,12 @@ def _assemble(
     bundle: ModelBundle,
     timer: _Timer,
 ) -> Counterfactual:
-    counterfactual = quantize(from_model_output(images[1 + best, 0], geometry), image.bit_depth)
-    reconstruction = quantize(from_model_output(images[0, 0], geometry), image.bit_depth)
+    edited = from_model_output(images[1 + best, 0], geometry)
+    reconstructed = from_model_output(images[0, 0], geometry)
+    if params.output == "residual":
+        edited = image.pixels + (edited - reconstructed)
+    counterfactual = quantize(edited, image.bit_depth)
+    reconstruction = quantize(reconstructed, image.bit_depth)
     diff = difference(counterfactual, image.pixels)
     chosen = scores[best]
     passed = chosen.s_clip >= params.s_clip_threshold

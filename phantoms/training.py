@@ -22,13 +22,15 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPModel, CLIPTextModel
 
 import models.hf_offline  # noqa: F401  (before diffusers/transformers)
+from models.attention_control import ControlledAttnProcessor
 from models.ddim import make_scheduler
 from models.scoring import projected_features
 from models.tiny import clip_text_config, small_clip_config
 from models.tokenizer import ASSETS, clip_tokenizer
-from phantoms.captions import training_caption
+from models.words import prompt_words, word_token_indices
+from phantoms.captions import NAMES, training_caption
 from phantoms.classifier import FindingClassifier
-from phantoms.render import FINDINGS, Anatomy, Findings, render
+from phantoms.render import FINDINGS, Anatomy, Findings, region_mask, render
 
 log = logging.getLogger("prism.train")
 SIZE = 128
@@ -46,6 +48,17 @@ def build_dataset(n: int, size: int = SIZE) -> tuple[np.ndarray, np.ndarray]:
         images[i] = np.round(render(Anatomy.sample(i, size), findings) * 255)
         labels[i] = findings.as_vector()
     return images, labels
+
+
+def build_regions(n: int, size: int = SIZE, side: int = 16) -> np.ndarray:
+    """Area fraction (n, 3, side, side) of each finding's region for training seeds 0..n-1."""
+    regions = np.empty((n, len(FINDINGS), side, side), np.float16)
+    for i in range(n):
+        anatomy = Anatomy.sample(i, size)
+        for f, name in enumerate(FINDINGS):
+            mask = region_mask(anatomy, name).astype(np.float32)
+            regions[i, f] = mask.reshape(side, size // side, side, size // side).mean((1, 3))
+    return regions
 
 
 def _findings(row: np.ndarray) -> Findings:
@@ -185,6 +198,89 @@ def train_unet(latents: torch.Tensor, labels: np.ndarray, work: Path, out: Path,
     make_scheduler().save_pretrained(out / "scheduler")
 
 
+class _CrossAttentionRecorder:
+    """Keeps every cross-attention layer's head-averaged probabilities, with their gradients."""
+
+    def __init__(self) -> None:
+        self.maps: list[torch.Tensor] = []
+
+    def __call__(self, probs: torch.Tensor, is_cross: bool, batch: int) -> torch.Tensor:
+        if is_cross:
+            self.maps.append(probs.view(batch, -1, *probs.shape[1:]).mean(1))
+        return probs
+
+
+def _finding_tokens(tokenizer, caption: str) -> list[tuple[int, list[int]]]:
+    """(finding index, token positions) for each finding the caption names, with or without."""
+    words = set(prompt_words(caption))
+    named = []
+    for f, name in enumerate(FINDINGS):
+        finding_words = prompt_words(NAMES[name])
+        if all(w in words for w in finding_words):
+            named.append((f, word_token_indices(tokenizer, caption, finding_words, "caption")))
+    return named
+
+
+def attention_loss(maps: list[torch.Tensor], named: list[list[tuple[int, list[int]]]], regions: torch.Tensor):
+    """Mean -log(share of a finding word's attention that falls inside the finding's region).
+
+    ``regions`` (B, 3, s, s) holds area fractions; a map cell is inside when at least 10 % of
+    it is. This teaches the cross-attention maps where findings live, as a large model learns
+    from data, so that LocalBlend's masks select the finding's region.
+    """
+    terms = []
+    for m in maps:
+        side = int(round(m.shape[1] ** 0.5))
+        inside = (F.adaptive_avg_pool2d(regions, side).flatten(2) >= 0.1).to(m.dtype)
+        for b, pairs in enumerate(named):
+            for f, tokens in pairs:
+                a = m[b, :, tokens].sum(-1)
+                terms.append(-torch.log((a * inside[b, f]).sum() / a.sum() + 1e-6))
+    return torch.stack(terms).mean() if terms else maps[0].sum() * 0
+
+
+def train_attention(
+    latents: torch.Tensor, labels: np.ndarray, regions: np.ndarray, work: Path, out: Path, steps: int = 1200
+) -> None:
+    """Fine-tune the UNet and text encoder with ε-MSE plus ``0.05 * attention_loss``."""
+    torch.manual_seed(9)
+    unet = UNet2DConditionModel.from_pretrained(out / "unet")
+    text_encoder = CLIPTextModel.from_pretrained(out / "text_encoder")
+    recorder = _CrossAttentionRecorder()
+    default_processors = unet.attn_processors
+    unet.set_attn_processor(ControlledAttnProcessor(recorder))
+    tokenizer = clip_tokenizer()
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
+    stage = Stage("attention", work, {"unet": unet, "text_encoder": text_encoder}, opt, steps)
+    rng = np.random.default_rng(10)
+    alphas = make_scheduler().alphas_cumprod
+    region_t = torch.from_numpy(regions).float()
+
+    def step_fn(step: int) -> float:
+        idx = rng.integers(0, len(regions), 24)
+        z0 = latents[idx]
+        captions = ["" if rng.random() < 0.1 else training_caption(_findings(labels[i]), rng) for i in idx]
+        ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        t = torch.from_numpy(rng.integers(0, 1000, len(idx)))
+        noise = torch.randn_like(z0)
+        a = alphas[t].view(-1, 1, 1, 1)
+        recorder.maps.clear()
+        pred = unet(a.sqrt() * z0 + (1 - a).sqrt() * noise, t, encoder_hidden_states=text_encoder(ids)[0]).sample
+        named = [_finding_tokens(tokenizer, c) for c in captions]
+        loss = F.mse_loss(pred, noise) + 0.05 * attention_loss(recorder.maps, named, region_t[idx])
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        return loss.item()
+
+    stage.run(step_fn, lr=1e-4, every=100)
+    unet.set_attn_processor(default_processors)
+    unet.save_pretrained(out / "unet")
+    text_encoder.save_pretrained(out / "text_encoder")
+
+
 def train_clip(images: np.ndarray, labels: np.ndarray, work: Path, out: Path, steps: int = 1500) -> None:
     torch.manual_seed(5)
     hidden = 32
@@ -284,6 +380,13 @@ def train_builtin(work: Path, out: Path, n_images: int = len(TRAIN_SEEDS), scale
     latents = torch.load(latents_path, weights_only=True)
     if not (out / "unet" / "config.json").exists():
         timed("unet", lambda: train_unet(latents, labels, work, out, steps(3000)))
+    if not (work / "attention.done").exists():
+        regions_path = work / "regions.npy"
+        if not regions_path.exists():
+            np.save(regions_path, timed("regions", lambda: build_regions(min(6000, len(images)))))
+        regions = np.load(regions_path)
+        timed("attention", lambda: train_attention(latents, labels, regions, work, out, steps(1200)))
+        (work / "attention.done").touch()
     if not (out / "clip" / "config.json").exists():
         timed("clip", lambda: train_clip(images, labels, work, out, steps(1500)))
     if not (out / "classifier.safetensors").exists():

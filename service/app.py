@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Request, Response, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -18,6 +18,7 @@ from models.params import EditParams
 from models.tokenizer import clip_tokenizer
 from models.validation import validate_request
 from service.auth import ANONYMOUS, KeyRing, tenant_for
+from service.form_charset import Utf8FormRoute
 from service.jobs import IdempotencyConflict, JobStore, NotCancelable, QueueFull, links
 from service.middleware import BodySizeLimit
 from service.ratelimit import retry_after
@@ -72,6 +73,14 @@ Tenant = Annotated[str, Depends(get_tenant)]
 Store = Annotated[JobStore, Depends(get_store)]
 
 
+def require_utf8_form(request: Request, tenant: Tenant) -> None:
+    """422 naming each text field that was not UTF-8 (noted by :class:`Utf8FormRoute`)."""
+    bad = getattr(request.state, "non_utf8_fields", [])
+    if bad:
+        detail = [{"loc": ["body", name], "msg": "must be UTF-8 text", "type": "encoding"} for name in bad]
+        raise HTTPException(422, detail)
+
+
 def _split(text: str | None) -> tuple[str, ...] | None:
     if text is None or not text.strip():
         return None
@@ -84,6 +93,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.redis = Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
     app.state.keys = KeyRing(Path(settings.api_keys_file) if settings.api_keys_file else None)
     app.dependency_overrides[get_settings] = lambda: settings
+    app.router.route_class = Utf8FormRoute
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
     unavailable = {"model": MessageBody, "description": "Redis unreachable or queue full; retry after Retry-After"}
     unauthorized = {"model": MessageBody, "description": "missing or invalid X-API-Key"}
@@ -107,6 +117,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         status_code=202,
         response_model=JobAccepted,
         summary="Submit an image for a counterfactual edit",
+        dependencies=[Depends(require_utf8_form)],
         responses={
             401: unauthorized,
             409: {"model": MessageBody, "description": "Idempotency-Key reused with a different request"},
@@ -138,6 +149,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             str | None, Form(description="comma-separated; default: the words the edit prompt adds")
         ] = None,
         seed: Annotated[int, Form(ge=0, le=2**31 - 1)] = DEFAULTS.seed,
+        output: Annotated[
+            Literal["residual", "decoded"],
+            Form(
+                description="residual: the input plus the edit's effect (decoded edit - decoded reconstruction), "
+                "so unedited pixels keep their values; decoded: the decoded edit, as in the paper"
+            ),
+        ] = DEFAULTS.output,
         idempotency_key: Annotated[
             str | None,
             Header(max_length=200, description="repeat a POST with the same key to get the same job back"),
@@ -166,6 +184,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             blend_words=_split(blend_words),
             reweight_words=_split(reweight_words),
             seed=seed,
+            output=output,
         )
         try:
             validate_request(clip_tokenizer(), original_prompt, edit_prompt, params)

@@ -40,6 +40,7 @@ def _edit(args: argparse.Namespace) -> int:
         blend_words=tuple(args.blend_words) if args.blend_words else None,
         reweight_words=tuple(args.reweight_words) if args.reweight_words else None,
         seed=args.seed,
+        output=args.output,
     )
     try:
         image = decode_image(Path(args.image).read_bytes())
@@ -209,6 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--blend-words", nargs="+", help="default: the words that differ between the prompts")
     edit.add_argument("--reweight-words", nargs="+", help="default: the words the edit prompt adds")
     edit.add_argument("--seed", type=int, default=0)
+    edit.add_argument(
+        "--output",
+        choices=["residual", "decoded"],
+        default="residual",
+        help="residual: input + (decoded edit - decoded reconstruction); decoded: the decoded edit (paper)",
+    )
     edit.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     edit.add_argument("--cache", help="directory to cache inversions in (reused for the same image and prompt)")
     edit.set_defaults(func=_edit)

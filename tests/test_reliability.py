@@ -149,6 +149,7 @@ def test_rgba_and_16_bit_png_accepted(cluster):
         ({"original_prompt": "chest\x00x-ray"}, "original_prompt"),
         ({"edit_prompt": "chest x-ray\x1b[31m"}, "edit_prompt"),
         ({"edit_prompt": "\u200b"}, "edit_prompt"),
+        ({"edit_prompt": b"chest x-ray of a patient without caf\xe9 devices"}, "edit_prompt"),
         ({"cross_replace_steps": "1.5"}, "cross_replace_steps"),
         ({"cross_replace_steps": "nan"}, "cross_replace_steps"),
         ({"edit_word_weight": "-1"}, "edit_word_weight"),

@@ -1,0 +1,36 @@
+"""How the counterfactual is formed from the decoded edit: residual (default) and decoded."""
+
+import numpy as np
+
+from models.geometry import DecodedImage
+from models.inversion import InversionCache
+from models.params import EditParams, NullTextSettings
+from models.pipeline import generate_counterfactual
+from tests.conftest import xray_like
+
+SOURCE = "chest x-ray of a patient with support devices"
+EDIT = "chest x-ray of a patient without support devices"
+
+
+def test_residual_output_is_the_input_plus_the_edit_effect(bundle, tmp_path):
+    image = DecodedImage(xray_like(80, 60, seed=4), 8)
+    cache = InversionCache(tmp_path)
+    base = EditParams(steps=6, self_replace_steps=(0.5,), null_text=NullTextSettings(inner_steps=2))
+    decoded = generate_counterfactual(bundle, image, SOURCE, EDIT, EditParams(**{**vars(base), "output": "decoded"}))
+    residual = generate_counterfactual(bundle, image, SOURCE, EDIT, base, cache=cache)
+    assert residual.report["parameters"]["output"] == "residual"
+    np.testing.assert_array_equal(residual.reconstruction, decoded.reconstruction)
+    # decoded: the decoded edit, so it carries the VAE round-trip error everywhere
+    assert np.abs(decoded.counterfactual - image.pixels).mean() > 0.01
+    # residual: the input plus (decoded edit - reconstruction), to quantization and clipping
+    expected = np.clip(image.pixels + decoded.counterfactual - decoded.reconstruction, 0, 1)
+    assert np.abs(residual.counterfactual - expected).max() <= 2.5 / 255
+    assert np.allclose(residual.difference, residual.counterfactual - image.pixels, atol=1e-6)
+
+
+def test_identity_edit_returns_the_input_exactly_in_residual_mode(bundle):
+    image = DecodedImage(np.round(xray_like(64, 64, seed=5) * 255) / 255, 8)
+    params = EditParams(steps=4, self_replace_steps=(0.5,), null_text=NullTextSettings(inner_steps=1))
+    cf = generate_counterfactual(bundle, image, SOURCE, SOURCE, params)
+    np.testing.assert_array_equal(cf.counterfactual, image.pixels)
+    assert np.abs(cf.difference).max() == 0.0
