@@ -222,27 +222,28 @@ def _finding_tokens(tokenizer, caption: str) -> list[tuple[int, list[int]]]:
 
 
 def attention_loss(maps: list[torch.Tensor], named: list[list[tuple[int, list[int]]]], regions: torch.Tensor):
-    """Mean -log(share of a finding word's attention that falls inside the finding's region).
+    """Cross-entropy of each named finding's region under its words' attention over the map.
 
-    ``regions`` (B, 3, s, s) holds area fractions; a map cell is inside when at least 10 % of
-    it is. This teaches the cross-attention maps where findings live, as a large model learns
-    from data, so that LocalBlend's masks select the finding's region.
+    ``regions`` (B, 3, s, s) holds area fractions, pooled to each map's size and normalised to a
+    distribution. The loss is lowest when a finding's words attend evenly over its whole region and
+    nowhere else, as a large model learns from data; LocalBlend's masks then cover the finding.
     """
     terms = []
     for m in maps:
         side = int(round(m.shape[1] ** 0.5))
-        inside = (F.adaptive_avg_pool2d(regions, side).flatten(2) >= 0.1).to(m.dtype)
+        target = F.adaptive_avg_pool2d(regions, side).flatten(2).to(m.dtype)
+        target = target / target.sum(-1, keepdim=True).clamp_min(1e-6)
         for b, pairs in enumerate(named):
             for f, tokens in pairs:
                 a = m[b, :, tokens].sum(-1)
-                terms.append(-torch.log((a * inside[b, f]).sum() / a.sum() + 1e-6))
+                terms.append(-(target[b, f] * torch.log(a / a.sum() + 1e-8)).sum())
     return torch.stack(terms).mean() if terms else maps[0].sum() * 0
 
 
 def train_attention(
-    latents: torch.Tensor, labels: np.ndarray, regions: np.ndarray, work: Path, out: Path, steps: int = 1200
+    latents: torch.Tensor, labels: np.ndarray, regions: np.ndarray, work: Path, out: Path, steps: int = 1000
 ) -> None:
-    """Fine-tune the UNet and text encoder with ε-MSE plus ``0.05 * attention_loss``."""
+    """Fine-tune the UNet and text encoder with ε-MSE plus ``0.02 * attention_loss``."""
     torch.manual_seed(9)
     unet = UNet2DConditionModel.from_pretrained(out / "unet")
     text_encoder = CLIPTextModel.from_pretrained(out / "text_encoder")
@@ -268,7 +269,7 @@ def train_attention(
         recorder.maps.clear()
         pred = unet(a.sqrt() * z0 + (1 - a).sqrt() * noise, t, encoder_hidden_states=text_encoder(ids)[0]).sample
         named = [_finding_tokens(tokenizer, c) for c in captions]
-        loss = F.mse_loss(pred, noise) + 0.05 * attention_loss(recorder.maps, named, region_t[idx])
+        loss = F.mse_loss(pred, noise) + 0.02 * attention_loss(recorder.maps, named, region_t[idx])
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -385,7 +386,7 @@ def train_builtin(work: Path, out: Path, n_images: int = len(TRAIN_SEEDS), scale
         if not regions_path.exists():
             np.save(regions_path, timed("regions", lambda: build_regions(min(6000, len(images)))))
         regions = np.load(regions_path)
-        timed("attention", lambda: train_attention(latents, labels, regions, work, out, steps(1200)))
+        timed("attention", lambda: train_attention(latents, labels, regions, work, out, steps(1000)))
         (work / "attention.done").touch()
     if not (out / "clip" / "config.json").exists():
         timed("clip", lambda: train_clip(images, labels, work, out, steps(1500)))

@@ -42,12 +42,14 @@ def test_classifier_recognises_held_out_findings():
     assert ((probs > 0.5) == (np.stack(labels) > 0.5)).mean() > 0.9
 
 
-def test_benchmark_writes_its_reports(builtin, tmp_path):
+@pytest.mark.xfail(strict=True, reason="issue 5: the shipped model does not yet move device removal towards the truth")
+def test_device_removal_moves_towards_the_truth(builtin, tmp_path):
+    """The fast benchmark: a few held-out phantoms, few steps; L1 to the truth must shrink."""
     classifier = FindingClassifier.load(BUILTIN_DIR / "classifier.safetensors")
-    params = EditParams(steps=4, self_replace_steps=(0.5,), null_text=NullTextSettings(inner_steps=2))
-    report = run_benchmark(builtin, classifier, 1, tmp_path, params, tasks=("remove_devices",))
+    params = EditParams(steps=10, self_replace_steps=(0.4, 0.6, 0.8), null_text=NullTextSettings(inner_steps=5))
+    report = run_benchmark(builtin, classifier, 3, tmp_path, params, tasks=("remove_devices",))
     result = report["tasks"]["remove_devices"]
-    assert result["n"] == 1 and 0 < result["l1_ratio"] < 10 and result["flip_rate"] in (0.0, 1.0)
-    assert -1 <= result["s_clip"] <= 1 and result["identity_ratio"] > 0
+    assert result["n"] == 3 and result["l1_ratio"] < 1.0, result
+    assert result["outside_change"] < 0.02 and 0 <= result["flip_rate"] <= 1 and -1 <= result["s_clip"] <= 1
     assert json.loads((tmp_path / "results.json").read_text())["tasks"]["remove_devices"] == result
     assert (tmp_path / "grid.png").exists() and "remove_devices" in (tmp_path / "results.md").read_text()

@@ -43,9 +43,11 @@ def wait_running(url: str, job_id: str, headers: dict | None = None, timeout: fl
     raise TimeoutError(body)
 
 
-@pytest.fixture
-def cluster(tmp_path, tiny_model_dir):
-    with Cluster(tmp_path, tiny_model_dir, workers=1, PRISM_MAX_UPLOAD_BYTES="200000") as c:
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, tiny_model_dir):
+    """One cluster for the tests that do not break it (its logs then cover all of them)."""
+    settings = {"PRISM_MAX_UPLOAD_BYTES": "200000", "PRISM_RATE_LIMIT_PER_MINUTE": "100000"}
+    with Cluster(tmp_path_factory.mktemp("cluster"), tiny_model_dir, workers=1, **settings) as c:
         yield c
 
 
