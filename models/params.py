@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 from models.errors import InvalidInput
 
-OUTPUT_MODES = ("residual", "decoded")
+OutputMode = Literal["residual", "decoded"]
+OUTPUT_MODES: tuple[str, ...] = get_args(OutputMode)
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class EditParams:
     blend_threshold: float = 0.3
     seed: int = 0
     s_clip_threshold: float = 0.1
-    output: Literal["residual", "decoded"] = "residual"
+    output: OutputMode = "residual"
     null_text: NullTextSettings = field(default_factory=NullTextSettings)
 
     def validate(self) -> None:

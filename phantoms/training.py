@@ -152,6 +152,22 @@ def _save_tokenizer(directory: Path) -> None:
         shutil.copy(ASSETS / name, directory / name)
 
 
+def _noised_batch(
+    latents: torch.Tensor, labels: np.ndarray, idx: np.ndarray, rng: np.random.Generator, tokenizer, alphas
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+    """(noisy latents, timesteps, noise, caption token ids, captions) for training rows ``idx``.
+
+    10 % of captions are empty, for classifier-free guidance.
+    """
+    z0 = latents[idx]
+    captions = ["" if rng.random() < 0.1 else training_caption(_findings(labels[i]), rng) for i in idx]
+    ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    t = torch.from_numpy(rng.integers(0, 1000, len(idx)))
+    noise = torch.randn_like(z0)
+    a = alphas[t].view(-1, 1, 1, 1)
+    return a.sqrt() * z0 + (1 - a).sqrt() * noise, t, noise, ids, captions
+
+
 def train_unet(latents: torch.Tensor, labels: np.ndarray, work: Path, out: Path, steps: int = 3000) -> None:
     torch.manual_seed(3)
     unet = UNet2DConditionModel(
@@ -175,14 +191,7 @@ def train_unet(latents: torch.Tensor, labels: np.ndarray, work: Path, out: Path,
     alphas = make_scheduler().alphas_cumprod
 
     def step_fn(step: int) -> float:
-        idx = rng.integers(0, len(latents), 24)
-        z0 = latents[idx]
-        captions = ["" if rng.random() < 0.1 else training_caption(_findings(labels[i]), rng) for i in idx]
-        ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-        t = torch.from_numpy(rng.integers(0, 1000, len(idx)))
-        noise = torch.randn_like(z0)
-        a = alphas[t].view(-1, 1, 1, 1)
-        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        zt, t, noise, ids, _ = _noised_batch(latents, labels, rng.integers(0, len(latents), 24), rng, tokenizer, alphas)
         pred = unet(zt, t, encoder_hidden_states=text_encoder(ids)[0]).sample
         loss = F.mse_loss(pred, noise)
         opt.zero_grad()
@@ -260,14 +269,9 @@ def train_attention(
 
     def step_fn(step: int) -> float:
         idx = rng.integers(0, len(regions), 24)
-        z0 = latents[idx]
-        captions = ["" if rng.random() < 0.1 else training_caption(_findings(labels[i]), rng) for i in idx]
-        ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-        t = torch.from_numpy(rng.integers(0, 1000, len(idx)))
-        noise = torch.randn_like(z0)
-        a = alphas[t].view(-1, 1, 1, 1)
+        zt, t, noise, ids, captions = _noised_batch(latents, labels, idx, rng, tokenizer, alphas)
         recorder.maps.clear()
-        pred = unet(a.sqrt() * z0 + (1 - a).sqrt() * noise, t, encoder_hidden_states=text_encoder(ids)[0]).sample
+        pred = unet(zt, t, encoder_hidden_states=text_encoder(ids)[0]).sample
         named = [_finding_tokens(tokenizer, c) for c in captions]
         loss = F.mse_loss(pred, noise) + 0.02 * attention_loss(recorder.maps, named, region_t[idx])
         opt.zero_grad()

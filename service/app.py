@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Request, Response, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -14,7 +14,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from models.errors import InvalidInput
-from models.params import EditParams
+from models.params import EditParams, OutputMode
 from models.tokenizer import clip_tokenizer
 from models.validation import validate_request
 from service.auth import ANONYMOUS, KeyRing, tenant_for
@@ -150,7 +150,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ] = None,
         seed: Annotated[int, Form(ge=0, le=2**31 - 1)] = DEFAULTS.seed,
         output: Annotated[
-            Literal["residual", "decoded"],
+            OutputMode,
             Form(
                 description="residual: the input plus the edit's effect (decoded edit - decoded reconstruction), "
                 "so unedited pixels keep their values; decoded: the decoded edit, as in the paper"

@@ -10,6 +10,8 @@ import os
 import sys
 from pathlib import Path
 
+from models.params import OUTPUT_MODES, EditParams, NullTextSettings
+
 
 def _floats(text: str) -> tuple[float, ...]:
     try:
@@ -28,7 +30,6 @@ def _edit(args: argparse.Namespace) -> int:
     from models.geometry import decode_image
     from models.inversion import InversionCache
     from models.loading import load_bundle
-    from models.params import EditParams
     from models.pipeline import generate_counterfactual
 
     params = EditParams(
@@ -175,7 +176,6 @@ def _keys_add(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from models.builtin import builtin_model_dir
     from models.loading import load_bundle
-    from models.params import EditParams, NullTextSettings
     from phantoms.bench import run_benchmark
     from phantoms.classifier import FindingClassifier
 
@@ -212,8 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--seed", type=int, default=0)
     edit.add_argument(
         "--output",
-        choices=["residual", "decoded"],
-        default="residual",
+        choices=OUTPUT_MODES,
+        default=EditParams.output,
         help="residual: input + (decoded edit - decoded reconstruction); decoded: the decoded edit (paper)",
     )
     edit.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")

@@ -24,6 +24,7 @@ class _Part:
         self.header_name = b""
         self.header_value = b""
         self.disposition = b""
+        self.name = b""
         self.data = bytearray()
         self.is_file = False
 
@@ -56,7 +57,9 @@ def non_utf8_fields(body: bytes, content_type: str) -> list[str]:
         part.header_name = part.header_value = b""
 
     def on_headers_finished() -> None:
-        part.is_file = b"filename" in parse_options_header(part.disposition)[1]
+        options = parse_options_header(part.disposition)[1]
+        part.name = options.get(b"name", b"")
+        part.is_file = b"filename" in options
 
     def on_part_data(data: bytes, start: int, end: int) -> None:
         if not part.is_file:
@@ -68,8 +71,7 @@ def non_utf8_fields(body: bytes, content_type: str) -> list[str]:
         try:
             part.data.decode("utf-8")
         except UnicodeDecodeError:
-            name = parse_options_header(part.disposition)[1].get(b"name", b"")
-            bad.append(name.decode("utf-8", "replace"))
+            bad.append(part.name.decode("utf-8", "replace"))
 
     callbacks = {
         "on_part_begin": on_part_begin,

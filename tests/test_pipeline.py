@@ -1,5 +1,7 @@
 """How the counterfactual is formed from the decoded edit: residual (default) and decoded."""
 
+from dataclasses import replace
+
 import numpy as np
 
 from models.geometry import DecodedImage
@@ -16,7 +18,7 @@ def test_residual_output_is_the_input_plus_the_edit_effect(bundle, tmp_path):
     image = DecodedImage(xray_like(80, 60, seed=4), 8)
     cache = InversionCache(tmp_path)
     base = EditParams(steps=6, self_replace_steps=(0.5,), null_text=NullTextSettings(inner_steps=2))
-    decoded = generate_counterfactual(bundle, image, SOURCE, EDIT, EditParams(**{**vars(base), "output": "decoded"}))
+    decoded = generate_counterfactual(bundle, image, SOURCE, EDIT, replace(base, output="decoded"))
     residual = generate_counterfactual(bundle, image, SOURCE, EDIT, base, cache=cache)
     assert residual.report["parameters"]["output"] == "residual"
     np.testing.assert_array_equal(residual.reconstruction, decoded.reconstruction)
