@@ -6,6 +6,7 @@ COPY docker/requirements-api.txt /app/docker/requirements-api.txt
 RUN pip install --no-cache-dir -r docker/requirements-api.txt
 COPY pyproject.toml README.md /app/
 COPY models /app/models
+COPY phantoms /app/phantoms
 COPY service /app/service
 COPY worker /app/worker
 RUN pip install --no-cache-dir --no-deps . \

@@ -11,6 +11,7 @@ WORKDIR /app
 RUN pip install --no-cache-dir torch==2.13.0
 COPY pyproject.toml README.md /app/
 COPY models /app/models
+COPY phantoms /app/phantoms
 COPY service /app/service
 COPY worker /app/worker
 RUN pip install --no-cache-dir . && useradd --system --uid 10001 prism

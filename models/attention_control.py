@@ -50,17 +50,43 @@ class CandidateControl:
         return mapped
 
 
+@dataclass(frozen=True)
+class BlendMaps:
+    """Which cross-attention maps LocalBlend builds its mask from, and how far it grows it.
+
+    ``side`` is the side of the maps used; None takes a quarter of the latent's side, P2P's
+    16x16 maps for a 64x64 latent. ``dilation`` is the max-pooling radius in map cells (P2P: 1).
+    Both are properties of a model's attention: a model whose finer maps already localise a
+    finding asks for them (see ``load_bundle``), so that thin structures do not grow a mask over
+    most of the image.
+    """
+
+    side: int | None = None
+    dilation: int = 1
+
+    def queries(self, latent_hw: tuple[int, int]) -> int:
+        """Number of attention queries (pixels) of the maps to use."""
+        if self.side is not None:
+            return self.side * self.side
+        return max(16, (latent_hw[0] // 4) * (latent_hw[1] // 4))
+
+
+P2P_BLEND_MAPS = BlendMaps()
+
+
 class LocalBlend:
     """Keep the source latent outside the region the blend words attend to.
 
     For each candidate the mask is the union of the source's map for its blend words and the
-    candidate's map for its own, accumulated over steps, max-pooled, normalised, thresholded.
+    candidate's map for its own, accumulated over steps, max-pooled over ``maps.dilation`` cells,
+    normalised, thresholded. The maps are those nearest in size to ``maps.side``.
     Candidates without blend words are left unblended.
     """
 
-    def __init__(self, threshold: float = 0.3, start: float = 0.2) -> None:
+    def __init__(self, threshold: float = 0.3, start: float = 0.2, maps: BlendMaps = P2P_BLEND_MAPS) -> None:
         self.threshold = threshold
         self.start = start
+        self.maps = maps
 
     def masks(self, maps: torch.Tensor, token_sets: list[list[int]], latent_hw: tuple[int, int]) -> torch.Tensor:
         """Binary masks (N, 1, h, w) from accumulated maps (N, r, r, 77)."""
@@ -68,7 +94,8 @@ class LocalBlend:
         for b, tokens in enumerate(token_sets):
             weights[b, tokens] = 1.0
         m = (maps * weights[:, None, None, :]).sum(-1)[:, None]
-        m = F.max_pool2d(m, 3, stride=1, padding=1)
+        d = self.maps.dilation
+        m = F.max_pool2d(m, 2 * d + 1, stride=1, padding=d)
         m = F.interpolate(m, size=latent_hw)
         m = m / m.amax(dim=(2, 3), keepdim=True).clamp_min(1e-12)
         return m > self.threshold
@@ -108,7 +135,7 @@ class PromptToPromptControl:
         self.latent_hw = latent_hw
         self.local_blend = local_blend
         self.self_replace_max_pixels = (latent_hw[0] // 2) * (latent_hw[1] // 2)
-        self.blend_pixels = max(16, (latent_hw[0] // 4) * (latent_hw[1] // 4))
+        self.blend_pixels = local_blend.maps.queries(latent_hw) if local_blend else 0
         self.step = 0
         self._maps: dict[int, torch.Tensor] = {}
 

@@ -11,7 +11,14 @@ from dataclasses import dataclass
 
 import torch
 
-from models.attention_control import CandidateControl, ControlledAttnProcessor, LocalBlend, PromptToPromptControl
+from models.attention_control import (
+    P2P_BLEND_MAPS,
+    BlendMaps,
+    CandidateControl,
+    ControlledAttnProcessor,
+    LocalBlend,
+    PromptToPromptControl,
+)
 from models.ddim import DDIMSampler
 from models.errors import InvalidInput
 from models.inversion import ProgressCallback
@@ -92,9 +99,10 @@ def build_control(
     latent_hw: tuple[int, int],
     blend_threshold: float = 0.3,
     blend_start: float = 0.2,
+    blend_maps: BlendMaps = P2P_BLEND_MAPS,
 ) -> PromptToPromptControl:
     candidates = [candidate_control(tokenizer, source_prompt, spec) for spec in specs]
-    blend = LocalBlend(blend_threshold, blend_start) if any(c.blends for c in candidates) else None
+    blend = LocalBlend(blend_threshold, blend_start, blend_maps) if any(c.blends for c in candidates) else None
     return PromptToPromptControl(candidates, num_steps, latent_hw, blend)
 
 

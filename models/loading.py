@@ -5,7 +5,9 @@ Accepted layouts:
   * the same base directory plus a UNet state-dict ``.safetensors`` file (how PRISM publishes
     its fine-tuned UNet), loaded over the base UNet;
   * a CLIP directory (transformers CLIPModel + tokenizer + preprocessor config) for scoring,
-    by default ``<model_dir>/clip``.
+    by default ``<model_dir>/clip``;
+  * optionally ``local_blend.json`` in the model directory, ``{"side": 16, "dilation": 0}``: the
+    cross-attention maps LocalBlend should use for this model (``BlendMaps``; P2P's otherwise).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from safetensors.torch import load_file
 from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
 import models.hf_offline  # noqa: F401  (before diffusers/transformers)
+from models.attention_control import P2P_BLEND_MAPS, BlendMaps
 from models.ddim import make_scheduler
 from models.errors import ModelLoadError
 
@@ -56,6 +59,7 @@ class ModelBundle:
     dtype: torch.dtype
     identity: str
     resolution: int
+    blend_maps: BlendMaps = P2P_BLEND_MAPS
 
     @property
     def latent_scale(self) -> float:
@@ -87,6 +91,28 @@ def _require_tokenizer(directory: Path) -> None:
         _require(directory / name, "tokenizer file (or tokenizer.json)")
 
 
+def _is_count(value: object, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _read_blend_maps(path: Path) -> BlendMaps:
+    """The model's ``local_blend.json``, checked; P2P's choice when there is none."""
+    if not path.exists():
+        return P2P_BLEND_MAPS
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"could not read {path}: {exc}") from exc
+    if not isinstance(raw, dict) or set(raw) - {"side", "dilation"}:
+        raise ModelLoadError(f"{path} must be an object with only 'side' and 'dilation'")
+    side, dilation = raw.get("side"), raw.get("dilation", 1)
+    if side is not None and not _is_count(side, 1):
+        raise ModelLoadError(f"{path}: 'side' must be a positive integer or null")
+    if not _is_count(dilation, 0):
+        raise ModelLoadError(f"{path}: 'dilation' must be a non-negative integer")
+    return BlendMaps(side, dilation)
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -116,6 +142,7 @@ def load_bundle(
         _require(clip_path / name, "CLIP file")
     _require_tokenizer(model_dir / "tokenizer")
     _require_tokenizer(clip_path)
+    blend_maps = _read_blend_maps(model_dir / "local_blend.json")
 
     device_t = torch.device(device or default_device())
     if device_t.type == "cuda" and not torch.cuda.is_available():
@@ -145,6 +172,8 @@ def load_bundle(
     for sub in ("unet", "vae", "text_encoder"):
         for f in sorted((model_dir / sub).glob("*")):
             _fingerprint(h, f)
+    if (model_dir / "local_blend.json").exists():
+        _fingerprint(h, model_dir / "local_blend.json")
     if unet_weights is not None:
         _fingerprint(h, Path(unet_weights))
     for f in sorted(clip_path.glob("*")):
@@ -180,6 +209,7 @@ def load_bundle(
         dtype=dtype,
         identity=h.hexdigest()[:16],
         resolution=int(unet.config.sample_size) * vae_scale,
+        blend_maps=blend_maps,
     )
 
 

@@ -24,8 +24,9 @@ class EditParams:
     """Editing parameters with PRISM's defaults (DESIGN.md section 2).
 
     ``output`` says how the counterfactual is formed: ``"residual"`` adds the edit's effect
-    (decoded edit minus decoded reconstruction) to the input at its own resolution, so pixels the
-    edit leaves alone keep the input's exact values and detail the VAE cannot reproduce;
+    (decoded edit minus decoded reconstruction) to the input at its own resolution, where the edit
+    changed the latent, so pixels the edit leaves alone keep the input's exact values and detail
+    the VAE cannot reproduce;
     ``"decoded"`` returns the decoded edit itself, as the paper does.
     """
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from models.ddim import PRISM_SCHEDULER_CONFIG, DDIMSampler
 from models.difference import difference, render_difference
@@ -163,7 +164,15 @@ def generate_counterfactual(
     specs = edit_specs(params, edit_prompt)
     sampler = DDIMSampler(bundle.scheduler, params.steps)
     latent_hw = tuple(inversion.x_T.shape[2:])
-    control = build_control(bundle.tokenizer, original_prompt, specs, params.steps, latent_hw, params.blend_threshold)
+    control = build_control(
+        bundle.tokenizer,
+        original_prompt,
+        specs,
+        params.steps,
+        latent_hw,
+        params.blend_threshold,
+        blend_maps=bundle.blend_maps,
+    )
     cond = embed_prompts(bundle, [original_prompt] + [s.edit_prompt for s in specs])
     latents = timer.measure(
         "editing",
@@ -179,6 +188,7 @@ def generate_counterfactual(
         ),
     )
     images = timer.measure("decode", lambda: decode_latents(bundle, latents).cpu())
+    regions = edited_regions(latents, bundle.resolution).cpu()
     if callback:
         callback("scoring", 0, 1)
     scorer = ClipScorer(bundle.clip, bundle.device)
@@ -189,13 +199,25 @@ def generate_counterfactual(
     best = max(range(len(scores)), key=lambda k: scores[k].s_clip)
     if callback:
         callback("scoring", 1, 1)
-    return _assemble(image, geometry, images, best, scores, specs, params, inversion, cached, bundle, timer)
+    return _assemble(image, geometry, images, regions, best, scores, specs, params, inversion, cached, bundle, timer)
+
+
+def edited_regions(latents: torch.Tensor, size: int) -> torch.Tensor:
+    """(K, size, size) in {0, 1}: where each candidate's final latent differs from the source's.
+
+    LocalBlend keeps a candidate's latent bit-equal to the source's outside its mask, yet the
+    VAE decoder's group normalisation spreads any local latent change over the whole decoded
+    image. The residual output therefore adds the edit's effect only where the latent changed.
+    """
+    changed = (latents[1:] != latents[:1]).any(1, keepdim=True).float()
+    return F.interpolate(changed, size=(size, size), mode="nearest")[:, 0]
 
 
 def _assemble(
     image: DecodedImage,
     geometry: Geometry,
     images: torch.Tensor,
+    regions: torch.Tensor,
     best: int,
     scores: list[EditScores],
     specs: list[EditSpec],
@@ -207,8 +229,9 @@ def _assemble(
 ) -> Counterfactual:
     edited = from_model_output(images[1 + best, 0], geometry)
     reconstructed = from_model_output(images[0, 0], geometry)
+    region = from_model_output(regions[best], geometry)
     if params.output == "residual":
-        edited = image.pixels + (edited - reconstructed)
+        edited = image.pixels + region * (edited - reconstructed)
     counterfactual = quantize(edited, image.bit_depth)
     reconstruction = quantize(reconstructed, image.bit_depth)
     diff = difference(counterfactual, image.pixels)
@@ -236,6 +259,7 @@ def _assemble(
         "geometry": geometry.to_dict(),
         "bit_depth": image.bit_depth,
         "inversion": {"key": inversion.key, "cached": cached, "final_losses": inversion.losses[-3:]},
+        "edited_fraction": float(region.mean()),
         "difference": {
             "definition": "counterfactual - input, intensities in [0, 1]",
             "min": float(diff.min()),

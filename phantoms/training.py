@@ -1,7 +1,7 @@
 """Train the built-in model on phantoms: VAE, text-conditioned UNet, CLIP scorer, classifier.
 
 Seeded and resumable: each stage checkpoints to ``work`` and is skipped once its outputs exist,
-so ``prism train-builtin`` can be interrupted and run again. Runs on CPU in about 1.5 hours
+so ``prism train-builtin`` can be interrupted and run again. Runs on CPU in about 2.5 hours
 (2 cores); the outputs have the diffusers/transformers layout that ``load_bundle`` reads.
 """
 
@@ -384,16 +384,16 @@ def train_builtin(work: Path, out: Path, n_images: int = len(TRAIN_SEEDS), scale
         torch.save(timed("latents", lambda: encode_all(vae.eval(), images)), latents_path)
     latents = torch.load(latents_path, weights_only=True)
     if not (out / "unet" / "config.json").exists():
-        timed("unet", lambda: train_unet(latents, labels, work, out, steps(3000)))
+        timed("unet", lambda: train_unet(latents, labels, work, out, steps(1800)))
     if not (work / "attention.done").exists():
         regions_path = work / "regions.npy"
         if not regions_path.exists():
             np.save(regions_path, timed("regions", lambda: build_regions(min(6000, len(images)))))
         regions = np.load(regions_path)
-        timed("attention", lambda: train_attention(latents, labels, regions, work, out, steps(1000)))
+        timed("attention", lambda: train_attention(latents, labels, regions, work, out, steps(2500)))
         (work / "attention.done").touch()
     if not (out / "clip" / "config.json").exists():
-        timed("clip", lambda: train_clip(images, labels, work, out, steps(1500)))
+        timed("clip", lambda: train_clip(images, labels, work, out, steps(900)))
     if not (out / "classifier.safetensors").exists():
-        timed("classifier", lambda: train_classifier(images, labels, work, out, steps(1000)))
+        timed("classifier", lambda: train_classifier(images, labels, work, out, steps(600)))
     (out / "training_times.json").write_text(json.dumps(times, indent=2))

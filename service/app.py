@@ -152,8 +152,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         output: Annotated[
             OutputMode,
             Form(
-                description="residual: the input plus the edit's effect (decoded edit - decoded reconstruction), "
-                "so unedited pixels keep their values; decoded: the decoded edit, as in the paper"
+                description="residual: the input plus the edit's effect (decoded edit - decoded reconstruction) "
+                "where the edit changed the latent, so unedited pixels keep their values; decoded: the decoded "
+                "edit, as in the paper"
             ),
         ] = DEFAULTS.output,
         idempotency_key: Annotated[

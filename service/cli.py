@@ -214,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--output",
         choices=OUTPUT_MODES,
         default=EditParams.output,
-        help="residual: input + (decoded edit - decoded reconstruction); decoded: the decoded edit (paper)",
+        help="residual: input + (decoded edit - decoded reconstruction) where the latent was edited; "
+        "decoded: the decoded edit (paper)",
     )
     edit.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     edit.add_argument("--cache", help="directory to cache inversions in (reused for the same image and prompt)")

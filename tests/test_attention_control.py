@@ -3,6 +3,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor
 
 from models.attention_control import (
+    BlendMaps,
     CandidateControl,
     ControlledAttnProcessor,
     LocalBlend,
@@ -55,7 +56,32 @@ def test_local_blend_keeps_source_outside_mask():
     assert torch.equal(out[0], x[0])
 
 
-def test_candidate_without_blend_words_is_not_blended():
+def test_dilation_grows_the_mask_by_whole_map_cells():
+    cand = CandidateControl(0.8, 0.5, blend_source_tokens=[3], blend_tokens=[])
+    maps = torch.zeros(2, 8, 8, 77)
+    maps[0, 3, 3, 3] = 1.0
+    sizes = {d: LocalBlend(maps=BlendMaps(dilation=d)).mask(maps, [cand], (16, 16)).sum().item() for d in (0, 1, 2)}
+    assert sizes == {0: 4, 1: 36, 2: 100}
+
+
+def test_blend_maps_pick_the_side_a_model_asks_for():
+    assert BlendMaps().queries((64, 64)) == 256
+    assert BlendMaps().queries((32, 32)) == 64
+    assert BlendMaps(side=16).queries((32, 32)) == 256
+    blend = LocalBlend(start=0.0, maps=BlendMaps(side=16, dilation=0))
+    cand = CandidateControl(0.0, 0.0, blend_source_tokens=[3], blend_tokens=[])
+    control = PromptToPromptControl([cand], num_steps=4, latent_hw=(32, 32), local_blend=blend)
+    coarse = torch.zeros(4, 2, 64, 77)  # (uncond, uncond, source, candidate) x 2 heads
+    coarse[..., 3] = 1.0
+    fine = torch.zeros(4, 2, 256, 77)
+    fine[:, :, 0, 3] = 1.0  # the source's word attends to the top-left cell only
+    for probs in (coarse, fine):
+        control(probs.view(8, *probs.shape[2:]), True, 4)
+    x = torch.randn(2, 4, 32, 32)
+    out = control.after_step(x)
+    changed = out[1] != x[0]
+    assert changed[:, :2, :2].all() and changed.sum() == 4 * 4
+
     blend = LocalBlend()
     cand = CandidateControl(0.8, 0.5, blend_source_tokens=[], blend_tokens=[])
     x = torch.randn(2, 4, 8, 8)

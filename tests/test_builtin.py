@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from models.builtin import BUILTIN_DIR, builtin_model_dir
@@ -24,7 +25,6 @@ def test_shipped_weights_are_small_and_load_offline(builtin):
 
 
 def test_classifier_recognises_held_out_findings():
-    import numpy as np
     import torch
 
     from phantoms.bench import bench_case
@@ -42,7 +42,27 @@ def test_classifier_recognises_held_out_findings():
     assert ((probs > 0.5) == (np.stack(labels) > 0.5)).mean() > 0.9
 
 
-@pytest.mark.xfail(strict=True, reason="issue 5: the shipped model does not yet move device removal towards the truth")
+def test_residual_counterfactual_keeps_the_input_where_the_latent_was_not_edited(builtin):
+    from models.geometry import DecodedImage
+    from models.pipeline import generate_counterfactual
+    from phantoms.bench import bench_case
+    from phantoms.captions import explicit_caption
+    from phantoms.render import render
+
+    anatomy, source, target, _ = bench_case("remove_devices", 0, builtin.resolution)
+    pixels = np.round(render(anatomy, source) * 255) / 255
+    params = EditParams(
+        steps=6, self_replace_steps=(0.6,), blend_words=("support devices",), null_text=NullTextSettings(inner_steps=2)
+    )
+    cf = generate_counterfactual(
+        builtin, DecodedImage(pixels.astype(np.float32), 8), explicit_caption(source), explicit_caption(target), params
+    )
+    untouched = cf.difference == 0
+    assert 0.05 < cf.report["edited_fraction"] < 0.6
+    assert untouched.mean() >= 1 - cf.report["edited_fraction"]
+    assert np.abs(cf.difference).max() > 0.1
+
+
 def test_device_removal_moves_towards_the_truth(builtin, tmp_path):
     """The fast benchmark: a few held-out phantoms, few steps; L1 to the truth must shrink."""
     classifier = FindingClassifier.load(BUILTIN_DIR / "classifier.safetensors")

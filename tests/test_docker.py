@@ -47,3 +47,13 @@ def test_worker_image_does_not_bake_weights():
     assert 'VOLUME ["/models"' in dockerfile
     assert ".safetensors" not in dockerfile.split("ENV PRISM_DEVICE")[0]
     assert 'prism", "worker' in dockerfile
+
+
+def test_images_copy_every_package_they_install():
+    import tomllib
+
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    for name in ("api", "worker"):
+        dockerfile = (ROOT / "docker" / f"{name}.Dockerfile").read_text()
+        missing = [p for p in packages if f"COPY {p} /app/{p}" not in dockerfile]
+        assert not missing, f"{name}.Dockerfile does not copy {missing}"

@@ -4,6 +4,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from models.attention_control import BlendMaps
 from models.errors import ModelLoadError
 from models.loading import load_bundle
 
@@ -61,3 +62,29 @@ def test_cuda_request_without_cuda_is_a_clear_error(tiny_model_dir):
         pytest.skip("a GPU is present")
     with pytest.raises(ModelLoadError, match="CUDA is not available"):
         load_bundle(tiny_model_dir, device="cuda")
+
+
+def test_model_can_ask_for_its_blend_maps(tiny_model_dir, tmp_path):
+    copy = shutil.copytree(tiny_model_dir, tmp_path / "m")
+    default = load_bundle(copy)
+    assert default.blend_maps == BlendMaps(None, 1)
+    (copy / "local_blend.json").write_text('{"side": 16, "dilation": 0}')
+    asked = load_bundle(copy)
+    assert asked.blend_maps == BlendMaps(16, 0) and asked.identity != default.identity
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("{", "could not read"),
+        ('{"side": 16, "radius": 1}', "only 'side' and 'dilation'"),
+        ('{"side": 0}', "'side' must be"),
+        ('{"dilation": true}', "'dilation' must be"),
+    ],
+)
+def test_bad_blend_maps_file_is_a_clear_error(tiny_model_dir, tmp_path, text, message):
+    copy = shutil.copytree(tiny_model_dir, tmp_path / "m")
+    (copy / "local_blend.json").write_text(text)
+    with pytest.raises(ModelLoadError, match=message) as err:
+        load_bundle(copy)
+    assert "local_blend.json" in str(err.value)
