@@ -142,7 +142,8 @@ def load_bundle(
         _require(clip_path / name, "CLIP file")
     _require_tokenizer(model_dir / "tokenizer")
     _require_tokenizer(clip_path)
-    blend_maps = _read_blend_maps(model_dir / "local_blend.json")
+    blend_file = model_dir / "local_blend.json"
+    blend_maps = _read_blend_maps(blend_file)
 
     device_t = torch.device(device or default_device())
     if device_t.type == "cuda" and not torch.cuda.is_available():
@@ -172,8 +173,8 @@ def load_bundle(
     for sub in ("unet", "vae", "text_encoder"):
         for f in sorted((model_dir / sub).glob("*")):
             _fingerprint(h, f)
-    if (model_dir / "local_blend.json").exists():
-        _fingerprint(h, model_dir / "local_blend.json")
+    if blend_file.exists():
+        _fingerprint(h, blend_file)
     if unet_weights is not None:
         _fingerprint(h, Path(unet_weights))
     for f in sorted(clip_path.glob("*")):

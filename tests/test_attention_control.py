@@ -82,6 +82,8 @@ def test_blend_maps_pick_the_side_a_model_asks_for():
     changed = out[1] != x[0]
     assert changed[:, :2, :2].all() and changed.sum() == 4 * 4
 
+
+def test_candidate_without_blend_words_is_not_blended():
     blend = LocalBlend()
     cand = CandidateControl(0.8, 0.5, blend_source_tokens=[], blend_tokens=[])
     x = torch.randn(2, 4, 8, 8)
