@@ -83,7 +83,7 @@ class LocalBlend:
     Candidates without blend words are left unblended.
     """
 
-    def __init__(self, threshold: float = 0.3, start: float = 0.2, maps: BlendMaps = P2P_BLEND_MAPS) -> None:
+    def __init__(self, threshold: float, start: float, maps: BlendMaps = P2P_BLEND_MAPS) -> None:
         self.threshold = threshold
         self.start = start
         self.maps = maps

@@ -19,12 +19,14 @@ from models.attention_control import (
     LocalBlend,
     PromptToPromptControl,
 )
+from models.constants import TOKEN_WINDOW
 from models.ddim import DDIMSampler
-from models.errors import InvalidInput
 from models.inversion import ProgressCallback
 from models.params import EditParams
 from models.token_maps import refinement_mapper, replacement_mapper
-from models.words import differing_words, prompt_words, word_token_indices
+from models.words import edit_words, word_token_indices
+
+DEFAULTS = EditParams()
 
 
 @dataclass(frozen=True)
@@ -33,11 +35,11 @@ class EditSpec:
 
     edit_prompt: str
     self_replace_steps: float
-    cross_replace_steps: float = 0.8
-    edit_word_weight: float = 2.0
+    cross_replace_steps: float = DEFAULTS.cross_replace_steps
+    edit_word_weight: float = DEFAULTS.edit_word_weight
     reweight_words: tuple[str, ...] | None = None
     blend_words: tuple[str, ...] | None = None
-    local_blend: bool = True
+    local_blend: bool = DEFAULTS.local_blend
 
 
 def edit_specs(params: EditParams, edit_prompt: str) -> list[EditSpec]:
@@ -56,14 +58,9 @@ def edit_specs(params: EditParams, edit_prompt: str) -> list[EditSpec]:
     ]
 
 
-def _words_in(prompt: str, words: Sequence[str]) -> list[str]:
-    present = set(prompt_words(prompt))
-    return [w for entry in words for w in prompt_words(entry) if w in present]
-
-
 def candidate_control(tokenizer, source_prompt: str, spec: EditSpec) -> CandidateControl:
     """Token mappings and weights of one candidate; raises :class:`InvalidInput` for bad words."""
-    removed, added = differing_words(source_prompt, spec.edit_prompt)
+    words = edit_words(source_prompt, spec.edit_prompt, spec.reweight_words, spec.blend_words)
     same_length = len(source_prompt.split()) == len(spec.edit_prompt.split())
     control = CandidateControl(cross_replace_steps=spec.cross_replace_steps, self_replace_steps=spec.self_replace_steps)
     if same_length:
@@ -71,23 +68,15 @@ def candidate_control(tokenizer, source_prompt: str, spec: EditSpec) -> Candidat
     else:
         control.refine_index, control.refine_alpha = refinement_mapper(tokenizer, source_prompt, spec.edit_prompt)
 
-    reweight = list(spec.reweight_words) if spec.reweight_words is not None else added
-    if reweight and spec.edit_word_weight != 1.0:
-        equalizer = torch.ones(77)
-        equalizer[word_token_indices(tokenizer, spec.edit_prompt, reweight, "reweight_words")] = spec.edit_word_weight
+    if words.reweight and spec.edit_word_weight != 1.0:
+        equalizer = torch.ones(TOKEN_WINDOW)
+        indices = word_token_indices(tokenizer, spec.edit_prompt, words.reweight, "reweight_words")
+        equalizer[indices] = spec.edit_word_weight
         control.equalizer = equalizer
 
     if spec.local_blend:
-        if spec.blend_words is not None:
-            for word in (w for entry in spec.blend_words for w in prompt_words(entry)):
-                if not _words_in(source_prompt, [word]) and not _words_in(spec.edit_prompt, [word]):
-                    raise InvalidInput("blend_words", f"word {word!r} occurs in neither prompt")
-            source_words = _words_in(source_prompt, spec.blend_words)
-            edit_words = _words_in(spec.edit_prompt, spec.blend_words)
-        else:
-            source_words, edit_words = removed, added
-        control.blend_source_tokens = word_token_indices(tokenizer, source_prompt, source_words, "blend_words")
-        control.blend_tokens = word_token_indices(tokenizer, spec.edit_prompt, edit_words, "blend_words")
+        control.blend_source_tokens = word_token_indices(tokenizer, source_prompt, words.blend_source, "blend_words")
+        control.blend_tokens = word_token_indices(tokenizer, spec.edit_prompt, words.blend_edit, "blend_words")
     return control
 
 
@@ -97,12 +86,13 @@ def build_control(
     specs: Sequence[EditSpec],
     num_steps: int,
     latent_hw: tuple[int, int],
-    blend_threshold: float = 0.3,
-    blend_start: float = 0.2,
+    blend_threshold: float,
+    blend_start: float = DEFAULTS.blend_start,
     blend_maps: BlendMaps = P2P_BLEND_MAPS,
 ) -> PromptToPromptControl:
     candidates = [candidate_control(tokenizer, source_prompt, spec) for spec in specs]
-    blend = LocalBlend(blend_threshold, blend_start, blend_maps) if any(c.blends for c in candidates) else None
+    blends = any(c.blends for c in candidates)
+    blend = LocalBlend(blend_threshold, blend_start, blend_maps) if blends else None
     return PromptToPromptControl(candidates, num_steps, latent_hw, blend)
 
 

@@ -8,7 +8,7 @@ the inverse resize and crop, so every output has the input's exact size.
 from __future__ import annotations
 
 import io
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from models.errors import ImageError
+from models.report import Geometry
 
 
 @dataclass(frozen=True)
@@ -24,19 +25,6 @@ class DecodedImage:
 
     pixels: np.ndarray
     bit_depth: int
-
-
-@dataclass(frozen=True)
-class Geometry:
-    height: int
-    width: int
-    side: int
-    top: int
-    left: int
-    model_size: int
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "method": "pad-to-square (black), resize (bicubic, antialiased)"}
 
 
 def decode_image(data: bytes) -> DecodedImage:
@@ -83,7 +71,7 @@ def to_model_input(pixels: np.ndarray, model_size: int) -> tuple[torch.Tensor, G
     t = torch.from_numpy(square)[None, None]
     if side != model_size:
         t = F.interpolate(t, size=(model_size, model_size), mode="bicubic", antialias=True, align_corners=False)
-    return t.clamp(0, 1), Geometry(h, w, side, top, left, model_size)
+    return t.clamp(0, 1), Geometry(height=h, width=w, side=side, top=top, left=left, model_size=model_size)
 
 
 def from_model_output(image: torch.Tensor, geometry: Geometry) -> np.ndarray:

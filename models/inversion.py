@@ -77,7 +77,7 @@ def inversion_key(
         "scheduler": {k: scheduler_config[k] for k in sorted(scheduler_config)},
         "steps": steps,
         "guidance_scale": guidance_scale,
-        "null_text": null_text.__dict__,
+        "null_text": null_text.model_dump(),
     }
     h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     return h.hexdigest()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,8 @@ from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
 import models.hf_offline  # noqa: F401  (before diffusers/transformers)
 from models.attention_control import P2P_BLEND_MAPS, BlendMaps
+from models.builtin import builtin_model_dir
+from models.constants import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD, SD15_LATENT_SCALE
 from models.ddim import make_scheduler
 from models.errors import ModelLoadError
 
@@ -34,6 +37,7 @@ REQUIRED_FILES = {
     "text_encoder": ["config.json", "model.safetensors"],
 }
 CLIP_FILES = ["config.json", "model.safetensors", "preprocessor_config.json"]
+log = logging.getLogger("prism.models")
 
 
 @dataclass
@@ -63,7 +67,7 @@ class ModelBundle:
 
     @property
     def latent_scale(self) -> float:
-        return float(getattr(self.vae.config, "scaling_factor", 0.18215))
+        return float(getattr(self.vae.config, "scaling_factor", SD15_LATENT_SCALE))
 
 
 def _require(path: Path, what: str) -> Path:
@@ -113,22 +117,37 @@ def _read_blend_maps(path: Path) -> BlendMaps:
     return BlendMaps(side, dilation)
 
 
+def write_clip_preprocessor(directory: Path, image_size: int) -> None:
+    """The ``preprocessor_config.json`` a CLIP directory needs: input size and CLIP's normalisation."""
+    config = {
+        "image_processor_type": "CLIPImageProcessor",
+        "size": {"shortest_edge": image_size},
+        "crop_size": {"height": image_size, "width": image_size},
+        "image_mean": list(CLIP_IMAGE_MEAN),
+        "image_std": list(CLIP_IMAGE_STD),
+    }
+    (directory / "preprocessor_config.json").write_text(json.dumps(config, indent=2))
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def load_bundle(
-    model_dir: str | Path,
+    model_dir: str | Path | None,
     unet_weights: str | Path | None = None,
     clip_dir: str | Path | None = None,
     device: str | None = None,
     dtype: torch.dtype | None = None,
 ) -> ModelBundle:
-    """Load the diffusion model and CLIP scorer.
+    """Load the diffusion model and CLIP scorer; ``model_dir`` None means the built-in phantom model.
 
     ``dtype`` applies to the UNet only (fp16 on CUDA, fp32 on CPU by default): it carries nearly
     all of the compute, while the VAE, text encoder and CLIP run a few times per job in fp32.
     """
+    if model_dir is None:
+        log.warning("no model directory configured: using the built-in phantom model (synthetic data only)")
+        model_dir = builtin_model_dir()
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ModelLoadError(f"model directory not found: {model_dir}")
@@ -195,8 +214,8 @@ def load_bundle(
         model=clip_model,
         tokenizer=clip_tokenizer,
         image_size=image_size,
-        mean=tuple(preprocess.get("image_mean", (0.48145466, 0.4578275, 0.40821073))),
-        std=tuple(preprocess.get("image_std", (0.26862954, 0.26130258, 0.27577711))),
+        mean=tuple(preprocess.get("image_mean", CLIP_IMAGE_MEAN)),
+        std=tuple(preprocess.get("image_std", CLIP_IMAGE_STD)),
     )
     vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
     return ModelBundle(

@@ -1,69 +1,119 @@
-"""Editing parameters with PRISM's defaults (DESIGN.md section 2). Torch-free."""
+"""Editing parameters with PRISM's defaults and bounds, declared once (DESIGN.md section 2). Torch-free.
+
+:class:`EditOptions` holds what a client may choose. The API form, the job request and the flags of
+``prism edit`` are all built from its fields (name, type, default, bounds, description), so the
+three cannot drift apart. :class:`EditParams` adds the engine settings that PRISM fixes.
+Construction validates; a bad value raises pydantic's ``ValidationError`` naming the field.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
-from models.errors import InvalidInput
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 OutputMode = Literal["residual", "decoded"]
 OUTPUT_MODES: tuple[str, ...] = get_args(OutputMode)
 
 
-@dataclass(frozen=True)
-class NullTextSettings:
-    inner_steps: int = 10
-    learning_rate: float = 1e-2
-    early_stop: float = 1e-5
-    early_stop_growth: float = 2e-5
+def split_list(value: Any) -> Any:
+    """Comma-separated text, or a list of such texts, as one flat list; None when nothing is left.
 
-
-@dataclass(frozen=True)
-class EditParams:
-    """Editing parameters with PRISM's defaults (DESIGN.md section 2).
-
-    ``output`` says how the counterfactual is formed: ``"residual"`` adds the edit's effect
-    (decoded edit minus decoded reconstruction) to the input at its own resolution, where the edit
-    changed the latent, so pixels the edit leaves alone keep the input's exact values and detail
-    the VAE cannot reproduce;
-    ``"decoded"`` returns the decoded edit itself, as the paper does.
+    The API (one field or repeated fields) and ``prism edit`` (one or several arguments) accept
+    the same syntax: ``0.4,0.6`` and ``0.4 0.6`` give the same list.
     """
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list | tuple):
+        return value
+    items: list[Any] = []
+    for entry in value:
+        if isinstance(entry, str):
+            items.extend(part.strip() for part in entry.split(",") if part.strip())
+        else:
+            items.append(entry)
+    return items or None
 
-    steps: int = 50
-    guidance_scale: float = 7.5
-    cross_replace_steps: float = 0.8
-    self_replace_steps: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7, 0.8)
-    edit_word_weight: float = 2.0
-    blend_words: tuple[str, ...] | None = None
-    reweight_words: tuple[str, ...] | None = None
-    local_blend: bool = True
-    blend_threshold: float = 0.3
-    seed: int = 0
-    s_clip_threshold: float = 0.1
-    output: OutputMode = "residual"
-    null_text: NullTextSettings = field(default_factory=NullTextSettings)
 
-    def validate(self) -> None:
-        """Range checks that need no model; each failure names its field."""
-        checks: list[tuple[str, bool, str]] = [
-            ("steps", 1 <= self.steps <= 1000, "must be between 1 and 1000"),
-            ("guidance_scale", 1.0 <= self.guidance_scale <= 30.0, "must be between 1 and 30"),
-            ("cross_replace_steps", 0.0 <= self.cross_replace_steps <= 1.0, "must be between 0 and 1"),
-            ("self_replace_steps", 1 <= len(self.self_replace_steps) <= 16, "needs 1 to 16 values"),
-            (
-                "self_replace_steps",
-                all(0.0 <= v <= 1.0 for v in self.self_replace_steps),
-                "values must be between 0 and 1",
-            ),
-            ("edit_word_weight", 0.0 <= self.edit_word_weight <= 10.0, "must be between 0 and 10"),
-            ("blend_threshold", 0.0 < self.blend_threshold < 1.0, "must be between 0 and 1 (exclusive)"),
-            ("output", self.output in OUTPUT_MODES, f"must be one of {', '.join(OUTPUT_MODES)}"),
-            ("null_text_inner_steps", 0 <= self.null_text.inner_steps <= 100, "must be between 0 and 100"),
-        ]
-        for name, ok, message in checks:
-            if not ok:
-                raise InvalidInput(name, message)
+CommaList = BeforeValidator(split_list)
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+MAX_STEPS = 999
+"""DDIM over SD's 1,000 training timesteps with ``steps_offset`` 1 reaches timestep 999 at most."""
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+
+class NullTextSettings(BaseModel):
+    """Null-text optimisation (Mokady et al.) as PRISM runs it: Adam, lr 1e-2 * (1 - i/100)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    inner_steps: Annotated[int, Field(ge=0, le=100, description="Adam steps per denoising step")] = 10
+    learning_rate: Annotated[float, Field(gt=0.0)] = 1e-2
+    early_stop: Annotated[float, Field(ge=0.0, description="stop the inner loop below this loss at step 0")] = 1e-5
+    early_stop_growth: Annotated[float, Field(ge=0.0, description="the early-stop loss grows by this per step")] = 2e-5
+
+
+class EditOptions(BaseModel):
+    """What a client chooses for one counterfactual; the defaults are the PRISM paper's."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    steps: Annotated[int, Field(ge=1, le=MAX_STEPS, description="DDIM steps of inversion and editing")] = 50
+    guidance_scale: Annotated[float, Field(ge=1.0, le=30.0, description="classifier-free guidance scale")] = 7.5
+    cross_replace_steps: Annotated[
+        Fraction, Field(description="fraction of the steps during which cross-attention is replaced")
+    ] = 0.8
+    self_replace_steps: Annotated[
+        tuple[Fraction, ...],
+        Field(
+            min_length=1,
+            max_length=16,
+            description="fractions of the steps during which self-attention is replaced; all values run as "
+            "one batched pass and the candidate with the best S_CLIP is kept",
+        ),
+        CommaList,
+    ] = (0.4, 0.5, 0.6, 0.7, 0.8)
+    edit_word_weight: Annotated[
+        float, Field(ge=0.0, le=10.0, description="cross-attention weight of the reweighted words")
+    ] = 2.0
+    blend_words: Annotated[
+        tuple[str, ...] | None,
+        CommaList,
+        Field(description="words whose attention marks the region to edit; default: the words that differ"),
+    ] = None
+    reweight_words: Annotated[
+        tuple[str, ...] | None,
+        CommaList,
+        Field(description="edit-prompt words to reweight; default: the words the edit prompt adds"),
+    ] = None
+    blend_threshold: Annotated[
+        float, Field(gt=0.0, lt=1.0, description="LocalBlend threshold on the normalised attention maps")
+    ] = 0.3
+    seed: Annotated[
+        int,
+        Field(
+            ge=0,
+            le=2**31 - 1,
+            description="seed of the noise a method draws; PRISM's inversion and editing are deterministic",
+        ),
+    ] = 0
+    output: Annotated[
+        OutputMode,
+        Field(
+            description="residual: the input plus the edit's effect (decoded edit - decoded reconstruction) "
+            "where the edit changed the latent, so unedited pixels keep their values; decoded: the decoded "
+            "edit, as in the paper"
+        ),
+    ] = "residual"
+
+
+class EditParams(EditOptions):
+    """The client's options plus the settings PRISM fixes (DESIGN.md section 2)."""
+
+    null_text: NullTextSettings = NullTextSettings()
+    local_blend: Annotated[bool, Field(description="apply LocalBlend when blend words exist")] = True
+    blend_start: Annotated[Fraction, Field(description="LocalBlend acts from this fraction of the steps on")] = 0.2
+    s_clip_threshold: Annotated[float, Field(ge=-1.0, le=1.0, description="PRISM keeps edits at or above")] = 0.1
+
+    def replace(self, **changes: Any) -> EditParams:
+        """A validated copy with ``changes`` applied (``model_copy`` would skip validation)."""
+        return EditParams.model_validate({**self.model_dump(), **changes})

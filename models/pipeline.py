@@ -1,12 +1,11 @@
 """The whole PRISM counterfactual: invert, edit (batched sweep), score, map back to the input.
 
-Plain arrays in, plain arrays and a JSON-able report out; no HTTP, no queue.
+Plain arrays in; plain arrays and a typed :class:`~models.report.EditReport` out; no HTTP, no queue.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,10 +14,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from models.constants import TOKEN_WINDOW
 from models.ddim import PRISM_SCHEDULER_CONFIG, DDIMSampler
 from models.difference import difference, render_difference
 from models.editing import EditSpec, build_control, denoise, edit_specs
-from models.geometry import DecodedImage, Geometry, encode_png, from_model_output, quantize, to_model_input
+from models.geometry import DecodedImage, encode_png, from_model_output, quantize, to_model_input
 from models.inversion import (
     Inversion,
     InversionCache,
@@ -29,7 +29,8 @@ from models.inversion import (
 )
 from models.loading import ModelBundle
 from models.params import EditParams
-from models.scoring import ClipScorer, EditScores, score_candidates
+from models.report import CandidateScores, DifferenceInfo, EditReport, EditScores, Geometry, InversionInfo, ModelInfo
+from models.scoring import ClipScorer, score_candidates
 from models.validation import validate_request
 
 SCORE_REFERENCE = "reconstruction"
@@ -43,25 +44,20 @@ class Counterfactual:
     counterfactual: np.ndarray
     reconstruction: np.ndarray
     difference: np.ndarray
+    difference_png: bytes
     bit_depth: int
-    scores: EditScores
-    chosen_self_replace: float
-    candidates: list[dict]
-    passed: bool
-    report: dict
+    report: EditReport
 
     def files(self) -> dict[str, bytes]:
         """The five result files, by name."""
-        diff_png, scale = render_difference(self.difference)
-        report = {**self.report, "difference_png_scale": scale}
         buf = io.BytesIO()
         np.save(buf, self.difference.astype(np.float32))
         return {
             "counterfactual.png": encode_png(self.counterfactual, self.bit_depth),
             "reconstruction.png": encode_png(self.reconstruction, self.bit_depth),
-            "difference.png": diff_png,
+            "difference.png": self.difference_png,
             "difference.npy": buf.getvalue(),
-            "result.json": json.dumps(report, indent=2).encode(),
+            "result.json": self.report.model_dump_json(indent=2).encode(),
         }
 
 
@@ -96,7 +92,9 @@ def decode_latents(bundle: ModelBundle, latents: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def embed_prompts(bundle: ModelBundle, prompts: list[str]) -> torch.Tensor:
-    tokens = bundle.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    tokens = bundle.tokenizer(
+        prompts, padding="max_length", max_length=TOKEN_WINDOW, truncation=True, return_tensors="pt"
+    )
     return bundle.text_encoder(tokens.input_ids.to(bundle.device))[0].float()
 
 
@@ -156,7 +154,6 @@ def generate_counterfactual(
     """PRISM: invert the image under ``original_prompt``, edit towards ``edit_prompt`` for each
     self_replace value in one batched pass, keep the candidate with the highest S_CLIP."""
     validate_request(bundle.tokenizer, original_prompt, edit_prompt, params)
-    torch.manual_seed(params.seed)
     timer = _Timer()
     model_image, geometry = to_model_input(image.pixels, bundle.resolution)
     inversion, cached = invert(bundle, model_image, original_prompt, params, cache, callback, timer)
@@ -171,7 +168,8 @@ def generate_counterfactual(
         params.steps,
         latent_hw,
         params.blend_threshold,
-        blend_maps=bundle.blend_maps,
+        params.blend_start,
+        bundle.blend_maps,
     )
     cond = embed_prompts(bundle, [original_prompt] + [s.edit_prompt for s in specs])
     latents = timer.measure(
@@ -235,46 +233,37 @@ def _assemble(
     counterfactual = quantize(edited, image.bit_depth)
     reconstruction = quantize(reconstructed, image.bit_depth)
     diff = difference(counterfactual, image.pixels)
+    diff_png, scale = render_difference(diff)
     chosen = scores[best]
-    passed = chosen.s_clip >= params.s_clip_threshold
-    candidates = [
-        {"self_replace_steps": s.self_replace_steps, **sc.to_dict()} for s, sc in zip(specs, scores, strict=True)
-    ]
-    report = {
-        "s_clip": chosen.s_clip,
-        "passed": passed,
-        "s_clip_threshold": params.s_clip_threshold,
-        "similarities": chosen.to_dict(),
-        "score_reference": SCORE_REFERENCE,
-        "chosen_self_replace": specs[best].self_replace_steps,
-        "candidates": candidates,
-        "timings": timer.timings,
-        "parameters": params.to_dict(),
-        "model": {
-            "identity": bundle.identity,
-            "resolution": bundle.resolution,
-            "device": str(bundle.device),
-            "dtype": str(bundle.dtype),
-        },
-        "geometry": geometry.to_dict(),
-        "bit_depth": image.bit_depth,
-        "inversion": {"key": inversion.key, "cached": cached, "final_losses": inversion.losses[-3:]},
-        "edited_fraction": float(region.mean()),
-        "difference": {
-            "definition": "counterfactual - input, intensities in [0, 1]",
-            "min": float(diff.min()),
-            "max": float(diff.max()),
-        },
-    }
+    report = EditReport(
+        s_clip=chosen.s_clip,
+        passed=chosen.s_clip >= params.s_clip_threshold,
+        s_clip_threshold=params.s_clip_threshold,
+        similarities=chosen,
+        score_reference=SCORE_REFERENCE,
+        chosen_self_replace=specs[best].self_replace_steps,
+        candidates=[
+            CandidateScores(self_replace_steps=s.self_replace_steps, **sc.model_dump())
+            for s, sc in zip(specs, scores, strict=True)
+        ],
+        timings=timer.timings,
+        parameters=params,
+        model=ModelInfo(
+            identity=bundle.identity, resolution=bundle.resolution, device=str(bundle.device), dtype=str(bundle.dtype)
+        ),
+        geometry=geometry,
+        bit_depth=image.bit_depth,
+        inversion=InversionInfo(key=inversion.key, cached=cached, final_losses=inversion.losses[-3:]),
+        edited_fraction=float(region.mean()),
+        difference=DifferenceInfo(min=float(diff.min()), max=float(diff.max())),
+        difference_png_scale=scale,
+    )
     return Counterfactual(
         original=image.pixels,
         counterfactual=counterfactual,
         reconstruction=reconstruction,
         difference=diff,
+        difference_png=diff_png,
         bit_depth=image.bit_depth,
-        scores=chosen,
-        chosen_self_replace=specs[best].self_replace_steps,
-        candidates=candidates,
-        passed=passed,
         report=report,
     )

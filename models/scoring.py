@@ -7,24 +7,13 @@ The CLIP model is passed in (loaded once with the bundle), never loaded at impor
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from models.constants import TOKEN_WINDOW
 from models.loading import ClipParts
-
-
-@dataclass(frozen=True)
-class EditScores:
-    s_clip: float
-    image_similarity: float
-    text_image_before: float
-    text_image_after: float
-    edit_text_image_before: float
-
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
+from models.report import EditScores
 
 
 class ClipScorer:
@@ -50,7 +39,7 @@ class ClipScorer:
     @torch.no_grad()
     def text_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
         tokens = self.clip.tokenizer(
-            list(prompts), padding="max_length", truncation=True, max_length=77, return_tensors="pt"
+            list(prompts), padding="max_length", truncation=True, max_length=TOKEN_WINDOW, return_tensors="pt"
         )
         feats = self.clip.model.get_text_features(
             input_ids=tokens.input_ids.to(self.device), attention_mask=tokens.attention_mask.to(self.device)

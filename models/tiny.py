@@ -20,7 +20,9 @@ from transformers import (
 )
 
 import models.hf_offline  # noqa: F401  (before diffusers/transformers)
+from models.constants import SD15_LATENT_SCALE, TOKEN_WINDOW
 from models.ddim import make_scheduler
+from models.loading import write_clip_preprocessor
 from models.tokenizer import clip_tokenizer
 
 VOCAB_SIZE = 49408
@@ -34,7 +36,7 @@ def clip_text_config(hidden: int) -> CLIPTextConfig:
         intermediate_size=2 * hidden,
         num_hidden_layers=2,
         num_attention_heads=4,
-        max_position_embeddings=77,
+        max_position_embeddings=TOKEN_WINDOW,
         projection_dim=hidden,
         bos_token_id=49406,
         eos_token_id=49407,
@@ -88,7 +90,7 @@ def make_tiny_model(directory: str | Path, seed: int = 0, sample_size: int = 8) 
         latent_channels=4,
         norm_num_groups=8,
         sample_size=sample_size * 8,
-        scaling_factor=0.18215,
+        scaling_factor=SD15_LATENT_SCALE,
     ).save_pretrained(out / "vae")
     CLIPTextModel(clip_text_config(hidden)).save_pretrained(out / "text_encoder")
     tokenizer = clip_tokenizer()
@@ -99,18 +101,7 @@ def make_tiny_model(directory: str | Path, seed: int = 0, sample_size: int = 8) 
     config = small_clip_config(hidden, image_size=32)
     CLIPModel(config).save_pretrained(clip_dir)
     tokenizer.save_pretrained(clip_dir)
-    (clip_dir / "preprocessor_config.json").write_text(
-        json.dumps(
-            {
-                "image_processor_type": "CLIPImageProcessor",
-                "size": {"shortest_edge": 32},
-                "crop_size": {"height": 32, "width": 32},
-                "image_mean": [0.48145466, 0.4578275, 0.40821073],
-                "image_std": [0.26862954, 0.26130258, 0.27577711],
-            },
-            indent=2,
-        )
-    )
+    write_clip_preprocessor(clip_dir, image_size=32)
     (out / "model_index.json").write_text(
         json.dumps(
             {

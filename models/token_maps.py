@@ -6,8 +6,9 @@ from collections.abc import Sequence
 
 import torch
 
+from models.constants import TOKEN_WINDOW
 from models.errors import InvalidInput
-from models.words import MAX_TOKENS, word_spans
+from models.words import word_spans
 
 
 def replacement_mapper(tokenizer, source: str, edit: str) -> torch.Tensor:
@@ -19,7 +20,7 @@ def replacement_mapper(tokenizer, source: str, edit: str) -> torch.Tensor:
     src, dst = word_spans(tokenizer, source), word_spans(tokenizer, edit)
     if len(src) != len(dst):
         raise InvalidInput("edit_prompt", "replacement needs prompts with the same number of words")
-    mapper = torch.zeros(MAX_TOKENS, MAX_TOKENS)
+    mapper = torch.zeros(TOKEN_WINDOW, TOKEN_WINDOW)
     mapper[0, 0] = 1.0
     for s, d in zip(src, dst, strict=True):
         if s.word == d.word:
@@ -29,7 +30,7 @@ def replacement_mapper(tokenizer, source: str, edit: str) -> torch.Tensor:
             for j in d.indices:
                 mapper[s.start : s.stop, j] = 1.0 / len(d.indices)
     i, j = (src[-1].stop if src else 1), (dst[-1].stop if dst else 1)
-    while i < MAX_TOKENS and j < MAX_TOKENS:
+    while i < TOKEN_WINDOW and j < TOKEN_WINDOW:
         mapper[i, j] = 1.0
         i, j = i + 1, j + 1
     return mapper
@@ -62,10 +63,10 @@ def refinement_mapper(tokenizer, source: str, edit: str) -> tuple[torch.Tensor, 
     is 1 where the edit token is aligned to an identical source token and 0 where it is new."""
     a = [tokenizer.bos_token_id, *tokenizer(source, add_special_tokens=False).input_ids]
     b = [tokenizer.bos_token_id, *tokenizer(edit, add_special_tokens=False).input_ids]
-    index = torch.zeros(MAX_TOKENS, dtype=torch.long)
-    alpha = torch.zeros(MAX_TOKENS)
+    index = torch.zeros(TOKEN_WINDOW, dtype=torch.long)
+    alpha = torch.zeros(TOKEN_WINDOW)
     for i, j in _align(a, b):
         index[j], alpha[j] = i, 1.0
-    for j in range(len(b), MAX_TOKENS):
-        index[j], alpha[j] = min(j - len(b) + len(a), MAX_TOKENS - 1), 1.0
+    for j in range(len(b), TOKEN_WINDOW):
+        index[j], alpha[j] = min(j - len(b) + len(a), TOKEN_WINDOW - 1), 1.0
     return index, alpha

@@ -10,15 +10,17 @@ from pathlib import Path
 
 from transformers import CLIPTokenizer
 
+from models.constants import TOKEN_WINDOW
+
 ASSETS = Path(__file__).parent / "assets" / "clip_tokenizer"
 
 
 @lru_cache(maxsize=1)
 def clip_tokenizer() -> CLIPTokenizer:
-    """A 77-token CLIP tokenizer built from ``assets/clip_tokenizer`` (no download)."""
+    """A CLIP tokenizer with the 77-token window, built from ``assets/clip_tokenizer`` (no download)."""
     return CLIPTokenizer(
         str(ASSETS / "vocab.json"),
         str(ASSETS / "merges.txt"),
-        model_max_length=77,
+        model_max_length=TOKEN_WINDOW,
         pad_token="<|endoftext|>",
     )

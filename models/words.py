@@ -12,9 +12,8 @@ import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from models.constants import TOKEN_WINDOW
 from models.errors import InvalidInput
-
-MAX_TOKENS = 77
 
 
 @dataclass(frozen=True)
@@ -50,8 +49,8 @@ def check_prompt(tokenizer, prompt: str, field: str) -> None:
     if any(unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co", "Cn") for c in prompt):
         raise InvalidInput(field, "must not contain control or unassigned characters")
     count = _token_count(tokenizer, prompt) + 2
-    if count > MAX_TOKENS:
-        raise InvalidInput(field, f"is {count} tokens long; the model's window is {MAX_TOKENS}")
+    if count > TOKEN_WINDOW:
+        raise InvalidInput(field, f"is {count} tokens long; the model's window is {TOKEN_WINDOW}")
 
 
 def word_spans(tokenizer, prompt: str) -> list[WordSpan]:
@@ -74,6 +73,35 @@ def differing_words(source: str, edit: str) -> tuple[list[str], list[str]]:
             removed.extend(a[i1:i2])
             added.extend(b[j1:j2])
     return removed, added
+
+
+@dataclass(frozen=True)
+class EditWords:
+    """The words prompt-to-prompt acts on for one edit: reweighted (in the edit prompt) and
+    blended (LocalBlend's region, from each prompt)."""
+
+    reweight: list[str]
+    blend_source: list[str]
+    blend_edit: list[str]
+
+
+def edit_words(
+    source: str, edit: str, reweight_words: Sequence[str] | None, blend_words: Sequence[str] | None
+) -> EditWords:
+    """Resolve the word choices of an edit; ``None`` means the words that differ between the prompts.
+
+    A blend word must occur in at least one prompt; it blends where it occurs.
+    """
+    removed, added = differing_words(source, edit)
+    reweight = list(reweight_words) if reweight_words is not None else added
+    if blend_words is None:
+        return EditWords(reweight, removed, added)
+    in_source, in_edit = set(prompt_words(source)), set(prompt_words(edit))
+    words = [w for entry in blend_words for w in prompt_words(entry)]
+    for word in words:
+        if word not in in_source and word not in in_edit:
+            raise InvalidInput("blend_words", f"word {word!r} occurs in neither prompt")
+    return EditWords(reweight, [w for w in words if w in in_source], [w for w in words if w in in_edit])
 
 
 def word_token_indices(tokenizer, prompt: str, words: Sequence[str], field: str) -> list[int]:

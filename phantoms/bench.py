@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -78,7 +77,7 @@ def run_benchmark(
             anatomy, source, target, finding = bench_case(task, i, bundle.resolution)
             original, truth = render(anatomy, source), render(anatomy, target)
             mask = region_mask(anatomy, finding)
-            task_params = replace(params, blend_words=(NAMES[finding].lower(),))
+            task_params = params.replace(blend_words=(NAMES[finding].lower(),))
             start = time.perf_counter()
             cf = generate_counterfactual(
                 bundle,
@@ -100,7 +99,7 @@ def run_benchmark(
                     "flip": float(flipped),
                     "outside_change": _l1(cf.counterfactual, original, ~mask),
                     "outside_edit_change": _l1(cf.counterfactual, cf.reconstruction, ~mask),
-                    "s_clip": cf.scores.s_clip,
+                    "s_clip": cf.report.s_clip,
                     "seconds": seconds,
                 }
             )
@@ -117,7 +116,12 @@ def run_benchmark(
             "seconds": float(np.mean([r["seconds"] for r in rows])),
             "n": n,
         }
-    report = {"tasks": results, "parameters": params.to_dict(), "model": bundle.identity, "device": str(bundle.device)}
+    report = {
+        "tasks": results,
+        "parameters": params.model_dump(),
+        "model": bundle.identity,
+        "device": str(bundle.device),
+    }
     (out / "results.json").write_text(json.dumps(report, indent=2))
     (out / "results.md").write_text(markdown_table(results, params))
     Image.fromarray(np.round(np.concatenate(grid, axis=0) * 255).astype(np.uint8), mode="L").save(out / "grid.png")

@@ -1,8 +1,11 @@
 """Train the built-in model on phantoms: VAE, text-conditioned UNet, CLIP scorer, classifier.
 
 Seeded and resumable: each stage checkpoints to ``work`` and is skipped once its outputs exist,
-so ``prism train-builtin`` can be interrupted and run again. Runs on CPU in about 2.5 hours
-(2 cores); the outputs have the diffusers/transformers layout that ``load_bundle`` reads.
+so ``prism train-builtin`` can be interrupted and run again. It writes every file of the shipped
+model (``models/assets/builtin``): the components in the diffusers/transformers layout that
+``load_bundle`` reads, ``local_blend.json``, ``training.json`` (the recipe it ran, per-stage
+seconds and final losses, held-out measurements) and a ``MODEL_CARD.md`` rendered from it.
+About 2.5 hours on 2 CPU cores at the default recipe.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,29 +27,66 @@ from transformers import CLIPModel, CLIPTextModel
 
 import models.hf_offline  # noqa: F401  (before diffusers/transformers)
 from models.attention_control import ControlledAttnProcessor
+from models.constants import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD, TOKEN_WINDOW
 from models.ddim import make_scheduler
+from models.loading import write_clip_preprocessor
 from models.scoring import projected_features
-from models.tiny import clip_text_config, small_clip_config
 from models.tokenizer import ASSETS, clip_tokenizer
 from models.words import prompt_words, word_token_indices
+from phantoms import architecture
 from phantoms.captions import NAMES, training_caption
 from phantoms.classifier import FindingClassifier
+from phantoms.model_card import render_model_card
 from phantoms.render import FINDINGS, Anatomy, Findings, region_mask, render
 
 log = logging.getLogger("prism.train")
-SIZE = 128
+SIZE = architecture.SIZE
 TRAIN_SEEDS = range(0, 16000)
-TEXT_HIDDEN = 64
+EVAL_SEEDS = range(2_000_000, 2_000_064)
+"""Held-out anatomies for the measurements written to training.json (the benchmark uses 1,000,000+)."""
 
 
-def build_dataset(n: int, size: int = SIZE) -> tuple[np.ndarray, np.ndarray]:
-    """Images (n, size, size) uint8 and findings (n, 3) for training seeds 0..n-1."""
+@dataclass(frozen=True)
+class StageRecipe:
+    steps: int
+    batch: int
+    lr: float
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Steps, batch size and peak learning rate of each stage (AdamW, 100-step warm-up, cosine to 10 %)."""
+
+    images: int = len(TRAIN_SEEDS)
+    vae: StageRecipe = StageRecipe(1000, 32, 1e-3)
+    unet: StageRecipe = StageRecipe(1800, 24, 3e-4)
+    attention: StageRecipe = StageRecipe(2500, 24, 1e-4)
+    clip: StageRecipe = StageRecipe(900, 64, 5e-4)
+    classifier: StageRecipe = StageRecipe(600, 64, 2e-3)
+    attention_weight: float = 0.02
+    region_images: int = 6000
+
+    def scaled(self, factor: float, batch: int | None = None) -> Recipe:
+        """Every stage's steps times ``factor`` (at least 10), optionally with one batch size (quick checks)."""
+        stages = {
+            name: replace(
+                getattr(self, name),
+                steps=max(10, int(getattr(self, name).steps * factor)),
+                batch=batch or getattr(self, name).batch,
+            )
+            for name in ("vae", "unet", "attention", "clip", "classifier")
+        }
+        return replace(self, **stages)
+
+
+def build_dataset(n: int, size: int = SIZE, seeds: range = TRAIN_SEEDS) -> tuple[np.ndarray, np.ndarray]:
+    """Images (n, size, size) uint8 and findings (n, 3) for the first n anatomies of ``seeds``."""
     images = np.empty((n, size, size), np.uint8)
     labels = np.empty((n, len(FINDINGS)), np.float32)
-    for i in range(n):
-        rng = np.random.default_rng(10_000_000 + i)
+    for i, seed in enumerate(seeds[:n]):
+        rng = np.random.default_rng(10_000_000 + seed)
         findings = Findings(*(bool(v) for v in rng.random(3) < 0.5))
-        images[i] = np.round(render(Anatomy.sample(i, size), findings) * 255)
+        images[i] = np.round(render(Anatomy.sample(seed, size), findings) * 255)
         labels[i] = findings.as_vector()
     return images, labels
 
@@ -68,54 +109,53 @@ def _findings(row: np.ndarray) -> Findings:
 class Stage:
     """A resumable training loop: ``step_fn(step)`` returns the loss; checkpoints every ``every``."""
 
-    def __init__(self, name: str, work: Path, modules: dict[str, torch.nn.Module], optimizer, steps: int) -> None:
-        self.name, self.modules, self.optimizer, self.steps = name, modules, optimizer, steps
+    def __init__(
+        self, name: str, work: Path, modules: dict[str, torch.nn.Module], optimizer, recipe: StageRecipe
+    ) -> None:
+        self.name, self.modules, self.optimizer, self.recipe = name, modules, optimizer, recipe
         self.path = work / f"{name}.ckpt"
         self.start = 0
+        self.smoothed: float | None = None
         if self.path.exists():
             state = torch.load(self.path, weights_only=True)
             for key, module in modules.items():
                 module.load_state_dict(state[key])
             optimizer.load_state_dict(state["optimizer"])
-            self.start = state["step"]
+            self.start, self.smoothed = state["step"], state.get("smoothed_loss")
             log.info("%s: resuming at step %d", name, self.start)
 
-    def run(self, step_fn: Callable[[int], float], lr: float, every: int = 200) -> None:
-        smoothed = None
+    def run(self, step_fn: Callable[[int], float], every: int = 200) -> float:
+        """Train to the recipe's step count; returns the final loss (exponential moving average)."""
+        steps, lr = self.recipe.steps, self.recipe.lr
         t0 = time.perf_counter()
-        for step in range(self.start, self.steps):
+        for step in range(self.start, steps):
             warm = min(1.0, (step + 1) / 100)
             for group in self.optimizer.param_groups:
-                group["lr"] = lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / self.steps)))
+                group["lr"] = lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
             loss = step_fn(step)
-            smoothed = loss if smoothed is None else 0.98 * smoothed + 0.02 * loss
-            if (step + 1) % every == 0 or step + 1 == self.steps:
+            self.smoothed = loss if self.smoothed is None else 0.98 * self.smoothed + 0.02 * loss
+            if (step + 1) % every == 0 or step + 1 == steps:
                 state = {k: m.state_dict() for k, m in self.modules.items()}
-                torch.save({**state, "optimizer": self.optimizer.state_dict(), "step": step + 1}, self.path)
+                extra = {"optimizer": self.optimizer.state_dict(), "step": step + 1, "smoothed_loss": self.smoothed}
+                torch.save({**state, **extra}, self.path)
                 rate = (time.perf_counter() - t0) / (step + 1 - self.start)
-                log.info("%s: step %d/%d loss %.5f (%.2f s/step)", self.name, step + 1, self.steps, smoothed, rate)
+                log.info("%s: step %d/%d loss %.5f (%.2f s/step)", self.name, step + 1, steps, self.smoothed, rate)
+        return float(self.smoothed)
 
 
-def train_vae(images: np.ndarray, work: Path, out: Path, steps: int = 1000) -> AutoencoderKL:
+def _batch(images: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
+    return rng.integers(0, len(images), size)
+
+
+def train_vae(images: np.ndarray, work: Path, out: Path, recipe: StageRecipe) -> float:
     torch.manual_seed(1)
-    vae = AutoencoderKL(
-        in_channels=1,
-        out_channels=1,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 64),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=SIZE,
-        mid_block_add_attention=False,
-    )
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
-    stage = Stage("vae", work, {"vae": vae}, opt, steps)
+    vae = architecture.vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=recipe.lr, weight_decay=0.0)
+    stage = Stage("vae", work, {"vae": vae}, opt, recipe)
     rng = np.random.default_rng(2)
 
     def step_fn(step: int) -> float:
-        idx = rng.integers(0, len(images), 32)
+        idx = _batch(images, rng, recipe.batch)
         y0, x0 = rng.integers(0, SIZE - 64, 2)
         x = torch.from_numpy(images[idx, y0 : y0 + 64, x0 : x0 + 64]).float()[:, None] / 127.5 - 1
         posterior = vae.encode(x).latent_dist
@@ -126,14 +166,14 @@ def train_vae(images: np.ndarray, work: Path, out: Path, steps: int = 1000) -> A
         opt.step()
         return loss.item()
 
-    stage.run(step_fn, lr=1e-3)
+    loss = stage.run(step_fn)
     vae.eval()
     with torch.no_grad():
         x = torch.from_numpy(images[:256]).float()[:, None] / 127.5 - 1
         std = torch.cat([vae.encode(b).latent_dist.mean for b in x.split(64)]).std().item()
     vae.register_to_config(scaling_factor=1.0 / std)
     vae.save_pretrained(out / "vae")
-    return vae
+    return loss
 
 
 def encode_all(vae: AutoencoderKL, images: np.ndarray) -> torch.Tensor:
@@ -152,6 +192,12 @@ def _save_tokenizer(directory: Path) -> None:
         shutil.copy(ASSETS / name, directory / name)
 
 
+def _tokens(tokenizer, captions: list[str]) -> torch.Tensor:
+    return tokenizer(
+        captions, padding="max_length", max_length=TOKEN_WINDOW, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
 def _noised_batch(
     latents: torch.Tensor, labels: np.ndarray, idx: np.ndarray, rng: np.random.Generator, tokenizer, alphas
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
@@ -161,37 +207,27 @@ def _noised_batch(
     """
     z0 = latents[idx]
     captions = ["" if rng.random() < 0.1 else training_caption(_findings(labels[i]), rng) for i in idx]
-    ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    ids = _tokens(tokenizer, captions)
     t = torch.from_numpy(rng.integers(0, 1000, len(idx)))
     noise = torch.randn_like(z0)
     a = alphas[t].view(-1, 1, 1, 1)
     return a.sqrt() * z0 + (1 - a).sqrt() * noise, t, noise, ids, captions
 
 
-def train_unet(latents: torch.Tensor, labels: np.ndarray, work: Path, out: Path, steps: int = 3000) -> None:
+def train_unet(latents: torch.Tensor, labels: np.ndarray, work: Path, out: Path, recipe: StageRecipe) -> float:
     torch.manual_seed(3)
-    unet = UNet2DConditionModel(
-        sample_size=latents.shape[-1],
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64, 128),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=TEXT_HIDDEN,
-        attention_head_dim=8,
-        norm_num_groups=16,
-    )
-    text_encoder = CLIPTextModel(clip_text_config(TEXT_HIDDEN))
+    unet = architecture.unet()
+    text_encoder = architecture.text_encoder()
     tokenizer = clip_tokenizer()
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=1e-2)
-    stage = Stage("unet", work, {"unet": unet, "text_encoder": text_encoder}, opt, steps)
+    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=1e-2)
+    stage = Stage("unet", work, {"unet": unet, "text_encoder": text_encoder}, opt, recipe)
     rng = np.random.default_rng(4)
     alphas = make_scheduler().alphas_cumprod
 
     def step_fn(step: int) -> float:
-        zt, t, noise, ids, _ = _noised_batch(latents, labels, rng.integers(0, len(latents), 24), rng, tokenizer, alphas)
+        idx = _batch(latents, rng, recipe.batch)
+        zt, t, noise, ids, _ = _noised_batch(latents, labels, idx, rng, tokenizer, alphas)
         pred = unet(zt, t, encoder_hidden_states=text_encoder(ids)[0]).sample
         loss = F.mse_loss(pred, noise)
         opt.zero_grad()
@@ -200,11 +236,12 @@ def train_unet(latents: torch.Tensor, labels: np.ndarray, work: Path, out: Path,
         opt.step()
         return loss.item()
 
-    stage.run(step_fn, lr=3e-4, every=250)
+    loss = stage.run(step_fn, every=250)
     unet.save_pretrained(out / "unet")
     text_encoder.save_pretrained(out / "text_encoder")
     _save_tokenizer(out / "tokenizer")
     make_scheduler().save_pretrained(out / "scheduler")
+    return loss
 
 
 class _CrossAttentionRecorder:
@@ -250,9 +287,15 @@ def attention_loss(maps: list[torch.Tensor], named: list[list[tuple[int, list[in
 
 
 def train_attention(
-    latents: torch.Tensor, labels: np.ndarray, regions: np.ndarray, work: Path, out: Path, steps: int = 1000
-) -> None:
-    """Fine-tune the UNet and text encoder with ε-MSE plus ``0.02 * attention_loss``."""
+    latents: torch.Tensor,
+    labels: np.ndarray,
+    regions: np.ndarray,
+    work: Path,
+    out: Path,
+    recipe: StageRecipe,
+    weight: float,
+) -> float:
+    """Fine-tune the UNet and text encoder with ε-MSE plus ``weight * attention_loss``."""
     torch.manual_seed(9)
     unet = UNet2DConditionModel.from_pretrained(out / "unet")
     text_encoder = CLIPTextModel.from_pretrained(out / "text_encoder")
@@ -261,48 +304,49 @@ def train_attention(
     unet.set_attn_processor(ControlledAttnProcessor(recorder))
     tokenizer = clip_tokenizer()
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
-    stage = Stage("attention", work, {"unet": unet, "text_encoder": text_encoder}, opt, steps)
+    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=1e-2)
+    stage = Stage("attention", work, {"unet": unet, "text_encoder": text_encoder}, opt, recipe)
     rng = np.random.default_rng(10)
     alphas = make_scheduler().alphas_cumprod
     region_t = torch.from_numpy(regions).float()
 
     def step_fn(step: int) -> float:
-        idx = rng.integers(0, len(regions), 24)
+        idx = _batch(regions, rng, recipe.batch)
         zt, t, noise, ids, captions = _noised_batch(latents, labels, idx, rng, tokenizer, alphas)
         recorder.maps.clear()
         pred = unet(zt, t, encoder_hidden_states=text_encoder(ids)[0]).sample
         named = [_finding_tokens(tokenizer, c) for c in captions]
-        loss = F.mse_loss(pred, noise) + 0.02 * attention_loss(recorder.maps, named, region_t[idx])
+        loss = F.mse_loss(pred, noise) + weight * attention_loss(recorder.maps, named, region_t[idx])
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         return loss.item()
 
-    stage.run(step_fn, lr=1e-4, every=100)
+    loss = stage.run(step_fn, every=100)
     unet.set_attn_processor(default_processors)
     unet.save_pretrained(out / "unet")
     text_encoder.save_pretrained(out / "text_encoder")
+    (out / "local_blend.json").write_text(json.dumps(asdict(architecture.BLEND_MAPS)))
+    return loss
 
 
-def train_clip(images: np.ndarray, labels: np.ndarray, work: Path, out: Path, steps: int = 1500) -> None:
+def train_clip(images: np.ndarray, labels: np.ndarray, work: Path, out: Path, recipe: StageRecipe) -> float:
     torch.manual_seed(5)
-    hidden = 32
-    config = small_clip_config(hidden, image_size=64)
-    model = CLIPModel(config)
+    model = architecture.clip()
     tokenizer = clip_tokenizer()
-    opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=1e-2)
-    stage = Stage("clip", work, {"clip": model}, opt, steps)
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=1e-2)
+    stage = Stage("clip", work, {"clip": model}, opt, recipe)
     rng = np.random.default_rng(6)
-    mean, std = 0.48145466, 0.26862954
+    mean, std = CLIP_IMAGE_MEAN[0], CLIP_IMAGE_STD[0]
+    side = architecture.CLIP_IMAGE_SIZE
 
     def step_fn(step: int) -> float:
-        idx = rng.integers(0, len(images), 64)
+        idx = _batch(images, rng, recipe.batch)
         x = torch.from_numpy(images[idx]).float()[:, None] / 255.0
-        x = F.interpolate(x, size=(64, 64), mode="bilinear", antialias=True).expand(-1, 3, -1, -1)
+        x = F.interpolate(x, size=(side, side), mode="bilinear", antialias=True).expand(-1, 3, -1, -1)
         captions = [training_caption(_findings(labels[i]), rng) for i in idx]
-        tok = tokenizer(captions, padding="max_length", max_length=77, return_tensors="pt")
+        tok = tokenizer(captions, padding="max_length", max_length=TOKEN_WINDOW, return_tensors="pt")
         img = F.normalize(projected_features(model.get_image_features(pixel_values=(x - mean) / std)), dim=-1)
         txt = model.get_text_features(input_ids=tok.input_ids, attention_mask=tok.attention_mask)
         txt = F.normalize(projected_features(txt), dim=-1)
@@ -316,32 +360,22 @@ def train_clip(images: np.ndarray, labels: np.ndarray, work: Path, out: Path, st
         opt.step()
         return loss.item()
 
-    stage.run(step_fn, lr=5e-4)
+    loss = stage.run(step_fn)
     model.save_pretrained(out / "clip")
     _save_tokenizer(out / "clip")
-    (out / "clip" / "preprocessor_config.json").write_text(
-        json.dumps(
-            {
-                "image_processor_type": "CLIPImageProcessor",
-                "size": {"shortest_edge": 64},
-                "crop_size": {"height": 64, "width": 64},
-                "image_mean": [mean, 0.4578275, 0.40821073],
-                "image_std": [std, 0.26130258, 0.27577711],
-            },
-            indent=2,
-        )
-    )
+    write_clip_preprocessor(out / "clip", side)
+    return loss
 
 
-def train_classifier(images: np.ndarray, labels: np.ndarray, work: Path, out: Path, steps: int = 1000) -> None:
+def train_classifier(images: np.ndarray, labels: np.ndarray, work: Path, out: Path, recipe: StageRecipe) -> float:
     torch.manual_seed(7)
     model = FindingClassifier()
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    stage = Stage("classifier", work, {"classifier": model}, opt, steps)
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr)
+    stage = Stage("classifier", work, {"classifier": model}, opt, recipe)
     rng = np.random.default_rng(8)
 
     def step_fn(step: int) -> float:
-        idx = rng.integers(0, len(images), 64)
+        idx = _batch(images, rng, recipe.batch)
         x = torch.from_numpy(images[idx]).float()[:, None] / 255.0
         loss = F.binary_cross_entropy_with_logits(model(x), torch.from_numpy(labels[idx]))
         opt.zero_grad()
@@ -349,51 +383,98 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, work: Path, out: Pa
         opt.step()
         return loss.item()
 
-    stage.run(step_fn, lr=2e-3)
+    loss = stage.run(step_fn)
     model.save(out / "classifier.safetensors")
+    return loss
 
 
-def train_builtin(work: Path, out: Path, n_images: int = len(TRAIN_SEEDS), scale: float = 1.0) -> None:
-    """Run every stage not yet done; ``scale`` shrinks step counts (for quick checks)."""
-    work.mkdir(parents=True, exist_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    times_path = work / "times.json"
-    times = json.loads(times_path.read_text()) if times_path.exists() else {}
+@torch.no_grad()
+def measure(out: Path) -> dict[str, float]:
+    """Held-out figures for the model card: VAE round-trip error and classifier accuracy."""
+    images, labels = build_dataset(len(EVAL_SEEDS), seeds=EVAL_SEEDS)
+    x = torch.from_numpy(images).float()[:, None] / 255.0
+    vae = AutoencoderKL.from_pretrained(out / "vae").eval()
+    decoded = vae.decode(vae.encode(x * 2 - 1).latent_dist.mean).sample
+    classifier = FindingClassifier.load(out / "classifier.safetensors")
+    predicted = torch.sigmoid(classifier(x)).numpy() > 0.5
+    components = {
+        "vae": vae,
+        "unet": UNet2DConditionModel.from_pretrained(out / "unet"),
+        "text_encoder": CLIPTextModel.from_pretrained(out / "text_encoder"),
+        "clip": CLIPModel.from_pretrained(out / "clip"),
+        "classifier": classifier,
+    }
+    return {
+        "vae_roundtrip_l1": round(float((decoded.clamp(-1, 1) / 2 + 0.5 - x).abs().mean()), 4),
+        "classifier_accuracy": round(float((predicted == (labels > 0.5)).mean()), 4),
+        "held_out_images": len(EVAL_SEEDS),
+        "parameters": {name: sum(p.numel() for p in m.parameters()) for name, m in components.items()},
+    }
 
-    def timed(name: str, fn: Callable[[], object]):
+
+class TrainingLog:
+    """``training.json``: the recipe, each stage's seconds (summed over sittings) and final loss."""
+
+    def __init__(self, path: Path, recipe: Recipe) -> None:
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.exists() else {}
+        self.data["recipe"] = asdict(recipe)
+        self.data.setdefault("stages", {})
+
+    def timed(self, name: str, fn: Callable[[], object]):
         start = time.perf_counter()
         result = fn()
-        times[name] = round(times.get(name, 0.0) + time.perf_counter() - start, 1)
-        times_path.write_text(json.dumps(times, indent=2))
+        stage = self.data["stages"].setdefault(name, {})
+        stage["seconds"] = round(stage.get("seconds", 0.0) + time.perf_counter() - start, 1)
+        if isinstance(result, float):
+            stage["final_loss"] = round(result, 5)
+        self.save()
         return result
+
+    def save(self) -> None:
+        self.path.write_text(json.dumps(self.data, indent=2))
+
+
+def train_builtin(work: Path, out: Path, recipe: Recipe = Recipe()) -> None:
+    """Run every stage not yet done, then measure and write ``training.json`` and ``MODEL_CARD.md``."""
+    work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    record = TrainingLog(work / "training.json", recipe)
 
     data = work / "data.npz"
     if not data.exists():
-        images, labels = timed("data", lambda: build_dataset(n_images))
+        images, labels = record.timed("data", lambda: build_dataset(recipe.images))
         np.savez(data, images=images, labels=labels)
     loaded = np.load(data)
     images, labels = loaded["images"], loaded["labels"]
-    steps = lambda n: max(10, int(n * scale))  # noqa: E731
 
     if (out / "vae" / "config.json").exists():
         vae = AutoencoderKL.from_pretrained(out / "vae")
     else:
-        vae = timed("vae", lambda: train_vae(images, work, out, steps(1000)))
+        record.timed("vae", lambda: train_vae(images, work, out, recipe.vae))
+        vae = AutoencoderKL.from_pretrained(out / "vae")
     latents_path = work / "latents.pt"
     if not latents_path.exists():
-        torch.save(timed("latents", lambda: encode_all(vae.eval(), images)), latents_path)
+        torch.save(record.timed("latents", lambda: encode_all(vae.eval(), images)), latents_path)
     latents = torch.load(latents_path, weights_only=True)
     if not (out / "unet" / "config.json").exists():
-        timed("unet", lambda: train_unet(latents, labels, work, out, steps(1800)))
+        record.timed("unet", lambda: train_unet(latents, labels, work, out, recipe.unet))
     if not (work / "attention.done").exists():
         regions_path = work / "regions.npy"
         if not regions_path.exists():
-            np.save(regions_path, timed("regions", lambda: build_regions(min(6000, len(images)))))
+            n = min(recipe.region_images, len(images))
+            np.save(regions_path, record.timed("regions", lambda: build_regions(n)))
         regions = np.load(regions_path)
-        timed("attention", lambda: train_attention(latents, labels, regions, work, out, steps(2500)))
+        weight = recipe.attention_weight
+        record.timed(
+            "attention", lambda: train_attention(latents, labels, regions, work, out, recipe.attention, weight)
+        )
         (work / "attention.done").touch()
     if not (out / "clip" / "config.json").exists():
-        timed("clip", lambda: train_clip(images, labels, work, out, steps(900)))
+        record.timed("clip", lambda: train_clip(images, labels, work, out, recipe.clip))
     if not (out / "classifier.safetensors").exists():
-        timed("classifier", lambda: train_classifier(images, labels, work, out, steps(600)))
-    (out / "training_times.json").write_text(json.dumps(times, indent=2))
+        record.timed("classifier", lambda: train_classifier(images, labels, work, out, recipe.classifier))
+    record.data["measured"] = measure(out)
+    record.save()
+    shutil.copy(record.path, out / "training.json")
+    (out / "MODEL_CARD.md").write_text(render_model_card(record.data))

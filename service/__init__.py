@@ -1,1 +1,2 @@
-"""The PRISM HTTP API (FastAPI). Never imports torch: the engine runs in workers."""
+"""The PRISM service: the HTTP API (``api``), the job contract it shares with the workers
+(``contract``) and the ``prism`` command line (``cli``, the composition root nothing imports)."""

@@ -17,20 +17,24 @@ import uuid
 
 from redis import Redis
 from redis.exceptions import RedisError
-from rq import Queue, SimpleWorker
+from rq import SimpleWorker
+from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from service.keys import alive_key
-from service.recovery import recover_lost_jobs
-from service.settings import Settings
+from models.loading import load_bundle
+from service.contract.jobs import ErrorCode, job_queue, record_failure
+from service.contract.keys import alive_key
+from service.contract.recovery import recover_lost_jobs
+from service.contract.settings import Settings
 from worker import tasks
-from worker.runner import JobRunner
+from worker.runner import JobCanceled, JobRunner, failure_of
 
 log = logging.getLogger("prism.worker")
 
 
 class PrismWorker(SimpleWorker):
-    """SimpleWorker with JSON job arguments, no job descriptions in logs, and a liveness key."""
+    """SimpleWorker with JSON job arguments, no job descriptions in logs, a liveness key, and
+    every failure recorded as the job's :class:`~service.contract.jobs.JobError`."""
 
     def __init__(self, queues, *, runner: JobRunner, settings: Settings, **kwargs) -> None:
         kwargs.setdefault("serializer", JSONSerializer)
@@ -45,6 +49,21 @@ class PrismWorker(SimpleWorker):
         """SIGTERM/SIGINT: finish the current job, then leave for good (no reconnect)."""
         self.stopping = True
         super().request_stop(signum, frame)
+
+    def handle_exception(self, job: Job, *exc_info) -> None:
+        """Record why the job ended. A cancellation is RQ's "stopped on request" (not a failure);
+        expected failures are logged in one line, unexpected ones with RQ's traceback."""
+        exc = exc_info[1]
+        if isinstance(exc, JobCanceled):
+            self._stopped_job_id = job.id
+            log.info("job %s: canceled", job.id)
+            return
+        error = failure_of(exc, job.id)
+        record_failure(job, error)
+        if error.code is ErrorCode.internal:
+            super().handle_exception(job, *exc_info)
+        else:
+            log.warning("job %s: failed (%s)", job.id, error.code)
 
     @property
     def alive_key(self) -> str:
@@ -73,20 +92,9 @@ class PrismWorker(SimpleWorker):
                 log.warning("could not remove the liveness key; it expires by itself")
 
 
-def load_model(settings: Settings):
-    from models.builtin import builtin_model_dir
-    from models.loading import load_bundle
-
-    model_dir = settings.model_dir or builtin_model_dir()
-    if not settings.model_dir:
-        log.warning("PRISM_MODEL_DIR is not set: using the built-in phantom model (synthetic data only)")
-    return load_bundle(model_dir, settings.unet_weights, settings.clip_model, device=settings.device)
-
-
 def run_worker(settings: Settings, burst: bool = False) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     start = time.perf_counter()
-    bundle = load_model(settings)
+    bundle = load_bundle(settings.model_dir, settings.unet_weights, settings.clip_model, device=settings.device)
     log.info(
         "model %s loaded on %s (%s) in %.1f s",
         bundle.identity,
@@ -95,7 +103,7 @@ def run_worker(settings: Settings, burst: bool = False) -> None:
         time.perf_counter() - start,
     )
     redis = Redis.from_url(settings.redis_url)
-    queue = Queue(settings.queue_name, connection=redis, serializer=JSONSerializer)
+    queue = job_queue(redis, settings)
     runner = JobRunner(bundle, settings)
     delay = 1.0
     while True:

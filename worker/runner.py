@@ -1,4 +1,8 @@
-"""Adapts the engine to jobs: input from Redis, progress into job meta, outputs back to Redis."""
+"""Adapts the engine to jobs: input from Redis, progress into job meta, outputs back to Redis.
+
+A job that cannot finish raises: :class:`JobFailed` with its :class:`JobError`, or the engine's
+own exception, which :func:`failure_of` turns into one. The worker records it (see ``main``).
+"""
 
 from __future__ import annotations
 
@@ -6,45 +10,47 @@ import logging
 import time
 from pathlib import Path
 
+from pydantic import ValidationError
 from rq.job import Job
+from rq.timeouts import JobTimeoutException
 
 from models.errors import ImageError, InvalidInput
 from models.geometry import decode_image
 from models.inversion import InversionCache
 from models.loading import ModelBundle
-from models.params import EditParams
 from models.pipeline import generate_counterfactual
-from service.keys import cancel_key, output_key
-from service.settings import Settings
+from service.contract.jobs import ErrorCode, JobError, JobRequest, Progress, save_progress
+from service.contract.keys import cancel_key, output_key
+from service.contract.settings import Settings
 
 log = logging.getLogger("prism.worker")
-RESULT_FIELDS = (
-    "s_clip",
-    "passed",
-    "s_clip_threshold",
-    "similarities",
-    "score_reference",
-    "chosen_self_replace",
-    "candidates",
-    "timings",
-)
+PROGRESS_EVERY_S = 0.5
 
 
 class JobCanceled(Exception):
     """Raised from the progress callback when the client canceled the job."""
 
 
-def _failure(code: str, message: str) -> dict:
-    return {"error": {"code": code, "message": message}}
+class JobFailed(Exception):
+    def __init__(self, error: JobError) -> None:
+        super().__init__(error.code)
+        self.error = error
 
 
-def params_from_request(request: dict) -> EditParams:
-    """EditParams from the JSON job arguments (lists become tuples)."""
-    fields = {k: v for k, v in request.items() if k not in ("original_prompt", "edit_prompt")}
-    for name in ("self_replace_steps", "blend_words", "reweight_words"):
-        if fields.get(name) is not None:
-            fields[name] = tuple(fields[name])
-    return EditParams(**fields)
+def failure_of(exc: BaseException, job_id: str) -> JobError:
+    """The client-facing reason for an exception; messages never repeat prompts or pixels."""
+    if isinstance(exc, JobFailed):
+        return exc.error
+    if isinstance(exc, JobTimeoutException):
+        return JobError(code=ErrorCode.timeout, message="the job exceeded its time limit")
+    if isinstance(exc, ImageError):
+        return JobError(code=ErrorCode.invalid_image, message=str(exc))
+    if isinstance(exc, InvalidInput):
+        return JobError(code=ErrorCode.invalid_parameters, message=f"{exc.field}: check the request")
+    if isinstance(exc, ValidationError):
+        fields = ", ".join(sorted({str(e["loc"][0]) for e in exc.errors() if e["loc"]}))
+        return JobError(code=ErrorCode.invalid_parameters, message=f"invalid job request: {fields}")
+    return JobError(code=ErrorCode.internal, message=f"the worker failed on this job; its log has job id {job_id}")
 
 
 class JobRunner:
@@ -57,18 +63,14 @@ class JobRunner:
         self.cache = InversionCache(Path(cache_dir)) if cache_dir else None
 
     def run(self, job: Job, input_key: str, request: dict) -> dict:
+        """Run one job; returns the engine's report as JSON."""
         redis = job.connection
         data = redis.get(input_key)
         if data is None:
-            return _failure("input_expired", "the uploaded image is no longer stored; submit the job again")
-        try:
-            image = decode_image(data)
-            params = params_from_request(request)
-        except ImageError as exc:
-            return _failure("invalid_image", str(exc))
-        except (InvalidInput, TypeError) as exc:
-            return _failure("invalid_parameters", str(exc))
-
+            message = "the uploaded image is no longer stored; submit the job again"
+            raise JobFailed(JobError(code=ErrorCode.input_expired, message=message))
+        parsed = JobRequest.model_validate(request)
+        image = decode_image(data)
         last_save = 0.0
 
         def progress(phase: str, step: int, total: int) -> None:
@@ -76,9 +78,8 @@ class JobRunner:
             if redis.exists(cancel_key(job.id)):
                 raise JobCanceled
             now = time.monotonic()
-            if step in (0, 1, total) or now - last_save > 0.5:
-                job.meta["progress"] = {"phase": phase, "step": step, "total": total}
-                job.save_meta()
+            if step in (0, 1, total) or now - last_save > PROGRESS_EVERY_S:
+                save_progress(job, Progress(phase=phase, step=step, total=total))
                 last_save = now
 
         log.info("job %s: started", job.id)
@@ -87,23 +88,20 @@ class JobRunner:
             result = generate_counterfactual(
                 self.bundle,
                 image,
-                request["original_prompt"],
-                request["edit_prompt"],
-                params,
+                parsed.original_prompt,
+                parsed.edit_prompt,
+                parsed.edit_params(),
                 cache=self.cache,
                 callback=progress,
             )
-        except InvalidInput as exc:
-            return _failure("invalid_parameters", f"{exc.field}: check the request")
         except JobCanceled:
             redis.delete(input_key, cancel_key(job.id))
-            log.info("job %s: canceled", job.id)
-            return {"canceled": True}
+            raise
         ttl = self.settings.job_ttl_s
         with redis.pipeline() as pipe:
             for name, content in result.files().items():
                 pipe.set(output_key(job.id, name), content, ex=ttl)
             pipe.delete(input_key)
             pipe.execute()
-        log.info("job %s: done in %.1f s", job.id, sum(result.report["timings"].values()))
-        return {"result": {k: result.report[k] for k in RESULT_FIELDS}}
+        log.info("job %s: done in %.1f s", job.id, sum(result.report.timings.values()))
+        return result.report.model_dump(mode="json")

@@ -1,4 +1,5 @@
-"""The RQ job function. It runs inside the long-lived worker, which installed its runner."""
+"""The RQ job function (named by ``service.contract.jobs.TASK``). It runs inside the long-lived
+worker, which installed its runner."""
 
 from __future__ import annotations
 

@@ -1,0 +1,188 @@
+"""Raw ASGI middleware that watches the request body as it streams in, without copying it.
+
+* :class:`BodySizeLimit`: Starlette/FastAPI put no cap on request bodies; bytes are counted as
+  they arrive (also for chunked uploads) and the request is answered 413 past the limit.
+* :class:`Utf8FormFields`: Starlette decodes a multipart text field that is not valid UTF-8 as
+  Latin-1 instead of failing, so a prompt in a legacy encoding would arrive as different,
+  valid-looking text. The multipart stream is parsed once more on the fly (file parts skipped,
+  text parts decoded incrementally, nothing kept) and the names of bad fields are left in
+  ``request.state.non_utf8_fields`` for the route's dependencies to answer (after authentication).
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+def _too_large_body(limit: int) -> bytes:
+    detail = [{"loc": ["body"], "msg": f"request body exceeds {limit} bytes", "type": "too_large"}]
+    return json.dumps({"detail": detail}).encode()
+
+
+class BodySizeLimit:
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def _reject(self, send: Send) -> None:
+        body = _too_large_body(self.max_bytes)
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = 0
+                if declared > self.max_bytes:
+                    await self._reject(send)
+                    return
+        received = 0
+        started = too_large = False
+
+        async def counting_receive() -> Message:
+            nonlocal received, too_large
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    too_large = True
+                    raise BodyTooLarge
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            # the app may turn BodyTooLarge into its own error response: answer 413 instead
+            nonlocal started
+            if message["type"] == "http.response.start":
+                if started:
+                    return
+                started = True
+                if too_large:
+                    await self._reject(send)
+                    return
+            if not too_large:
+                await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except BodyTooLarge:
+            if not started:
+                await self._reject(send)
+
+
+class Utf8FieldCheck:
+    """Feed a multipart body chunk by chunk; ``bad`` names the text fields that are not UTF-8.
+
+    A body that does not parse stops the check without a finding: the form parser reports it.
+    """
+
+    def __init__(self, boundary: bytes) -> None:
+        self.bad: list[str] = []
+        self._header_name = self._header_value = self._disposition = b""
+        self._name = ""
+        self._decoder: codecs.IncrementalDecoder | None = None
+        self._failed = False
+        callbacks = {
+            "on_part_begin": self._part_begin,
+            "on_header_field": self._header_field,
+            "on_header_value": self._header_value_data,
+            "on_header_end": self._header_end,
+            "on_headers_finished": self._headers_finished,
+            "on_part_data": self._part_data,
+            "on_part_end": self._part_end,
+        }
+        self._parser: MultipartParser | None = MultipartParser(boundary, callbacks)
+
+    @classmethod
+    def for_content_type(cls, content_type: str) -> Utf8FieldCheck | None:
+        kind, options = parse_options_header(content_type)
+        boundary = options.get(b"boundary")
+        return cls(boundary) if kind == b"multipart/form-data" and boundary else None
+
+    def feed(self, chunk: bytes) -> None:
+        if self._parser is None:
+            return
+        try:
+            self._parser.write(chunk)
+        except MultipartParseError:
+            self._parser = None
+
+    def _part_begin(self) -> None:
+        self._disposition = b""
+        self._decoder = None
+        self._failed = False
+
+    def _header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header_name += data[start:end]
+
+    def _header_value_data(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def _header_end(self) -> None:
+        if self._header_name.lower() == b"content-disposition":
+            self._disposition = self._header_value
+        self._header_name = self._header_value = b""
+
+    def _headers_finished(self) -> None:
+        options = parse_options_header(self._disposition)[1]
+        self._name = options.get(b"name", b"").decode("utf-8", "replace")
+        is_file = b"filename" in options
+        self._decoder = None if is_file else codecs.getincrementaldecoder("utf-8")()
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._decoder is None or self._failed:
+            return
+        try:
+            self._decoder.decode(data[start:end])
+        except UnicodeDecodeError:
+            self._failed = True
+
+    def _part_end(self) -> None:
+        if self._decoder is None:
+            return
+        if not self._failed:
+            try:
+                self._decoder.decode(b"", final=True)
+            except UnicodeDecodeError:
+                self._failed = True
+        if self._failed:
+            self.bad.append(self._name)
+
+
+class Utf8FormFields:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers", []))
+        check = Utf8FieldCheck.for_content_type(headers.get(b"content-type", b"").decode("latin-1"))
+        if check is None:
+            await self.app(scope, receive, send)
+            return
+        scope.setdefault("state", {})["non_utf8_fields"] = check.bad
+
+        async def checking_receive() -> Message:
+            message = await receive()
+            if message["type"] == "http.request":
+                check.feed(message.get("body", b""))
+            return message
+
+        await self.app(scope, checking_receive, send)

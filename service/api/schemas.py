@@ -1,0 +1,63 @@
+"""Pydantic models of the HTTP API's answers: what /docs and /openapi.json show."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, Field
+
+from models.report import EditReport
+from service.contract.jobs import JobError, Progress
+
+JobState = Literal["queued", "running", "succeeded", "failed", "canceled"]
+
+
+class JobLinks(BaseModel):
+    self: str = Field(examples=["/jobs/3f2a9c0e6b1d4f7a8e5c2b9d0a1f3e4c"])
+    files: dict[str, str] = Field(default_factory=dict, description="present once the job has succeeded")
+
+
+class JobAccepted(BaseModel):
+    id: str
+    status: Literal["queued"] = "queued"
+    links: JobLinks
+
+
+class JobResult(EditReport):
+    """The engine's report (also ``result.json``) and where to download the result files."""
+
+    files: Annotated[dict[str, str], Field(description="download link of each result file")]
+
+
+class JobStatus(BaseModel):
+    id: str
+    status: JobState
+    progress: Progress
+    requeues: int = Field(0, description="times the job went back to the queue because its worker died")
+    created_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    result: JobResult | None = None
+    error: JobError | None = None
+    links: JobLinks
+
+
+class ErrorDetail(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ValidationErrorBody(BaseModel):
+    detail: list[ErrorDetail]
+
+
+class MessageBody(BaseModel):
+    detail: str
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unavailable"]
+    redis: bool | None = None
+    workers: int | None = None

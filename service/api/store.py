@@ -1,0 +1,140 @@
+"""The API's side of the queue: store inputs, enqueue jobs, read status and result files. Torch-free."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import uuid
+from dataclasses import dataclass
+
+from redis import Redis
+from rq.exceptions import NoSuchJobError
+from rq.job import Job
+from rq.job import JobStatus as RQStatus
+
+from models.report import EditReport
+from service.api.errors import IdempotencyConflict, NotCancelable, QueueFull
+from service.api.schemas import JobLinks, JobResult, JobState, JobStatus
+from service.contract.jobs import (
+    FILE_NAMES,
+    JobRequest,
+    enqueue,
+    fetch_job,
+    job_queue,
+    read_failure,
+    read_progress,
+)
+from service.contract.keys import alive_key, cancel_key, idempotency_key, input_key, output_key
+from service.contract.recovery import recover_lost_jobs, worker_lost
+from service.contract.settings import Settings
+
+JOB_ID = re.compile(r"[0-9a-f]{32}")
+
+_STATES: dict[str, JobState] = {
+    RQStatus.QUEUED: "queued",
+    RQStatus.DEFERRED: "queued",
+    RQStatus.SCHEDULED: "queued",
+    RQStatus.STARTED: "running",
+    RQStatus.FINISHED: "succeeded",
+    RQStatus.FAILED: "failed",
+    RQStatus.STOPPED: "canceled",
+    RQStatus.CANCELED: "canceled",
+}
+
+
+def links(job_id: str, with_files: bool = False) -> JobLinks:
+    files = {name: f"/jobs/{job_id}/files/{name}" for name in FILE_NAMES} if with_files else {}
+    return JobLinks(self=f"/jobs/{job_id}", files=files)
+
+
+@dataclass
+class JobStore:
+    redis: Redis
+    settings: Settings
+
+    def submit(self, image: bytes, request: JobRequest, owner: str, client_key: str | None = None) -> str:
+        """Store the input under a TTL'd key and enqueue a job that refers to it.
+
+        With an Idempotency-Key (``client_key``), a repeat of the same request returns the first job's id.
+        """
+        ttl = self.settings.job_ttl_s
+        job_id = uuid.uuid4().hex
+        idem = None
+        if client_key is not None:
+            digest = hashlib.sha256(image + request.model_dump_json().encode()).hexdigest()
+            idem = idempotency_key(owner, client_key)
+            if not self.redis.set(idem, f"{job_id}:{digest}", nx=True, ex=ttl):
+                existing_id, _, existing_digest = (self.redis.get(idem) or b"").decode().partition(":")
+                if existing_digest != digest:
+                    raise IdempotencyConflict
+                return existing_id
+        queue = job_queue(self.redis, self.settings)
+        if queue.count >= self.settings.max_queue_depth:
+            if idem is not None:
+                self.redis.delete(idem)
+            raise QueueFull(self.settings.retry_after_s)
+        self.redis.set(input_key(job_id), image, ex=ttl)
+        enqueue(queue, job_id, request, owner, self.settings)
+        return job_id
+
+    def _fetch(self, job_id: str, owner: str) -> Job | None:
+        """The job, or None if it does not exist or belongs to another tenant."""
+        if not JOB_ID.fullmatch(job_id):
+            return None
+        try:
+            job = fetch_job(self.redis, job_id)
+        except NoSuchJobError:
+            return None
+        return job if job.meta.get("owner") == owner else None
+
+    def status(self, job_id: str, owner: str) -> JobStatus | None:
+        job = self._fetch(job_id, owner)
+        if job is None:
+            return None
+        if worker_lost(self.redis, self.settings, job):
+            recover_lost_jobs(self.redis, self.settings)
+            job = self._fetch(job_id, owner)
+        state = _STATES.get(job.get_status(refresh=False), "queued")
+        result = error = None
+        if state == "succeeded":
+            report = EditReport.model_validate(job.return_value())
+            result = JobResult(**dict(report), files=links(job_id, True).files)
+        elif state == "failed":
+            error = read_failure(job)
+        return JobStatus(
+            id=job_id,
+            status=state,
+            progress=read_progress(job),
+            requeues=min(int(job.meta.get("lost", 0)), self.settings.max_requeues),
+            created_at=job.created_at,
+            started_at=job.started_at,
+            finished_at=job.ended_at,
+            result=result,
+            error=error,
+            links=links(job_id, with_files=result is not None),
+        )
+
+    def cancel(self, job_id: str, owner: str) -> JobStatus | None:
+        """Remove a queued job, or flag a running one (its worker stops within one step)."""
+        job = self._fetch(job_id, owner)
+        if job is None:
+            return None
+        status = job.get_status()
+        if status in (RQStatus.QUEUED, RQStatus.DEFERRED, RQStatus.SCHEDULED):
+            job.cancel()
+            self.redis.delete(input_key(job_id))
+        elif status == RQStatus.STARTED:
+            self.redis.set(cancel_key(job_id), 1, ex=self.settings.job_ttl_s)
+        elif _STATES.get(status) != "canceled":
+            raise NotCancelable
+        return self.status(job_id, owner)
+
+    def file(self, job_id: str, name: str, owner: str) -> bytes | None:
+        if name not in FILE_NAMES or self._fetch(job_id, owner) is None:
+            return None
+        return self.redis.get(output_key(job_id, name))
+
+    def live_workers(self) -> int:
+        """Workers whose heartbeat key has not expired (no registry cleanup involved)."""
+        pattern = f"{alive_key(self.settings.queue_name, '')}*"
+        return sum(1 for _ in self.redis.scan_iter(match=pattern, count=100))

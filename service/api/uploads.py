@@ -1,0 +1,60 @@
+"""Checks of uploaded images in the API process (Pillow only, no torch).
+
+The content decides the format, not the client's filename or Content-Type: only PNG and
+JPEG are opened, the pixel count is capped before decoding, and a truncated file is rejected.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from PIL import Image
+
+SIGNATURES = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG"}
+
+
+@dataclass
+class UploadRejected(Exception):
+    """The ``image`` field is unusable: 413, 415 or 422 with a message naming why."""
+
+    status_code: int
+    message: str
+    kind: str = "invalid_image"
+
+
+def read_upload(file: BinaryIO, max_bytes: int, max_pixels: int) -> bytes:
+    """The uploaded bytes, checked to be a decodable image within the limits."""
+    data = file.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise UploadRejected(413, f"file exceeds {max_bytes} bytes", "too_large")
+    check_image(data, max_pixels)
+    return data
+
+
+def check_image(data: bytes, max_pixels: int) -> tuple[int, int]:
+    """Return (width, height) of a decodable single-frame PNG/JPEG, else raise UploadRejected."""
+    if not data:
+        raise UploadRejected(422, "the file is empty")
+    kind = next((name for sig, name in SIGNATURES.items() if data.startswith(sig)), None)
+    if kind is None:
+        raise UploadRejected(415, "not a PNG or JPEG image (detected from the file content)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=[kind]) as img:
+                width, height = img.size
+                if width * height > max_pixels:
+                    raise UploadRejected(413, f"image has {width * height} pixels; the limit is {max_pixels}")
+                if getattr(img, "n_frames", 1) > 1:
+                    raise UploadRejected(422, "animated or multi-frame images are not accepted")
+                img.load()
+    except UploadRejected:
+        raise
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        raise UploadRejected(413, f"image is too large to decode safely: {exc}") from exc
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise UploadRejected(422, f"the {kind} file cannot be decoded (truncated or corrupt)") from exc
+    return width, height

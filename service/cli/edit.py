@@ -1,0 +1,87 @@
+"""``prism edit``: one counterfactual with the engine, written as the API's five result files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from models.params import EditOptions, EditParams
+from service.cli.options import add_model_flags, model_from_args
+
+ALIASES = {
+    "guidance_scale": ["--guidance"],
+    "cross_replace_steps": ["--cross-replace"],
+    "self_replace_steps": ["--self-replace"],
+}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    edit = sub.add_parser("edit", help="generate a counterfactual for one image")
+    edit.add_argument("--image", required=True, help="input PNG or JPEG")
+    edit.add_argument("--original-prompt", required=True)
+    edit.add_argument("--edit-prompt", required=True)
+    edit.add_argument("--out", required=True, help="output directory")
+    edit.add_argument("--model", help="diffusers SD directory (default: $PRISM_MODEL_DIR, else the built-in model)")
+    edit.add_argument("--unet-weights", help="fine-tuned UNet .safetensors loaded over --model")
+    edit.add_argument("--clip-model", help="CLIP directory for scoring (default: MODEL/clip)")
+    edit.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    edit.add_argument("--cache", help="directory to cache inversions in (reused for the same image and prompt)")
+    add_model_flags(edit.add_argument_group("edit options (as in the API)"), EditOptions, ALIASES)
+    edit.set_defaults(func=run)
+
+
+def progress_bars():
+    """A progress callback drawing one tqdm bar per phase on stderr, and a function closing them."""
+    from tqdm import tqdm
+
+    bars: dict[str, tqdm] = {}
+
+    def progress(phase: str, step: int, total: int) -> None:
+        if phase not in bars:
+            for bar in bars.values():
+                bar.close()
+            bars[phase] = tqdm(total=total, desc=phase, file=sys.stderr)
+        bars[phase].update(step - bars[phase].n)
+
+    def close() -> None:
+        for bar in bars.values():
+            bar.close()
+
+    return progress, close
+
+
+def run(args: argparse.Namespace) -> int:
+    from models.errors import ImageError, InvalidInput, ModelLoadError
+    from models.geometry import decode_image
+    from models.inversion import InversionCache
+    from models.loading import load_bundle
+    from models.pipeline import generate_counterfactual
+    from service.contract.settings import get_settings
+
+    settings = get_settings()
+    try:
+        params = EditParams(**model_from_args(EditOptions, args).model_dump())
+        image = decode_image(Path(args.image).read_bytes())
+        bundle = load_bundle(
+            args.model or settings.model_dir,
+            unet_weights=args.unet_weights or settings.unet_weights,
+            clip_dir=args.clip_model or settings.clip_model,
+            device=args.device,
+        )
+        progress, close = progress_bars()
+        cache = InversionCache(Path(args.cache)) if args.cache else None
+        result = generate_counterfactual(
+            bundle, image, args.original_prompt, args.edit_prompt, params, cache=cache, callback=progress
+        )
+        close()
+    except (ValueError, ImageError, InvalidInput, ModelLoadError, OSError) as exc:
+        print(f"prism edit: error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, data in result.files().items():
+        (out / name).write_bytes(data)
+    print(json.dumps({"out": str(out), "s_clip": result.report.s_clip, "passed": result.report.passed}))
+    return 0

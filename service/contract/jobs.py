@@ -1,0 +1,134 @@
+"""What a counterfactual job carries, how it is enqueued, and how it ends.
+
+A job's arguments are JSON (never pickle) and name the Redis key of the uploaded image rather
+than carrying its bytes. A job ends one of three ways, each read back one way:
+
+* succeeded: the job's return value is the engine's :class:`~models.report.EditReport`;
+* failed: ``meta["error"]`` holds a :class:`JobError`, written by the worker or by the recovery sweep;
+* canceled: RQ's own canceled (still queued) or stopped (was running) state.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field
+from redis import Redis
+from rq import Queue
+from rq.job import Job
+from rq.serializers import JSONSerializer
+
+from models.params import EditOptions, EditParams
+from service.contract.keys import input_key
+from service.contract.settings import Settings
+
+TASK = "worker.tasks.run_counterfactual"
+"""The job function, by name: the API never imports the worker."""
+
+FileName = Literal["counterfactual.png", "difference.png", "difference.npy", "reconstruction.png", "result.json"]
+FILE_NAMES: tuple[str, ...] = get_args(FileName)
+
+PROMPT_MAX_CHARS = 1000
+
+
+class JobRequest(EditOptions):
+    """Everything a worker needs besides the image: the prompts and the client's edit options."""
+
+    original_prompt: Annotated[
+        str,
+        Field(
+            max_length=PROMPT_MAX_CHARS,
+            description="what the image shows",
+            examples=["chest x-ray of a patient with support devices"],
+        ),
+    ]
+    edit_prompt: Annotated[
+        str,
+        Field(
+            max_length=PROMPT_MAX_CHARS,
+            description="what the counterfactual should show",
+            examples=["chest x-ray of a patient without support devices"],
+        ),
+    ]
+
+    def edit_params(self) -> EditParams:
+        return EditParams(**self.model_dump(include=set(EditOptions.model_fields)))
+
+
+class ErrorCode(StrEnum):
+    """Why a job failed; a client can act on each."""
+
+    invalid_image = "invalid_image"
+    invalid_parameters = "invalid_parameters"
+    input_expired = "input_expired"
+    timeout = "timeout"
+    worker_lost = "worker_lost"
+    internal = "internal"
+
+
+class JobError(BaseModel):
+    """A failed job's reason. The message never repeats prompts, pixels or file names."""
+
+    model_config = ConfigDict(frozen=True)
+
+    code: ErrorCode
+    message: str
+
+
+class Progress(BaseModel):
+    """Where a running job is: written by the worker into the job's meta, read by the API."""
+
+    phase: Annotated[
+        str | None, Field(examples=["null_text"], description="decode, encode, inversion, null_text, editing, scoring")
+    ] = None
+    step: int = 0
+    total: int = 0
+
+
+def job_queue(redis: Redis, settings: Settings) -> Queue:
+    """The queue both sides use, with JSON job arguments (pickled arguments would let anyone who
+    can write to Redis run code in a worker)."""
+    return Queue(settings.queue_name, connection=redis, serializer=JSONSerializer)
+
+
+def fetch_job(redis: Redis, job_id: str) -> Job:
+    return Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
+
+
+def enqueue(queue: Queue, job_id: str, request: JobRequest, owner: str, settings: Settings) -> Job:
+    """Enqueue the job for an image already stored at ``input_key(job_id)``."""
+    ttl = settings.job_ttl_s
+    return queue.enqueue_call(
+        TASK,
+        kwargs={"input_key": input_key(job_id), "request": request.model_dump(mode="json")},
+        job_id=job_id,
+        timeout=settings.job_timeout_s,
+        result_ttl=ttl,
+        failure_ttl=ttl,
+        ttl=ttl,
+        description="prism counterfactual",
+        meta={"owner": owner},
+    )
+
+
+def record_failure(job: Job, error: JobError) -> None:
+    job.meta["error"] = error.model_dump(mode="json")
+    job.save_meta()
+
+
+def read_failure(job: Job) -> JobError:
+    """The recorded reason of a failed job (``internal`` if none was recorded)."""
+    raw = job.get_meta(refresh=False).get("error")
+    if raw is None:
+        return JobError(code=ErrorCode.internal, message=f"the worker failed on this job; its log has job id {job.id}")
+    return JobError.model_validate(raw)
+
+
+def save_progress(job: Job, progress: Progress) -> None:
+    job.meta["progress"] = progress.model_dump()
+    job.save_meta()
+
+
+def read_progress(job: Job) -> Progress:
+    return Progress.model_validate(job.get_meta(refresh=False).get("progress") or {})

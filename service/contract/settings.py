@@ -1,0 +1,42 @@
+"""Configuration from the environment (``PRISM_*``), read by both the API and the workers."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PRISM_", extra="ignore")
+
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis holding the queue, inputs and outputs")
+    queue_name: str = "prism"
+    model_dir: str | None = Field(None, description="diffusers SD directory; unset: the built-in model")
+    unet_weights: str | None = Field(None, description="fine-tuned UNet .safetensors loaded over model_dir")
+    clip_model: str | None = Field(None, description="CLIP directory for scoring; unset: MODEL_DIR/clip")
+    device: str | None = Field(None, description="cpu or cuda; unset: cuda when available")
+    inversion_cache_dir: str | None = Field(None, description="directory for cached inversions; unset: no cache")
+    job_ttl_s: int = Field(24 * 3600, ge=60, description="how long inputs, results and failures are kept")
+    job_timeout_s: int = Field(3600, ge=1, description="a job running longer fails with code 'timeout'")
+    max_upload_bytes: int = Field(
+        80 * 1024 * 1024, ge=1024, description="request body limit: a 16-bit 4096x4096 X-ray is 32 MiB raw"
+    )
+    max_image_pixels: int = Field(4096 * 4096, ge=64 * 64)
+    retry_after_s: int = Field(2, ge=1, description="Retry-After of 202 and 503 answers")
+    worker_heartbeat_s: int = Field(10, ge=1, description="worker heartbeat period; a worker is dead after 3 missed")
+    max_requeues: int = Field(1, ge=0, description="times a job whose worker died is re-queued before it fails")
+    max_queue_depth: int = Field(100, ge=1, description="above this many queued jobs, POST answers 503")
+    auth: Literal["on", "off"] = Field("on", description="'off' only for local use: no API keys, one tenant")
+    api_keys_file: str | None = Field(None, description="file of 'name:sha256(key)' lines (prism keys add NAME)")
+    rate_limit_per_minute: int = Field(
+        30, ge=1, description="submissions per API key in any 60-second window (429 above)"
+    )
+    home: str = Field("~/.cache/prism", description="the quick start's Redis data")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

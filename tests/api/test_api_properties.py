@@ -1,0 +1,108 @@
+"""Property-based run of schemathesis against the service's own /openapi.json.
+
+Half of the POSTs carry a valid PNG and valid prompts so the success paths (202, polling,
+downloads) are reached too. Every response must be non-5xx and match the documented schema.
+"""
+
+import io
+import itertools
+
+import httpx
+import numpy as np
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from schemathesis.checks import (
+    content_type_conformance,
+    not_a_server_error,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+from tests.stack import Cluster
+
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+]
+EXAMPLES = {"POST /counterfactual": 600, "GET /jobs/{job_id}": 250, "GET /jobs/{job_id}/files/{name}": 150,
+            "POST /jobs/{job_id}/cancel": 100, "GET /healthz": 30, "GET /readyz": 30}  # fmt: skip
+
+
+def _png(side: int, value: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((side, side), value, np.uint8), mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+VALID_FORM = st.fixed_dictionaries(
+    {
+        "image": st.builds(_png, st.integers(8, 48), st.integers(0, 255)),
+        "original_prompt": st.sampled_from(["chest x-ray of a patient with support devices", "chest x-ray"]),
+        "edit_prompt": st.sampled_from(["chest x-ray of a patient without support devices", "normal chest x-ray"]),
+        "steps": st.integers(1, 3),
+        "self_replace_steps": st.sampled_from(["0.5", "0.4,0.8"]),
+    }
+)
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory, tiny_model_dir):
+    limits = {"PRISM_MAX_QUEUE_DEPTH": "100000", "PRISM_RATE_LIMIT_PER_MINUTE": "100000", "PRISM_JOB_TIMEOUT_S": "2"}
+    with Cluster(tmp_path_factory.mktemp("schemathesis"), tiny_model_dir, workers=1, **limits) as cluster:
+        yield cluster
+
+
+def test_openapi_contract_holds_for_generated_requests(api):
+    schema = schemathesis.openapi.from_url(f"{api.url}/openapi.json")
+    known_jobs: list[str] = []
+    counter = itertools.count()
+    calls = {}
+    for operation in schema.get_all_operations():
+        op = operation.ok()
+        label = f"{op.method.upper()} {op.path}"
+        strategy = op.as_strategy()
+        if label == "POST /counterfactual":
+            strategy = st.one_of(strategy, st.tuples(strategy, VALID_FORM).map(lambda p: _with_body(*p)))
+        elif "{job_id}" in op.path:
+            strategy = st.tuples(strategy, st.booleans()).map(lambda p: _with_known_job(*p, known_jobs))
+
+        @settings(
+            max_examples=EXAMPLES[label],
+            deadline=None,
+            derandomize=True,
+            suppress_health_check=list(HealthCheck),
+            database=None,
+        )
+        @given(case=strategy)
+        def run(case):
+            response = case.call(base_url=api.url, timeout=30)
+            next(counter)
+            calls[case.operation.label] = calls.get(case.operation.label, 0) + 1
+            case.validate_response(response, checks=CHECKS)
+            if response.status_code == 202:
+                known_jobs.append(response.json()["id"])
+
+        run()
+    total = next(counter)
+    assert total >= 1000, calls
+    assert len(known_jobs) >= 50, "valid submissions should reach the success path"
+    finished = [httpx.get(f"{api.url}/jobs/{j}").json()["status"] for j in known_jobs[:5]]
+    assert all(s in ("queued", "running", "succeeded", "failed", "canceled") for s in finished)
+
+
+def _with_body(case, form):
+    case.body = {**(case.body or {}), **form}
+    return case
+
+
+def _with_known_job(case, use_known, known_jobs):
+    if use_known and known_jobs:
+        case.path_parameters = {**case.path_parameters, "job_id": known_jobs[len(known_jobs) // 2]}
+    return case

@@ -1,0 +1,77 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+from tests.helpers import write_png, xray_like
+
+
+def _prism(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "service.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_make_tiny_model_then_edit_writes_all_five_files(tmp_path):
+    model = tmp_path / "t"
+    assert _prism("make-tiny-model", str(model)).returncode == 0
+    original = xray_like(90, 70)
+    image = write_png(tmp_path / "any.png", original)
+    out = tmp_path / "o"
+    proc = _prism(
+        "edit", "--model", str(model), "--image", str(image),
+        "--original-prompt", "chest x-ray showing support devices",
+        "--edit-prompt", "chest x-ray without support devices",
+        "--out", str(out), "--steps", "10", "--self-replace", "0.4,0.6,0.8",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == [
+        "counterfactual.png", "difference.npy", "difference.png", "reconstruction.png", "result.json",
+    ]  # fmt: skip
+    assert "editing" in proc.stderr  # progress bar
+
+    cf_img = Image.open(out / "counterfactual.png")
+    assert cf_img.size == (70, 90) and cf_img.mode == "L"
+    assert Image.open(out / "reconstruction.png").size == (70, 90)
+    assert Image.open(out / "difference.png").size == (70, 90)
+    cf = np.asarray(cf_img, dtype=np.float32) / 255
+    inp = np.asarray(Image.open(image), dtype=np.float32) / 255
+    diff = np.load(out / "difference.npy")
+    assert diff.dtype == np.float32 and diff.shape == (90, 70)
+    assert np.allclose(diff, cf - inp, atol=1e-6)
+
+    report = json.loads((out / "result.json").read_text())
+    assert -1 <= report["s_clip"] <= 1
+    assert report["passed"] == (report["s_clip"] >= 0.1)
+    assert [c["self_replace_steps"] for c in report["candidates"]] == [0.4, 0.6, 0.8]
+    best = max(report["candidates"], key=lambda c: c["s_clip"])
+    assert report["chosen_self_replace"] == best["self_replace_steps"] and report["s_clip"] == best["s_clip"]
+    assert report["parameters"]["steps"] == 10
+    assert {"null_text", "editing", "scoring"} <= set(report["timings"])
+    assert report["model"]["identity"]
+
+
+def test_16_bit_input_gives_16_bit_output(tmp_path):
+    model = tmp_path / "t"
+    _prism("make-tiny-model", str(model))
+    image = write_png(tmp_path / "in16.png", xray_like(64, 64), bit_depth=16)
+    out = tmp_path / "o"
+    proc = _prism(
+        "edit", "--model", str(model), "--image", str(image), "--original-prompt", "chest x-ray",
+        "--edit-prompt", "chest x-ray showing cardiomegaly", "--out", str(out), "--steps", "3", "--self-replace", "0.5",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    cf = np.asarray(Image.open(out / "counterfactual.png"))
+    assert cf.dtype == np.uint16
+    inp = np.asarray(Image.open(image)).astype(np.float32) / 65535
+    assert np.allclose(np.load(out / "difference.npy"), cf.astype(np.float32) / 65535 - inp, atol=1e-6)
+
+
+def test_missing_model_directory_is_named(tmp_path):
+    image = write_png(tmp_path / "x.png", xray_like(32, 32))
+    proc = _prism(
+        "edit", "--model", str(tmp_path / "missing"), "--image", str(image), "--original-prompt", "chest x-ray",
+        "--edit-prompt", "chest x-ray", "--out", str(tmp_path / "o"),
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "model directory not found" in proc.stderr and str(tmp_path / "missing") in proc.stderr

@@ -1,0 +1,60 @@
+"""The deployment files: compose properties the operations team relies on."""
+
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def test_redis_is_durable_and_never_evicts():
+    redis = _compose()["services"]["redis"]
+    command = " ".join(redis["command"])
+    assert "--appendonly yes" in command
+    assert "--maxmemory-policy noeviction" in command
+    assert "redis-cli" in " ".join(redis["healthcheck"]["test"])
+    assert any(v.endswith(":/data") for v in redis["volumes"])
+
+
+def test_worker_reserves_a_gpu_and_mounts_weights_read_only():
+    worker = _compose()["services"]["worker"]
+    devices = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    assert any(v.endswith(":/models:ro") for v in worker["volumes"])
+    assert worker["environment"]["PRISM_MODEL_DIR"].startswith("/models/")
+    assert worker["depends_on"]["redis"]["condition"] == "service_healthy"
+
+
+def test_api_talks_to_redis_and_image_has_no_torch():
+    api = _compose()["services"]["api"]
+    assert api["environment"]["PRISM_REDIS_URL"] == "redis://redis:6379/0"
+    assert api["build"]["dockerfile"] == "docker/api.Dockerfile"
+    lines = (ROOT / "docker" / "requirements-api.txt").read_text().lower().splitlines()
+    packages = {line.split("==")[0] for line in lines if line and not line.startswith("#")}
+    assert {"fastapi", "uvicorn", "redis", "rq", "python-multipart"} <= packages
+    assert not packages & {"torch", "diffusers", "safetensors"}
+    dockerfile = [line for line in (ROOT / "docker" / "api.Dockerfile").read_text().splitlines() if line[:1] != "#"]
+    assert "pip install --no-cache-dir --no-deps ." in "\n".join(dockerfile)
+    assert not any("torch" in line for line in dockerfile)
+
+
+def test_worker_image_does_not_bake_weights():
+    dockerfile = (ROOT / "docker" / "worker.Dockerfile").read_text()
+    assert 'VOLUME ["/models"' in dockerfile
+    assert ".safetensors" not in dockerfile.split("ENV PRISM_DEVICE")[0]
+    assert 'prism", "worker' in dockerfile
+
+
+def test_images_copy_every_package_they_install():
+    import tomllib
+
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = [pattern.rstrip("*") for pattern in include]
+    for name in ("api", "worker"):
+        dockerfile = (ROOT / "docker" / f"{name}.Dockerfile").read_text()
+        missing = [p for p in packages if f"COPY {p} /app/{p}" not in dockerfile]
+        assert not missing, f"{name}.Dockerfile does not copy {missing}"

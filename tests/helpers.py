@@ -1,0 +1,36 @@
+"""Helpers shared by the tests: test images and the prompts most tests use."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+SOURCE = "chest x-ray of a patient with support devices"
+EDIT = "chest x-ray of a patient without support devices"
+
+
+def xray_like(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A smooth grayscale test image in [0, 1] with structure the VAE can represent."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width] / max(height, width)
+    img = 0.5 + 0.25 * np.sin(6 * xx + rng.uniform(0, 3)) * np.cos(4 * yy) + 0.05 * rng.standard_normal((height, width))
+    return np.clip(img, 0, 1).astype(np.float32)
+
+
+def png_bytes(pixels: np.ndarray, bit_depth: int = 8, **save) -> bytes:
+    """A grayscale PNG of intensities in [0, 1]."""
+    if bit_depth == 16:
+        img = Image.fromarray(np.round(pixels * 65535).astype(np.uint16))
+    else:
+        img = Image.fromarray(np.round(pixels * 255).astype(np.uint8), mode="L")
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", **save)
+    return buf.getvalue()
+
+
+def write_png(path: Path, pixels: np.ndarray, bit_depth: int = 8) -> Path:
+    path.write_bytes(png_bytes(pixels, bit_depth))
+    return path

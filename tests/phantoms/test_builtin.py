@@ -1,0 +1,75 @@
+"""The shipped phantom model: loads offline, edits towards the true counterfactual."""
+
+import json
+
+import numpy as np
+import pytest
+
+from models.builtin import BUILTIN_DIR, builtin_model_dir
+from models.loading import load_bundle
+from models.params import EditParams, NullTextSettings
+from phantoms.bench import run_benchmark
+from phantoms.classifier import FindingClassifier
+
+
+@pytest.fixture(scope="module")
+def builtin():
+    return load_bundle(builtin_model_dir(), device="cpu")
+
+
+def test_shipped_weights_are_small_and_load_offline(builtin):
+    size = sum(p.stat().st_size for p in BUILTIN_DIR.rglob("*") if p.is_file())
+    assert size < 50 * 1024 * 1024
+    assert builtin.resolution == 128 and builtin.vae.config.in_channels == 1
+    assert (BUILTIN_DIR / "MODEL_CARD.md").read_text().count("not for clinical use") >= 1
+
+
+def test_classifier_recognises_held_out_findings():
+    import torch
+
+    from phantoms.bench import bench_case
+    from phantoms.render import render
+
+    classifier = FindingClassifier.load(BUILTIN_DIR / "classifier.safetensors")
+    images, labels = [], []
+    for task in ("remove_devices", "add_devices", "remove_effusion", "remove_cardiomegaly"):
+        for i in range(8):
+            anatomy, source, _, _ = bench_case(task, i)
+            images.append(render(anatomy, source))
+            labels.append(source.as_vector())
+    with torch.no_grad():
+        probs = torch.sigmoid(classifier(torch.from_numpy(np.stack(images))[:, None])).numpy()
+    assert ((probs > 0.5) == (np.stack(labels) > 0.5)).mean() > 0.9
+
+
+def test_residual_counterfactual_keeps_the_input_where_the_latent_was_not_edited(builtin):
+    from models.geometry import DecodedImage
+    from models.pipeline import generate_counterfactual
+    from phantoms.bench import bench_case
+    from phantoms.captions import explicit_caption
+    from phantoms.render import render
+
+    anatomy, source, target, _ = bench_case("remove_devices", 0, builtin.resolution)
+    pixels = np.round(render(anatomy, source) * 255) / 255
+    params = EditParams(
+        steps=6, self_replace_steps=(0.6,), blend_words=("support devices",), null_text=NullTextSettings(inner_steps=2)
+    )
+    cf = generate_counterfactual(
+        builtin, DecodedImage(pixels.astype(np.float32), 8), explicit_caption(source), explicit_caption(target), params
+    )
+    untouched = cf.difference == 0
+    assert 0.05 < cf.report.edited_fraction < 0.6
+    assert untouched.mean() >= 1 - cf.report.edited_fraction
+    assert np.abs(cf.difference).max() > 0.1
+
+
+def test_device_removal_moves_towards_the_truth(builtin, tmp_path):
+    """The fast benchmark: a few held-out phantoms, few steps; L1 to the truth must shrink."""
+    classifier = FindingClassifier.load(BUILTIN_DIR / "classifier.safetensors")
+    params = EditParams(steps=10, self_replace_steps=(0.4, 0.6, 0.8), null_text=NullTextSettings(inner_steps=5))
+    report = run_benchmark(builtin, classifier, 3, tmp_path, params, tasks=("remove_devices",))
+    result = report["tasks"]["remove_devices"]
+    assert result["n"] == 3 and result["l1_ratio"] < 1.0, result
+    assert result["outside_change"] < 0.02 and 0 <= result["flip_rate"] <= 1 and -1 <= result["s_clip"] <= 1
+    assert json.loads((tmp_path / "results.json").read_text())["tasks"]["remove_devices"] == result
+    assert (tmp_path / "grid.png").exists() and "remove_devices" in (tmp_path / "results.md").read_text()
