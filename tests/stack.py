@@ -23,8 +23,10 @@ STALL_S = 300.0
 T = TypeVar("T")
 
 
-def wait_for(observe: Callable[[], T], done: Callable[[T], bool], what: str, stall_s: float = STALL_S) -> T:
-    """Poll ``observe`` until ``done``; fail only if the observation stops changing for ``stall_s``."""
+def wait_for(
+    observe: Callable[[], T], done: Callable[[T], bool], what: str, stall_s: float = STALL_S, every_s: float = 0.1
+) -> T:
+    """Poll ``observe`` every ``every_s`` until ``done``; fail if the observation stops changing for ``stall_s``."""
     last, changed = object(), time.monotonic()
     while True:
         value = observe()
@@ -34,7 +36,7 @@ def wait_for(observe: Callable[[], T], done: Callable[[T], bool], what: str, sta
             last, changed = value, time.monotonic()
         elif time.monotonic() - changed > stall_s:
             raise TimeoutError(f"{what}: no change for {stall_s:.0f} s (last: {value!r})")
-        time.sleep(0.1)
+        time.sleep(every_s)
 
 
 def service_env(redis_url: str, model_dir: Path, **extra: str) -> dict[str, str]:

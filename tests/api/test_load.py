@@ -47,7 +47,7 @@ def test_200_jobs_two_workers_one_killed(tmp_path, tiny_model_dir):
                 victim.wait()
             return len(statuses)
 
-        wait_for(finished, lambda n: n == JOBS, "jobs finishing")
+        wait_for(finished, lambda n: n == JOBS, "jobs finishing", every_s=1.0)
         assert victim.poll() is not None
 
     assert collections.Counter(statuses.values()) == {"succeeded": JOBS}
