@@ -1,16 +1,20 @@
 """Prompt-to-prompt attention control through diffusers attention processors.
 
-The denoising batch is ``[uncond x B, cond x B]`` with B = 1 + K: element 0 of each half is the
-source branch, elements 1..K are edit candidates. Control touches only the conditional half:
-each candidate's cross-attention is derived from the source's (Replace or Refine, optionally
-reweighted), and its self-attention is replaced by the source's for the candidate's own
-``self_replace_steps`` fraction, so several candidates share one pass.
+The denoising batch is ``[uncond x B, cond x B]`` with B = 1 + branches: element 0 of each half is
+the source branch, the others edit branches. Control touches only the conditional half: each
+branch's cross-attention is derived from the source's (Replace or Refine, optionally reweighted),
+and its self-attention is replaced by the source's for its ``self_replace_steps`` fraction.
+
+Candidates that differ only in ``self_replace_steps`` (PRISM's sweep) make identical edits until
+the shortest of their windows ends, so they share one branch until then and are forked as their
+windows end: the sweep 0.4..0.8 over 50 steps runs 140 candidate-steps instead of 250.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Hashable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +31,8 @@ class CandidateControl:
 
     cross_replace_steps: float
     self_replace_steps: float
+    shared: Hashable = None
+    """Equal for candidates whose edits differ only in ``self_replace_steps``."""
     mapper: torch.Tensor | None = None
     refine_index: torch.Tensor | None = None
     refine_alpha: torch.Tensor | None = None
@@ -130,7 +136,7 @@ class PromptToPromptControl:
         latent_hw: tuple[int, int],
         local_blend: LocalBlend | None = None,
     ) -> None:
-        self.candidates = candidates
+        self.all_candidates = candidates
         self.num_steps = num_steps
         self.latent_hw = latent_hw
         self.local_blend = local_blend
@@ -138,6 +144,46 @@ class PromptToPromptControl:
         self.blend_pixels = local_blend.maps.queries(latent_hw) if local_blend else 0
         self.step = 0
         self._maps: dict[int, torch.Tensor] = {}
+        self._blend_queries: int | None = None
+        self.groups = self._split([list(range(len(candidates)))], 0)
+        self.candidates = [candidates[g[0]] for g in self.groups]
+
+    def _history(self, k: int, step: int) -> Hashable:
+        """What candidate k's edit has been up to ``step``: its shared part and its self-attention window."""
+        c = self.all_candidates[k]
+        end = int(c.self_replace_steps * self.num_steps)
+        return c.shared if c.shared is not None else k, end if end <= step else None
+
+    def _split(self, groups: list[list[int]], step: int) -> list[list[int]]:
+        split = []
+        for group in groups:
+            parts: dict[Hashable, list[int]] = {}
+            for k in group:
+                parts.setdefault(self._history(k, step), []).append(k)
+            split.extend(parts.values())
+        return split
+
+    def branch_rows(self) -> list[int]:
+        """For each row of the conditional half, its candidate's row in [source, candidate 1..K]."""
+        return [0] + [1 + group[0] for group in self.groups]
+
+    def fork(self, step: int) -> list[int] | None:
+        """Split the branches whose candidates stop sharing their edit at ``step``. Returns, for
+        each new row, the row it continues from (None if nothing changed)."""
+        groups = self._split(self.groups, step)
+        if len(groups) == len(self.groups):
+            return None
+        parent = {k: row for row, group in enumerate(self.groups, start=1) for k in group}
+        rows = [0] + [parent[group[0]] for group in groups]
+        self.groups = groups
+        self.candidates = [self.all_candidates[g[0]] for g in groups]
+        self._maps = {q: maps[rows] for q, maps in self._maps.items()}
+        return rows
+
+    def per_candidate(self, x: torch.Tensor) -> torch.Tensor:
+        """Rows [source, branches...] -> rows [source, candidate 1..K]."""
+        branch = {k: row for row, group in enumerate(self.groups, start=1) for k in group}
+        return x[[0] + [branch[k] for k in range(len(self.all_candidates))]]
 
     def _cross_active(self, c: CandidateControl) -> bool:
         return self.step < int(c.cross_replace_steps * self.num_steps)
@@ -145,13 +191,39 @@ class PromptToPromptControl:
     def _self_active(self, c: CandidateControl) -> bool:
         return self.step < int(c.self_replace_steps * self.num_steps)
 
+    def _stores(self, queries: int) -> bool:
+        """LocalBlend accumulates the cross-attention maps of one size: every size during the first
+        step, which shows the sizes there are, then the one nearest ``blend_pixels``."""
+        return self.local_blend is not None and self._blend_queries in (None, queries)
+
+    def needs_probs(self, is_cross: bool, queries: int) -> bool:
+        """Whether this layer must materialise its probabilities at the current step: cross-attention
+        in the replace window or where LocalBlend reads it. Self-attention never needs to, see
+        :meth:`self_attention_rows`."""
+        if is_cross:
+            return any(self._cross_active(c) for c in self.candidates) or self._stores(queries)
+        return False
+
+    def _self_replaced(self, c: CandidateControl, queries: int) -> bool:
+        return self._self_active(c) and queries <= self.self_replace_max_pixels
+
+    def self_attention_rows(self, queries: int, batch: int) -> list[int] | None:
+        """Replacing a candidate's self-attention probabilities by the source's is the same as
+        attending with the source's queries and keys over the candidate's own values: for each
+        row of the batch, the row whose queries and keys it uses (None: its own, everywhere)."""
+        replaced = [self._self_replaced(c, queries) for c in self.candidates]
+        if not any(replaced):
+            return None
+        half = batch // 2
+        return [*range(half), half, *(half if r else half + k for k, r in enumerate(replaced, start=1))]
+
     def __call__(self, probs: torch.Tensor, is_cross: bool, batch: int) -> torch.Tensor:
         """Edit attention probabilities of shape (batch * heads, queries, keys)."""
         heads = probs.shape[0] // batch
         p = probs.view(batch, heads, *probs.shape[1:])
         half = batch // 2
         cond = p[half:]
-        if is_cross and self.local_blend is not None:
+        if is_cross and self._stores(probs.shape[1]):
             self._store(cond)
         base = cond[0]
         out = [base]
@@ -159,7 +231,7 @@ class PromptToPromptControl:
             own = cond[k]
             if is_cross:
                 out.append(c.map_cross(base, own) if self._cross_active(c) else own)
-            elif self._self_active(c) and probs.shape[1] <= self.self_replace_max_pixels:
+            elif self._self_replaced(c, probs.shape[1]):
                 out.append(base)
             else:
                 out.append(own)
@@ -177,26 +249,39 @@ class PromptToPromptControl:
         """Apply LocalBlend to the latents (B, C, h, w) once ``start`` of the steps have passed."""
         if self.local_blend is None or not self._maps:
             return x
+        if self._blend_queries is None:
+            self._blend_queries = min(self._maps, key=lambda q: abs(q - self.blend_pixels))
+            self._maps = {self._blend_queries: self._maps[self._blend_queries]}
         if self.step < int(self.local_blend.start * self.num_steps):
             return x
-        queries = min(self._maps, key=lambda q: abs(q - self.blend_pixels))
-        side = int(round(queries**0.5))
-        maps = self._maps[queries].view(x.shape[0], side, side, -1).to(x.dtype)
+        side = int(round(self._blend_queries**0.5))
+        maps = self._maps[self._blend_queries].view(x.shape[0], side, side, -1).to(x.dtype)
         return self.local_blend.apply(x, maps, self.candidates)
 
 
-AttentionHook = Callable[[torch.Tensor, bool, int], torch.Tensor]
+class AttentionControl(Protocol):
+    """Reads or edits attention probabilities: prompt-to-prompt when editing, a recorder in training."""
+
+    def needs_probs(self, is_cross: bool, queries: int) -> bool:
+        """Whether a layer with ``queries`` queries must materialise its probabilities now."""
+
+    def self_attention_rows(self, queries: int, batch: int) -> list[int] | None:
+        """Per batch row, the row whose self-attention queries and keys it uses (None: its own)."""
+
+    def __call__(self, probs: torch.Tensor, is_cross: bool, batch: int) -> torch.Tensor:
+        """The probabilities (batch * heads, queries, keys) to use instead of ``probs``."""
 
 
 class ControlledAttnProcessor:
-    """Plain (materialised) attention whose probabilities pass through a controller.
-
-    ``control(probs, is_cross, batch)`` returns the probabilities to use: a
-    :class:`PromptToPromptControl` when editing, a recorder when training attention.
+    """Attention whose probabilities a controller reads or edits where it asks to (``needs_probs``);
+    everywhere else the fused ``scaled_dot_product_attention`` runs, as in diffusers' default
+    processor, with the queries and keys the controller picks (``self_attention_rows``).
+    ``fused=False`` materialises every layer (the reference for tests and benchmarks).
     """
 
-    def __init__(self, control: AttentionHook) -> None:
+    def __init__(self, control: AttentionControl, fused: bool = True) -> None:
         self.control = control
+        self.fused = fused
 
     def __call__(
         self,
@@ -225,15 +310,36 @@ class ControlledAttnProcessor:
             encoder_hidden_states = hidden_states
         elif attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
-        value = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
-        query = attn.head_to_batch_dim(query)
-        probs = attn.get_attention_scores(query, key, attention_mask)
-        probs = self.control(probs, is_cross, batch)
-        hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
+        key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+        if self.fused and not self.control.needs_probs(is_cross, query.shape[1]):
+            rows = None if is_cross else self.control.self_attention_rows(query.shape[1], batch)
+            if rows is not None:
+                query, key = query[rows], key[rows]
+            hidden_states = _fused_attention(attn, query, key, value, attention_mask, batch)
+        else:
+            query, key, value = (attn.head_to_batch_dim(t) for t in (query, key, value))
+            probs = self.control(attn.get_attention_scores(query, key, attention_mask), is_cross, batch)
+            hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
         if input_ndim == 4:
             hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+
+def _fused_attention(
+    attn: Attention,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    batch: int,
+) -> torch.Tensor:
+    """softmax(q k^T * scale) v without the probability matrix: (batch, queries, heads * head_dim)."""
+    head_dim = key.shape[-1] // attn.heads
+    q, k, v = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
+    if attention_mask is not None:
+        attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=attn.scale)
+    return out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)

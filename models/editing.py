@@ -7,7 +7,7 @@ PRISM sweep of self_replace_steps share the source branch and one UNet call per 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -62,7 +62,11 @@ def candidate_control(tokenizer, source_prompt: str, spec: EditSpec) -> Candidat
     """Token mappings and weights of one candidate; raises :class:`InvalidInput` for bad words."""
     words = edit_words(source_prompt, spec.edit_prompt, spec.reweight_words, spec.blend_words)
     same_length = len(source_prompt.split()) == len(spec.edit_prompt.split())
-    control = CandidateControl(cross_replace_steps=spec.cross_replace_steps, self_replace_steps=spec.self_replace_steps)
+    control = CandidateControl(
+        cross_replace_steps=spec.cross_replace_steps,
+        self_replace_steps=spec.self_replace_steps,
+        shared=replace(spec, self_replace_steps=0.0),
+    )
     if same_length:
         control.mapper = replacement_mapper(tokenizer, source_prompt, spec.edit_prompt)
     else:
@@ -106,31 +110,44 @@ def denoise(
     guidance_scale: float,
     control: PromptToPromptControl | None = None,
     callback: ProgressCallback | None = None,
+    latent_offsets: torch.Tensor | None = None,
+    fused: bool = True,
 ) -> torch.Tensor:
-    """Guided DDIM sampling of B = len(cond_embeddings) branches from one x_T.
+    """Guided DDIM sampling of the branches of ``cond_embeddings`` (source, candidates) from one x_T;
+    returns their final latents in that order.
 
-    ``uncond_embeddings`` (steps, 77, D) are the null-text embeddings of each step. With a
-    ``control`` the UNet's attention processors are swapped for controlled ones for the pass.
+    ``uncond_embeddings`` (steps, 77, D) are the unconditional embeddings of each step. With a
+    ``control`` the UNet's attention processors are swapped for controlled ones for the pass
+    (``fused``: fused attention wherever the control reads no probabilities), and candidates run as
+    the control's shared branches, forked when their edits part. ``latent_offsets``
+    (steps, 1, C, h, w), from a direct inversion, are added to the source branch (element 0) after
+    each step, before LocalBlend.
     """
-    batch = cond_embeddings.shape[0]
     dtype, device = unet.dtype, x_T.device
-    x = x_T.float().expand(batch, *x_T.shape[1:]).clone()
+    cond_embeddings = cond_embeddings.to(device)
+    rows = control.branch_rows() if control is not None else list(range(cond_embeddings.shape[0]))
+    x = x_T.float().expand(len(rows), *x_T.shape[1:]).clone()
     original = unet.attn_processors
     if control is not None:
-        unet.set_attn_processor(ControlledAttnProcessor(control))
+        unet.set_attn_processor(ControlledAttnProcessor(control, fused))
     try:
         for i, t in enumerate(sampler.timesteps):
-            uncond = uncond_embeddings[i].to(device).expand(batch, -1, -1)
-            context = torch.cat([uncond, cond_embeddings.to(device)])
             if control is not None:
                 control.step = i
+                if (parents := control.fork(i)) is not None:
+                    x, rows = x[parents], control.branch_rows()
+            batch = len(rows)
+            uncond = uncond_embeddings[i].to(device).expand(batch, -1, -1)
+            context = torch.cat([uncond, cond_embeddings[rows]])
             eps = unet(torch.cat([x, x]).to(dtype), t, encoder_hidden_states=context.to(dtype)).sample.float()
             eps_uncond, eps_cond = eps.chunk(2)
             x = sampler.step(eps_uncond + guidance_scale * (eps_cond - eps_uncond), t, x)
+            if latent_offsets is not None:
+                x = torch.cat([x[:1] + latent_offsets[i].to(x), x[1:]])
             if control is not None:
                 x = control.after_step(x)
             if callback:
                 callback("editing", i + 1, sampler.num_steps)
     finally:
         unet.set_attn_processor(original)
-    return x
+    return control.per_candidate(x) if control is not None else x

@@ -1,50 +1,75 @@
-"""DDIM inversion and null-text optimisation (Mokady et al.), as PRISM/LANCE use it.
+"""Inverting an image to x_T plus what guided DDIM sampling needs to retrace it.
 
-The optimisation runs in fp32 whatever the UNet's dtype: its losses (about 1e-5) underflow in
-fp16. The result is an :class:`Inversion` that can be cached and reused for every edit of the
-same image and source prompt.
+Three ways (``InversionMode``), all after a DDIM inversion under the source prompt (guidance 1):
+
+* ``null_text`` (Mokady et al., PRISM's): one optimised unconditional embedding per step, so that
+  guided sampling retraces the inversion latents. The loss and the optimiser run in fp32 whatever
+  the UNet's dtype; with a reduced-precision UNet the gradient entering it is scaled into the
+  dtype's range (:func:`backward_through`), since the losses (about 1e-5 or less) underflow fp16.
+* ``negative_prompt`` (Miyake et al.): the source prompt's embedding as the unconditional one at
+  every step; no optimisation.
+* ``direct`` (Ju et al., "PnP inversion"): the empty prompt as the unconditional embedding, and for
+  each step the offset between the inversion latent and one guided step from the previous one;
+  adding it to the source branch keeps that branch on the inversion trajectory (the edit branch is
+  left free). No optimisation.
+
+The result is an :class:`Inversion`, cached and reused for every edit of the same image and prompt.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from models.ddim import DDIMSampler
-from models.params import NullTextSettings
+from models.params import InversionMode, NullTextSettings
 
 ProgressCallback = Callable[[str, int, int], None]
+log = logging.getLogger("prism.inversion")
+
+GRAD_PEAK = 2.0**8
+"""Largest magnitude the gradient entering a reduced-precision UNet is scaled to: far above fp16's
+underflow (6e-8), with room below its overflow (65504) for growth through the backward pass."""
 
 
 @dataclass
 class Inversion:
-    """x_T plus one optimised unconditional embedding per denoising step (fp32, on CPU)."""
+    """x_T, one unconditional embedding per denoising step and, for ``direct``, one latent offset
+    per step (fp32, on CPU)."""
 
     x_T: torch.Tensor
     uncond_embeddings: torch.Tensor
     key: str
+    mode: InversionMode = "null_text"
+    latent_offsets: torch.Tensor | None = None
     settings: dict = field(default_factory=dict)
     losses: list[float] = field(default_factory=list)
 
     def save(self, path: Path) -> None:
-        meta = {"key": self.key, "settings": json.dumps(self.settings), "losses": json.dumps(self.losses)}
-        save_file(
-            {"x_T": self.x_T.contiguous(), "uncond_embeddings": self.uncond_embeddings.contiguous()},
-            str(path),
-            metadata=meta,
-        )
+        tensors = {"x_T": self.x_T.contiguous(), "uncond_embeddings": self.uncond_embeddings.contiguous()}
+        if self.latent_offsets is not None:
+            tensors["latent_offsets"] = self.latent_offsets.contiguous()
+        meta = {
+            "key": self.key,
+            "mode": self.mode,
+            "settings": json.dumps(self.settings),
+            "losses": json.dumps(self.losses),
+        }
+        save_file(tensors, str(path), metadata=meta)
 
     @classmethod
     def load(cls, path: Path) -> Inversion:
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata()
         tensors = load_file(str(path))
@@ -52,6 +77,8 @@ class Inversion:
             x_T=tensors["x_T"],
             uncond_embeddings=tensors["uncond_embeddings"],
             key=meta["key"],
+            mode=meta["mode"],
+            latent_offsets=tensors.get("latent_offsets"),
             settings=json.loads(meta["settings"]),
             losses=json.loads(meta["losses"]),
         )
@@ -65,6 +92,7 @@ def inversion_key(
     steps: int,
     guidance_scale: float,
     null_text: NullTextSettings,
+    mode: InversionMode = "null_text",
 ) -> str:
     """Content hash of everything an inversion depends on (the model-size pixels, not a path)."""
     h = hashlib.sha256()
@@ -74,38 +102,73 @@ def inversion_key(
     settings = {
         "prompt": prompt,
         "model": model_identity,
-        "scheduler": {k: scheduler_config[k] for k in sorted(scheduler_config)},
+        # diffusers' private entries (e.g. ``_use_default_values``, a set's order) differ between processes
+        "scheduler": {k: scheduler_config[k] for k in sorted(scheduler_config) if not k.startswith("_")},
         "steps": steps,
         "guidance_scale": guidance_scale,
-        "null_text": null_text.model_dump(),
+        "mode": mode,
+        "null_text": null_text.model_dump() if mode == "null_text" else None,
     }
     h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     return h.hexdigest()
 
 
 class InversionCache:
-    """Inversions stored as safetensors files named by their key."""
+    """Inversions stored as safetensors files named by their key, in a directory that any number of
+    workers on one host may share.
 
-    def __init__(self, directory: Path) -> None:
+    Writes are atomic (a private temporary file, then a rename). A hit refreshes the file's
+    modification time; after each write the least recently used files are deleted until the
+    directory holds at most ``max_bytes`` (None: unbounded). A file deleted or damaged under a
+    reader is a miss.
+    """
+
+    def __init__(self, directory: Path, max_bytes: int | None = None) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = max_bytes
 
     def _path(self, key: str) -> Path:
         return self.directory / f"{key}.safetensors"
 
     def get(self, key: str) -> Inversion | None:
         path = self._path(key)
-        return Inversion.load(path) if path.exists() else None
+        try:
+            inversion = Inversion.load(path)
+            os.utime(path)
+        except (FileNotFoundError, SafetensorError, KeyError, ValueError):
+            return None
+        return inversion
 
     def put(self, inversion: Inversion) -> None:
-        tmp = self._path(inversion.key).with_suffix(".tmp")
+        tmp = self.directory / f".{inversion.key}.{os.getpid()}.tmp"
         inversion.save(tmp)
         tmp.replace(self._path(inversion.key))
+        self.evict()
+
+    def evict(self) -> None:
+        """Delete least recently used inversions until the directory fits ``max_bytes``."""
+        if self.max_bytes is None:
+            return
+        entries = []
+        for path in self.directory.glob("*.safetensors"):
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                continue
+            entries.append((stat.st_mtime, stat.st_size, path))
+        total = sum(size for _, size, _ in entries)
+        for _, size, path in sorted(entries):
+            if total <= self.max_bytes:
+                break
+            path.unlink(missing_ok=True)
+            total -= size
 
 
 def _eps(unet, x: torch.Tensor, t: int, context: torch.Tensor) -> torch.Tensor:
+    """The UNet's noise prediction in the UNet's dtype (the graph stays attached for gradients)."""
     dtype = unet.dtype
-    return unet(x.to(dtype), t, encoder_hidden_states=context.to(dtype)).sample.float()
+    return unet(x.to(dtype), t, encoder_hidden_states=context.to(dtype)).sample
 
 
 @torch.no_grad()
@@ -120,11 +183,35 @@ def ddim_invert(
     latents = [z0.float()]
     x = z0.float()
     for i, t in enumerate(reversed(sampler.timesteps)):
-        x = sampler.invert_step(_eps(unet, x, t, cond), t, x)
+        x = sampler.invert_step(_eps(unet, x, t, cond).float(), t, x)
         latents.append(x)
         if callback:
             callback("inversion", i + 1, sampler.num_steps)
     return latents
+
+
+def backward_through(loss: torch.Tensor, output: torch.Tensor, upcast: torch.Tensor, leaf: torch.Tensor) -> None:
+    """``loss.backward()`` for a ``loss`` computed in fp32 from ``upcast = output.float()``.
+
+    For an fp32 ``output`` that is all. For fp16/bf16, the gradient at ``upcast`` (computed in
+    fp32, through the loss only) is scaled by a power of two so that its peak is near
+    :data:`GRAD_PEAK` before it enters the UNet's backward pass, and ``leaf.grad`` is unscaled
+    after it. Should the scaled backward overflow, it is repeated with a scale 256 times smaller.
+    """
+    if output.dtype == torch.float32:
+        loss.backward()
+        return
+    (grad,) = torch.autograd.grad(loss, upcast)
+    peak = float(grad.abs().max())
+    shift = math.floor(math.log2(GRAD_PEAK / peak)) if peak > 0 else 0
+    while True:
+        scale = 2.0**shift
+        leaf.grad = None
+        output.backward((grad * scale).to(output.dtype), retain_graph=True)
+        if torch.isfinite(leaf.grad).all() or shift < -64:
+            break
+        shift -= 8
+    leaf.grad /= scale
 
 
 def null_text_optimize(
@@ -148,17 +235,18 @@ def null_text_optimize(
     for i, t in enumerate(sampler.timesteps):
         target = latents[n - i - 1]
         with torch.no_grad():
-            eps_cond = _eps(unet, x, t, cond)
+            eps_cond = _eps(unet, x, t, cond).float()
         uncond = uncond.detach().clone().requires_grad_(True)
         optimizer = torch.optim.Adam([uncond], lr=settings.learning_rate * (1.0 - i / 100.0))
         threshold = settings.early_stop + i * settings.early_stop_growth
         loss_value = float("nan")
         for _ in range(settings.inner_steps):
-            eps_uncond = _eps(unet, x, t, uncond)
+            output = _eps(unet, x, t, uncond)
+            eps_uncond = output.float()
             eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
             loss = torch.nn.functional.mse_loss(sampler.step(eps, t, x), target)
             optimizer.zero_grad()
-            loss.backward()
+            backward_through(loss, output, eps_uncond, uncond)
             optimizer.step()
             loss_value = loss.item()
             if loss_value < threshold:
@@ -167,8 +255,31 @@ def null_text_optimize(
         embeddings.append(uncond[0].cpu())
         losses.append(loss_value)
         with torch.no_grad():
-            eps_uncond = _eps(unet, x, t, uncond)
+            eps_uncond = _eps(unet, x, t, uncond).float()
             x = sampler.step(eps_uncond + guidance_scale * (eps_cond - eps_uncond), t, x)
         if callback:
             callback("null_text", i + 1, n)
     return torch.stack(embeddings), losses
+
+
+@torch.no_grad()
+def direct_offsets(
+    unet,
+    sampler: DDIMSampler,
+    latents: list[torch.Tensor],
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    guidance_scale: float,
+    callback: ProgressCallback | None = None,
+) -> torch.Tensor:
+    """(steps, 1, C, h, w): z*_{t-1} minus one guided DDIM step from z*_t, for each step."""
+    n = sampler.num_steps
+    context = torch.cat([uncond, cond])
+    offsets = []
+    for i, t in enumerate(sampler.timesteps):
+        x = latents[n - i]
+        eps_uncond, eps_cond = _eps(unet, torch.cat([x, x]), t, context).float().chunk(2)
+        offsets.append(latents[n - i - 1] - sampler.step(eps_uncond + guidance_scale * (eps_cond - eps_uncond), t, x))
+        if callback:
+            callback("offsets", i + 1, n)
+    return torch.stack(offsets).cpu()

@@ -30,6 +30,7 @@ from models.builtin import builtin_model_dir
 from models.constants import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD, SD15_LATENT_SCALE
 from models.ddim import make_scheduler
 from models.errors import ModelLoadError
+from models.params import DtypeName
 
 REQUIRED_FILES = {
     "unet": ["config.json", "diffusion_pytorch_model.safetensors"],
@@ -37,6 +38,7 @@ REQUIRED_FILES = {
     "text_encoder": ["config.json", "model.safetensors"],
 }
 CLIP_FILES = ["config.json", "model.safetensors", "preprocessor_config.json"]
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 log = logging.getLogger("prism.models")
 
 
@@ -133,17 +135,27 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def resolve_device(device: str | None, dtype: DtypeName | None) -> tuple[torch.device, torch.dtype]:
+    """The device (CUDA when there is one) and the UNet's dtype (fp16 on CUDA, fp32 on CPU by default)."""
+    device_t = torch.device(device or default_device())
+    if device_t.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("device 'cuda' requested but CUDA is not available")
+    return device_t, DTYPES[dtype] if dtype else (torch.float16 if device_t.type == "cuda" else torch.float32)
+
+
 def load_bundle(
     model_dir: str | Path | None,
     unet_weights: str | Path | None = None,
     clip_dir: str | Path | None = None,
     device: str | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: DtypeName | None = None,
 ) -> ModelBundle:
     """Load the diffusion model and CLIP scorer; ``model_dir`` None means the built-in phantom model.
 
-    ``dtype`` applies to the UNet only (fp16 on CUDA, fp32 on CPU by default): it carries nearly
-    all of the compute, while the VAE, text encoder and CLIP run a few times per job in fp32.
+    ``dtype`` applies to the UNet only: it carries nearly all of the compute, while the VAE, text
+    encoder and CLIP run a few times per job and stay in fp32 (the VAE's decoder is the part of SD
+    known to overflow in fp16). Null-text keeps its embeddings, loss and optimiser in fp32 whatever
+    the UNet's dtype (see :func:`models.inversion.backward_through`).
     """
     if model_dir is None:
         log.warning("no model directory configured: using the built-in phantom model (synthetic data only)")
@@ -164,14 +176,11 @@ def load_bundle(
     blend_file = model_dir / "local_blend.json"
     blend_maps = _read_blend_maps(blend_file)
 
-    device_t = torch.device(device or default_device())
-    if device_t.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError("device 'cuda' requested but CUDA is not available")
-    dtype = dtype or (torch.float16 if device_t.type == "cuda" else torch.float32)
+    device_t, torch_dtype = resolve_device(device, dtype)
 
     h = hashlib.sha256()
     try:
-        unet = UNet2DConditionModel.from_pretrained(model_dir / "unet", local_files_only=True, torch_dtype=dtype)
+        unet = UNet2DConditionModel.from_pretrained(model_dir / "unet", local_files_only=True, torch_dtype=torch_dtype)
         if unet_weights is not None:
             _load_unet_weights(unet, Path(unet_weights))
         vae = AutoencoderKL.from_pretrained(model_dir / "vae", local_files_only=True)
@@ -200,14 +209,6 @@ def load_bundle(
         if f.is_file():
             _fingerprint(h, f)
 
-    for module in (unet, vae, text_encoder, clip_model):
-        module.requires_grad_(False)
-        module.eval()
-    unet.to(device_t)
-    vae.to(device_t)
-    text_encoder.to(device_t)
-    clip_model.to(device_t)
-
     size = preprocess.get("crop_size") or preprocess.get("size") or {}
     image_size = int(size.get("height", size.get("shortest_edge", 224)) if isinstance(size, dict) else size)
     clip = ClipParts(
@@ -217,6 +218,27 @@ def load_bundle(
         mean=tuple(preprocess.get("image_mean", CLIP_IMAGE_MEAN)),
         std=tuple(preprocess.get("image_std", CLIP_IMAGE_STD)),
     )
+    return assemble_bundle(
+        unet, vae, text_encoder, tokenizer, scheduler, clip, device_t, h.hexdigest()[:16], blend_maps
+    )
+
+
+def assemble_bundle(
+    unet: UNet2DConditionModel,
+    vae: AutoencoderKL,
+    text_encoder: CLIPTextModel,
+    tokenizer: CLIPTokenizer,
+    scheduler: DDIMScheduler,
+    clip: ClipParts,
+    device: torch.device,
+    identity: str,
+    blend_maps: BlendMaps = P2P_BLEND_MAPS,
+) -> ModelBundle:
+    """Frozen, in eval mode and on ``device``: the bundle a worker holds (the UNet keeps its dtype)."""
+    for module in (unet, vae, text_encoder, clip.model):
+        module.requires_grad_(False)
+        module.eval()
+        module.to(device)
     vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
     return ModelBundle(
         unet=unet,
@@ -225,9 +247,9 @@ def load_bundle(
         tokenizer=tokenizer,
         scheduler=scheduler,
         clip=clip,
-        device=device_t,
-        dtype=dtype,
-        identity=h.hexdigest()[:16],
+        device=device,
+        dtype=unet.dtype,
+        identity=identity,
         resolution=int(unet.config.sample_size) * vae_scale,
         blend_maps=blend_maps,
     )

@@ -14,6 +14,9 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 OutputMode = Literal["residual", "decoded"]
 OUTPUT_MODES: tuple[str, ...] = get_args(OutputMode)
+InversionMode = Literal["null_text", "negative_prompt", "direct"]
+DtypeName = Literal["float32", "float16", "bfloat16"]
+"""The UNet's precision; unset means fp16 on CUDA and fp32 on CPU."""
 
 
 def split_list(value: Any) -> Any:
@@ -96,6 +99,14 @@ class EditOptions(BaseModel):
             description="seed of the noise a method draws; PRISM's inversion and editing are deterministic",
         ),
     ] = 0
+    inversion: Annotated[
+        InversionMode,
+        Field(
+            description="null_text: PRISM's optimised null-text inversion (slowest, the paper's); negative_prompt: "
+            "the source prompt as the unconditional embedding, no optimisation (Miyake et al.); direct: the source "
+            "branch kept on the inversion trajectory by stored per-step offsets, no optimisation (Ju et al.)"
+        ),
+    ] = "null_text"
     output: Annotated[
         OutputMode,
         Field(

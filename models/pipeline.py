@@ -24,6 +24,7 @@ from models.inversion import (
     InversionCache,
     ProgressCallback,
     ddim_invert,
+    direct_offsets,
     inversion_key,
     null_text_optimize,
 )
@@ -107,16 +108,19 @@ def invert(
     callback: ProgressCallback | None = None,
     timer: _Timer | None = None,
 ) -> tuple[Inversion, bool]:
-    """The null-text inversion of a model-size image, from ``cache`` when every key part matches."""
+    """The inversion (``params.inversion`` mode) of a model-size image, from ``cache`` when every key
+    part matches."""
     timer = timer or _Timer()
+    mode = params.inversion
     key = inversion_key(
         image.numpy(),
         original_prompt,
-        bundle.identity,
+        f"{bundle.identity}:{bundle.dtype}",
         dict(bundle.scheduler.config) | {"fixed": PRISM_SCHEDULER_CONFIG},
         params.steps,
         params.guidance_scale,
         params.null_text,
+        mode,
     )
     if cache is not None and (hit := cache.get(key)) is not None:
         return hit, True
@@ -124,16 +128,28 @@ def invert(
     z0 = timer.measure("encode", lambda: encode_latent(bundle, image))
     cond, uncond = embed_prompts(bundle, [original_prompt, ""]).chunk(2)
     latents = timer.measure("inversion", lambda: ddim_invert(bundle.unet, sampler, z0, cond, callback))
-    embeddings, losses = timer.measure(
-        "null_text",
-        lambda: null_text_optimize(
-            bundle.unet, sampler, latents, cond, uncond, params.guidance_scale, params.null_text, callback
-        ),
-    )
+    offsets, losses = None, []
+    if mode == "null_text":
+        embeddings, losses = timer.measure(
+            "null_text",
+            lambda: null_text_optimize(
+                bundle.unet, sampler, latents, cond, uncond, params.guidance_scale, params.null_text, callback
+            ),
+        )
+    elif mode == "negative_prompt":
+        embeddings = cond.cpu().expand(params.steps, -1, -1).clone()
+    else:
+        embeddings = uncond.cpu().expand(params.steps, -1, -1).clone()
+        offsets = timer.measure(
+            "offsets",
+            lambda: direct_offsets(bundle.unet, sampler, latents, cond, uncond, params.guidance_scale, callback),
+        )
     inversion = Inversion(
         x_T=latents[-1].cpu(),
         uncond_embeddings=embeddings,
         key=key,
+        mode=mode,
+        latent_offsets=offsets,
         settings={"steps": params.steps, "guidance_scale": params.guidance_scale, "model": bundle.identity},
         losses=losses,
     )
@@ -183,6 +199,7 @@ def generate_counterfactual(
             params.guidance_scale,
             control,
             callback,
+            inversion.latent_offsets,
         ),
     )
     images = timer.measure("decode", lambda: decode_latents(bundle, latents).cpu())
@@ -253,7 +270,9 @@ def _assemble(
         ),
         geometry=geometry,
         bit_depth=image.bit_depth,
-        inversion=InversionInfo(key=inversion.key, cached=cached, final_losses=inversion.losses[-3:]),
+        inversion=InversionInfo(
+            mode=inversion.mode, key=inversion.key, cached=cached, final_losses=inversion.losses[-3:]
+        ),
         edited_fraction=float(region.mean()),
         difference=DifferenceInfo(min=float(diff.min()), max=float(diff.max())),
         difference_png_scale=scale,

@@ -10,7 +10,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.params import EditParams
+from models.params import EditParams, InversionMode
 
 
 class Record(BaseModel):
@@ -57,9 +57,10 @@ class ModelInfo(Record):
 
 
 class InversionInfo(Record):
+    mode: InversionMode
     key: Annotated[str, Field(description="content hash of everything the inversion depends on")]
     cached: Annotated[bool, Field(description="the inversion came from the cache")]
-    final_losses: Annotated[list[float], Field(description="null-text losses of the last three steps")]
+    final_losses: Annotated[list[float], Field(description="null-text losses of the last three steps (null_text)")]
 
 
 class DifferenceInfo(Record):

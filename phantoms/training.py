@@ -250,6 +250,12 @@ class _CrossAttentionRecorder:
     def __init__(self) -> None:
         self.maps: list[torch.Tensor] = []
 
+    def needs_probs(self, is_cross: bool, queries: int) -> bool:
+        return is_cross
+
+    def self_attention_rows(self, queries: int, batch: int) -> None:
+        return None
+
     def __call__(self, probs: torch.Tensor, is_cross: bool, batch: int) -> torch.Tensor:
         if is_cross:
             self.maps.append(probs.view(batch, -1, *probs.shape[1:]).mean(1))

@@ -47,6 +47,7 @@ def service_env(redis_url: str, model_dir: Path, **extra: str) -> dict[str, str]
         PRISM_DEVICE="cpu",
         PRISM_WORKER_HEARTBEAT_S="1",
         PRISM_AUTH="off",
+        PRISM_INVERSION_CACHE_DIR="",
         PYTHONUNBUFFERED="1",
     )
     env.update(extra)

@@ -94,7 +94,9 @@ class PrismWorker(SimpleWorker):
 
 def run_worker(settings: Settings, burst: bool = False) -> None:
     start = time.perf_counter()
-    bundle = load_bundle(settings.model_dir, settings.unet_weights, settings.clip_model, device=settings.device)
+    bundle = load_bundle(
+        settings.model_dir, settings.unet_weights, settings.clip_model, device=settings.device, dtype=settings.dtype
+    )
     log.info(
         "model %s loaded on %s (%s) in %.1f s",
         bundle.identity,

@@ -59,8 +59,10 @@ class JobRunner:
     def __init__(self, bundle: ModelBundle, settings: Settings) -> None:
         self.bundle = bundle
         self.settings = settings
-        cache_dir = settings.inversion_cache_dir
-        self.cache = InversionCache(Path(cache_dir)) if cache_dir else None
+        self.cache = None
+        if settings.inversion_cache_dir:
+            directory = Path(settings.inversion_cache_dir).expanduser()
+            self.cache = InversionCache(directory, settings.inversion_cache_max_bytes)
 
     def run(self, job: Job, input_key: str, request: dict) -> dict:
         """Run one job; returns the engine's report as JSON."""

@@ -6,8 +6,9 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import get_args
 
-from models.params import EditOptions, EditParams
+from models.params import DtypeName, EditOptions, EditParams
 from service.cli.options import add_model_flags, model_from_args
 
 ALIASES = {
@@ -27,6 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     edit.add_argument("--unet-weights", help="fine-tuned UNet .safetensors loaded over --model")
     edit.add_argument("--clip-model", help="CLIP directory for scoring (default: MODEL/clip)")
     edit.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    edit.add_argument(
+        "--dtype", choices=get_args(DtypeName), help="the UNet's precision (default: float16 on CUDA, float32 on CPU)"
+    )
     edit.add_argument("--cache", help="directory to cache inversions in (reused for the same image and prompt)")
     add_model_flags(edit.add_argument_group("edit options (as in the API)"), EditOptions, ALIASES)
     edit.set_defaults(func=run)
@@ -68,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
             args.model or settings.model_dir,
             unet_weights=args.unet_weights or settings.unet_weights,
             clip_dir=args.clip_model or settings.clip_model,
-            device=args.device,
+            device=args.device or settings.device,
+            dtype=args.dtype or settings.dtype,
         )
         progress, close = progress_bars()
         cache = InversionCache(Path(args.cache)) if args.cache else None

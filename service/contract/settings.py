@@ -5,8 +5,10 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from models.params import DtypeName
 
 
 class Settings(BaseSettings):
@@ -18,7 +20,14 @@ class Settings(BaseSettings):
     unet_weights: str | None = Field(None, description="fine-tuned UNet .safetensors loaded over model_dir")
     clip_model: str | None = Field(None, description="CLIP directory for scoring; unset: MODEL_DIR/clip")
     device: str | None = Field(None, description="cpu or cuda; unset: cuda when available")
-    inversion_cache_dir: str | None = Field(None, description="directory for cached inversions; unset: no cache")
+    dtype: DtypeName | None = Field(None, description="the UNet's precision; unset: float16 on CUDA, float32 on CPU")
+    inversion_cache_dir: str | None = Field(
+        "~/.cache/prism/inversions",
+        description="directory of cached inversions, shared by the workers of one host; empty: no cache",
+    )
+    inversion_cache_max_bytes: int = Field(
+        2 * 1024**3, ge=0, description="the cache's size bound; least recently used inversions go first"
+    )
     job_ttl_s: int = Field(24 * 3600, ge=60, description="how long inputs, results and failures are kept")
     job_timeout_s: int = Field(3600, ge=1, description="a job running longer fails with code 'timeout'")
     max_upload_bytes: int = Field(
@@ -35,6 +44,11 @@ class Settings(BaseSettings):
         30, ge=1, description="submissions per API key in any 60-second window (429 above)"
     )
     home: str = Field("~/.cache/prism", description="the quick start's Redis data")
+
+    @field_validator("inversion_cache_dir")
+    @classmethod
+    def _empty_means_none(cls, value: str | None) -> str | None:
+        return value or None
 
 
 @lru_cache(maxsize=1)

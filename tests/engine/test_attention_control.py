@@ -113,14 +113,19 @@ def test_full_size_sd15_unet_runs_through_controlled_processors():
     context = torch.randn(4, 77, 768)
     cand = CandidateControl(cross_replace_steps=0.8, self_replace_steps=0.6, mapper=torch.eye(77))
     control = PromptToPromptControl([cand], num_steps=10, latent_hw=(16, 16))
+    runs = {}
     with torch.no_grad():
         unet.set_attn_processor(AttnProcessor())
         reference = unet(x, 500, encoder_hidden_states=context).sample
-        unet.set_attn_processor(ControlledAttnProcessor(control))
-        control.step = 9  # past both replace windows: plain attention
-        plain = unet(x, 500, encoder_hidden_states=context).sample
-        control.step = 0  # inside both windows: the candidate takes the source's attention
-        edited = unet(x, 500, encoder_hidden_states=context).sample
-    assert torch.allclose(plain, reference, atol=1e-4)
-    assert torch.equal(edited[:3], plain[:3])
-    assert (edited[3] - plain[3]).abs().max() > 1e-3
+        for fused in (True, False):
+            unet.set_attn_processor(ControlledAttnProcessor(control, fused))
+            control.step = 9  # past both replace windows: plain attention
+            plain = unet(x, 500, encoder_hidden_states=context).sample
+            control.step = 0  # inside both windows: the candidate takes the source's attention
+            runs[fused] = plain, unet(x, 500, encoder_hidden_states=context).sample
+    for plain, edited in runs.values():
+        assert torch.allclose(plain, reference, atol=1e-4)
+        assert (edited[3] - plain[3]).abs().max() > 1e-3
+    plain, edited = runs[False]
+    assert torch.equal(edited[:3], plain[:3])  # the control touches only the candidate
+    assert torch.allclose(runs[True][1], edited, atol=1e-4)  # fused where nothing is read: the same result

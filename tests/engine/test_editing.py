@@ -66,3 +66,17 @@ def test_encode_latent_uses_the_posterior_mean(bundle):
     a, b = encode_latent(bundle, image), encode_latent(bundle, image)
     assert torch.equal(a, b)
     assert a.shape == (1, 4, bundle.resolution // 8, bundle.resolution // 8)
+
+
+def test_sweep_candidates_share_a_branch_until_their_self_attention_windows_end(bundle):
+    image = torch.rand(1, 1, bundle.resolution, bundle.resolution, generator=torch.Generator().manual_seed(4))
+    inversion = _setup(bundle, image)
+    rows = []
+    hook = bundle.unet.register_forward_hook(lambda module, args, output: rows.append(output.sample.shape[0]))
+    try:
+        latents, control = _run(bundle, inversion, [EditSpec(EDIT, v) for v in (0.25, 0.5, 0.75)])
+    finally:
+        hook.remove()
+    # windows end at steps 2, 4 and 6 of 8: 1, 1, 2, 2, 3, 3, 3, 3 candidate branches plus the source, x2 for guidance
+    assert rows == [2 * (1 + n) for n in (1, 1, 2, 2, 3, 3, 3, 3)]
+    assert latents.shape[0] == 4 and control.groups == [[0], [1], [2]]

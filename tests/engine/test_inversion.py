@@ -47,12 +47,17 @@ def test_null_text_stops_early_when_loss_is_small(bundle):
     assert len(calls) == 4 * 3
 
 
-def test_inversion_save_load_roundtrip(tmp_path):
-    inv = Inversion(torch.randn(1, 4, 8, 8), torch.randn(5, 77, 32), "abc", {"steps": 5}, [0.1, 0.2])
+@pytest.mark.parametrize("offsets", [None, torch.randn(5, 1, 4, 8, 8)])
+def test_inversion_save_load_roundtrip(tmp_path, offsets):
+    mode = "null_text" if offsets is None else "direct"
+    inv = Inversion(torch.randn(1, 4, 8, 8), torch.randn(5, 77, 32), "abc", mode, offsets, {"steps": 5}, [0.1, 0.2])
     inv.save(tmp_path / "x.safetensors")
     back = Inversion.load(tmp_path / "x.safetensors")
     assert torch.equal(back.x_T, inv.x_T) and torch.equal(back.uncond_embeddings, inv.uncond_embeddings)
-    assert (back.key, back.settings, back.losses) == ("abc", {"steps": 5}, [0.1, 0.2])
+    assert (back.key, back.mode, back.settings, back.losses) == ("abc", mode, {"steps": 5}, [0.1, 0.2])
+    assert (back.latent_offsets is None) == (offsets is None)
+    if offsets is not None:
+        assert torch.equal(back.latent_offsets, offsets)
 
 
 def test_inversion_key_depends_on_every_part():
@@ -78,6 +83,7 @@ def test_inversion_key_depends_on_every_part():
         "steps": 49,
         "guidance_scale": 7.0,
         "null_text": NullTextSettings(inner_steps=5),
+        "mode": "direct",
     }
     for name, value in variants.items():
         assert inversion_key(**{**base, name: value}) != key, name
@@ -118,3 +124,13 @@ def test_progress_callback_can_cancel(bundle):
         invert(bundle, image, PROMPT, EditParams(steps=6, null_text=NullTextSettings(inner_steps=1)), callback=callback)
     assert seen[-1] == ("null_text", 2, 6)
     assert [s for s in seen if s[0] == "inversion"][-1] == ("inversion", 6, 6)
+
+
+def test_inversion_key_ignores_diffusers_private_config_entries():
+    base = dict(image=np.zeros((8, 8), np.float32), prompt=PROMPT, model_identity="m", steps=5, guidance_scale=7.5)
+    one = {"beta_start": 0.00085, "_use_default_values": ["a", "b"]}
+    other = {"beta_start": 0.00085, "_use_default_values": ["b", "a"]}  # a set's order, per process
+    settings = NullTextSettings()
+    assert inversion_key(scheduler_config=one, null_text=settings, **base) == inversion_key(
+        scheduler_config=other, null_text=settings, **base
+    )
