@@ -1,5 +1,7 @@
 """Errors the engine raises for bad input, so callers can map them to user-facing messages."""
 
+from typing import Literal
+
 
 class InvalidInput(ValueError):
     """A prompt, word list or parameter is unusable; ``field`` names the offending argument."""
@@ -11,7 +13,13 @@ class InvalidInput(ValueError):
 
 
 class ImageError(ValueError):
-    """The input image cannot be decoded or is outside what the engine accepts."""
+    """The input image cannot be used; ``kind`` says why: ``invalid`` (undecodable, or a shape the
+    engine does not take), ``unsupported`` (a format or encoding it does not read) or ``too_large``."""
+
+    def __init__(self, message: str, kind: Literal["invalid", "unsupported", "too_large"] = "invalid") -> None:
+        super().__init__(message)
+        self.message = message
+        self.kind = kind
 
 
 class ModelLoadError(RuntimeError):

@@ -15,24 +15,35 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
+from models.dicom import DicomSource, is_dicom, read_dicom
 from models.errors import ImageError
-from models.report import Geometry
+from models.report import Geometry, InputFormat
 
 
 @dataclass(frozen=True)
 class DecodedImage:
-    """Grayscale intensities in [0, 1] (float32, H x W) and the bit depth to write back."""
+    """Grayscale intensities in [0, 1] (float32, H x W), the bit depth of the PNG outputs and, for a
+    DICOM input, what the DICOM outputs copy from it."""
 
     pixels: np.ndarray
     bit_depth: int
+    dicom: DicomSource | None = None
+
+    @property
+    def format(self) -> InputFormat:
+        return "dicom" if self.dicom is not None else "image"
 
 
-def decode_image(data: bytes) -> DecodedImage:
-    """Decode a PNG or JPEG (8- or 16-bit grayscale, RGB, RGBA) into grayscale intensities."""
+def decode_image(data: bytes, max_pixels: int = 2**31) -> DecodedImage:
+    """Decode a DICOM (see :mod:`models.dicom`), PNG or JPEG (8- or 16-bit grayscale, RGB, RGBA)
+    into grayscale intensities."""
+    if is_dicom(data):
+        pixels, source = read_dicom(data, max_pixels)
+        return DecodedImage(pixels, 8 if source.bits_stored <= 8 else 16, source)
     try:
         with Image.open(io.BytesIO(data)) as img:
             if img.format not in ("PNG", "JPEG"):
-                raise ImageError(f"unsupported image format {img.format!r}; use PNG or JPEG")
+                raise ImageError(f"unsupported image format {img.format!r}; use PNG, JPEG or DICOM", "unsupported")
             img = ImageOps.exif_transpose(img)
             img.load()
     except ImageError:

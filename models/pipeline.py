@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from models.constants import TOKEN_WINDOW
 from models.ddim import PRISM_SCHEDULER_CONFIG, DDIMSampler
-from models.difference import difference, render_difference
+from models.dicom import DicomSource, secondary_captures
+from models.difference import difference, encode_rgb_png, render_difference
 from models.editing import EditSpec, build_control, denoise, edit_specs
 from models.geometry import DecodedImage, encode_png, from_model_output, quantize, to_model_input
 from models.inversion import (
@@ -45,21 +46,30 @@ class Counterfactual:
     counterfactual: np.ndarray
     reconstruction: np.ndarray
     difference: np.ndarray
-    difference_png: bytes
+    difference_rgb: np.ndarray
     bit_depth: int
     report: EditReport
+    dicom: DicomSource | None = None
 
     def files(self) -> dict[str, bytes]:
-        """The five result files, by name."""
+        """The five result files by name, and for a DICOM input ``counterfactual.dcm`` and
+        ``difference.dcm`` (Secondary Captures in the input's study)."""
         buf = io.BytesIO()
         np.save(buf, self.difference.astype(np.float32))
-        return {
+        files = {
             "counterfactual.png": encode_png(self.counterfactual, self.bit_depth),
             "reconstruction.png": encode_png(self.reconstruction, self.bit_depth),
-            "difference.png": self.difference_png,
+            "difference.png": encode_rgb_png(self.difference_rgb),
             "difference.npy": buf.getvalue(),
             "result.json": self.report.model_dump_json(indent=2).encode(),
         }
+        if self.dicom is not None:
+            description = (
+                f"PRISM counterfactual (S_CLIP {self.report.s_clip:.3f}): {self.report.original_prompt!r} "
+                f"edited to {self.report.edit_prompt!r}"
+            )
+            files |= secondary_captures(self.dicom, self.counterfactual, self.difference_rgb, description)
+        return files
 
 
 class _Timer:
@@ -214,7 +224,9 @@ def generate_counterfactual(
     best = max(range(len(scores)), key=lambda k: scores[k].s_clip)
     if callback:
         callback("scoring", 1, 1)
-    return _assemble(image, geometry, images, regions, best, scores, specs, params, inversion, cached, bundle, timer)
+    return _assemble(
+        image, geometry, images, regions, best, scores, specs, params, inversion, cached, bundle, timer, original_prompt
+    )
 
 
 def edited_regions(latents: torch.Tensor, size: int) -> torch.Tensor:
@@ -241,6 +253,7 @@ def _assemble(
     cached: bool,
     bundle: ModelBundle,
     timer: _Timer,
+    original_prompt: str,
 ) -> Counterfactual:
     edited = from_model_output(images[1 + best, 0], geometry)
     reconstructed = from_model_output(images[0, 0], geometry)
@@ -250,7 +263,7 @@ def _assemble(
     counterfactual = quantize(edited, image.bit_depth)
     reconstruction = quantize(reconstructed, image.bit_depth)
     diff = difference(counterfactual, image.pixels)
-    diff_png, scale = render_difference(diff)
+    diff_rgb, scale = render_difference(diff)
     chosen = scores[best]
     report = EditReport(
         s_clip=chosen.s_clip,
@@ -270,6 +283,9 @@ def _assemble(
         ),
         geometry=geometry,
         bit_depth=image.bit_depth,
+        input_format=image.format,
+        original_prompt=original_prompt,
+        edit_prompt=specs[best].edit_prompt,
         inversion=InversionInfo(
             mode=inversion.mode, key=inversion.key, cached=cached, final_losses=inversion.losses[-3:]
         ),
@@ -282,7 +298,8 @@ def _assemble(
         counterfactual=counterfactual,
         reconstruction=reconstruction,
         difference=diff,
-        difference_png=diff_png,
+        difference_rgb=diff_rgb,
         bit_depth=image.bit_depth,
         report=report,
+        dicom=image.dicom,
     )

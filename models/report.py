@@ -6,7 +6,7 @@ field is one edit here.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -69,6 +69,9 @@ class DifferenceInfo(Record):
     max: float
 
 
+InputFormat = Literal["image", "dicom"]
+
+
 class EditReport(Record):
     """Scores, choices and provenance of one counterfactual."""
 
@@ -83,7 +86,10 @@ class EditReport(Record):
     parameters: EditParams
     model: ModelInfo
     geometry: Geometry
-    bit_depth: Annotated[int, Field(description="bit depth of the input and of the output images")]
+    bit_depth: Annotated[int, Field(description="bit depth of the PNG outputs: 8, or 16 for deeper inputs")]
+    input_format: Annotated[InputFormat, Field(description="dicom inputs get DICOM outputs too")] = "image"
+    original_prompt: Annotated[str, Field(description="the prompt that describes the input")]
+    edit_prompt: Annotated[str, Field(description="the prompt the counterfactual was edited towards")]
     inversion: InversionInfo
     edited_fraction: Annotated[float, Field(description="fraction of the image where the edit changed the latent")]
     difference: DifferenceInfo

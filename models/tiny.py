@@ -1,7 +1,8 @@
-"""Build a small, randomly initialised model with the SD v1.5 structure, entirely offline.
+"""Randomly initialised models with the SD v1.5 structure, built offline from configs.
 
-Used by tests and for development: same components and file layout as a real Stable
-Diffusion directory (loadable by :func:`models.loading.load_bundle`), at 64x64 pixels.
+:func:`make_tiny_model` writes a small one (64x64 pixels) in the file layout of a real Stable
+Diffusion directory, for tests and development; :func:`full_size_bundle` builds SD v1.5's
+full-size architecture in memory, for speed and memory benchmarks on a GPU.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from transformers import (
 )
 
 import models.hf_offline  # noqa: F401  (before diffusers/transformers)
-from models.constants import SD15_LATENT_SCALE, TOKEN_WINDOW
+from models.constants import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD, SD15_LATENT_SCALE, TOKEN_WINDOW
 from models.ddim import make_scheduler
-from models.loading import write_clip_preprocessor
+from models.loading import ClipParts, ModelBundle, assemble_bundle, resolve_device, write_clip_preprocessor
+from models.params import DtypeName
 from models.tokenizer import clip_tokenizer
 
 VOCAB_SIZE = 49408
@@ -117,3 +119,56 @@ def make_tiny_model(directory: str | Path, seed: int = 0, sample_size: int = 8) 
         )
     )
     return out
+
+
+def full_size_bundle(device: str = "cuda", dtype: DtypeName | None = None, seed: int = 0) -> ModelBundle:
+    """Stable Diffusion v1.5's architecture with random weights, built in memory from configs: the
+    UNet (860 M parameters), the VAE at 512 px, the CLIP ViT-L/14 text encoder, and a CLIP
+    ViT-L/14 scorer. For timing and memory only: its edits are noise."""
+    device_t, torch_dtype = resolve_device(device, dtype)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    ).to(torch_dtype)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=512,
+        scaling_factor=SD15_LATENT_SCALE,
+    )
+    text = CLIPTextConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        max_position_embeddings=TOKEN_WINDOW,
+        projection_dim=768,
+        hidden_act="quick_gelu",
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=224,
+        patch_size=14,
+        projection_dim=768,
+    )
+    scorer = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=768))
+    tokenizer = clip_tokenizer()
+    clip = ClipParts(scorer, tokenizer, 224, CLIP_IMAGE_MEAN, CLIP_IMAGE_STD)
+    return assemble_bundle(
+        unet, vae, CLIPTextModel(text), tokenizer, make_scheduler(), clip, device_t, f"sd15-random-{seed}"
+    )

@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import numpy as np
 
+from models.findings import caption
 from phantoms.render import FINDINGS, Findings
 
 NAMES = {"cardiomegaly": "Cardiomegaly", "pleural_effusion": "Pleural Effusion", "support_devices": "Support Devices"}
 
 
+def labels(findings: Findings) -> dict[str, int]:
+    """The phantom's findings as CheXpert labels (1 present, 0 absent)."""
+    return {NAMES[n]: int(getattr(findings, n)) for n in FINDINGS}
+
+
 def prism_caption(findings: Findings) -> str:
-    """Exactly the PRISM template."""
-    present = [NAMES[n] for n in FINDINGS if getattr(findings, n)]
-    return "Chest X-ray showing " + ", ".join(present) if present else "Normal chest X-ray with no significant findings"
+    """Exactly the PRISM template (the same implementation as the service's findings input)."""
+    return caption(labels(findings))
 
 
 def explicit_caption(findings: Findings) -> str:

@@ -71,8 +71,8 @@ class JobRunner:
         if data is None:
             message = "the uploaded image is no longer stored; submit the job again"
             raise JobFailed(JobError(code=ErrorCode.input_expired, message=message))
-        parsed = JobRequest.model_validate(request)
-        image = decode_image(data)
+        original_prompt, edit_prompt, params = JobRequest.model_validate(request).resolved()
+        image = decode_image(data, self.settings.max_image_pixels)
         last_save = 0.0
 
         def progress(phase: str, step: int, total: int) -> None:
@@ -88,13 +88,7 @@ class JobRunner:
         try:
             progress("decode", 0, 1)
             result = generate_counterfactual(
-                self.bundle,
-                image,
-                parsed.original_prompt,
-                parsed.edit_prompt,
-                parsed.edit_params(),
-                cache=self.cache,
-                callback=progress,
+                self.bundle, image, original_prompt, edit_prompt, params, cache=self.cache, callback=progress
             )
         except JobCanceled:
             redis.delete(input_key, cancel_key(job.id))

@@ -10,16 +10,31 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import UploadFile
-from pydantic import Field
+from fastapi.exceptions import RequestValidationError
+from pydantic import Field, ValidationError
 
 from service.contract.jobs import JobRequest
+
+LABELS_SYNTAX = 'a JSON object such as {"Support Devices": 1} or pairs such as "Support Devices=1; Edema=0"'
 
 
 class CounterfactualForm(JobRequest):
     image: Annotated[
         UploadFile,
-        Field(description="chest X-ray, PNG (8/16-bit) or JPEG", json_schema_extra={"format": "binary"}),
+        Field(
+            description="chest X-ray: PNG (8/16-bit), JPEG or DICOM (detected from the content)",
+            json_schema_extra={"format": "binary"},
+        ),
     ]
+    findings: Annotated[
+        str | None,
+        Field(description=f"instead of prompts: the image's CheXpert labels (1, 0, -1 or blank), as {LABELS_SYNTAX}"),
+    ] = None
+    edit: Annotated[str | None, Field(description=f"with findings: the labels to change, as {LABELS_SYNTAX}")] = None
 
     def job_request(self) -> JobRequest:
-        return JobRequest.model_validate(self.model_dump(exclude={"image"}))
+        """The request the job carries; a 422 naming the field if the findings do not parse."""
+        try:
+            return JobRequest.model_validate(self.model_dump(exclude={"image"}))
+        except ValidationError as exc:
+            raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from exc

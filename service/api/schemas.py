@@ -30,9 +30,17 @@ class JobResult(EditReport):
     files: Annotated[dict[str, str], Field(description="download link of each result file")]
 
 
+class Prompts(BaseModel):
+    original_prompt: str
+    edit_prompt: str
+
+
 class JobStatus(BaseModel):
     id: str
     status: JobState
+    prompts: Prompts | None = Field(
+        None, description="the prompts of the edit (made from findings if those were given)"
+    )
     progress: Progress
     requeues: int = Field(0, description="times the job went back to the queue because its worker died")
     created_at: datetime | None = None

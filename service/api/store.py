@@ -14,8 +14,9 @@ from rq.job import JobStatus as RQStatus
 
 from models.report import EditReport
 from service.api.errors import IdempotencyConflict, NotCancelable, QueueFull
-from service.api.schemas import JobLinks, JobResult, JobState, JobStatus
+from service.api.schemas import JobLinks, JobResult, JobState, JobStatus, Prompts
 from service.contract.jobs import (
+    DICOM_FILES,
     FILE_NAMES,
     JobRequest,
     enqueue,
@@ -42,9 +43,10 @@ _STATES: dict[str, JobState] = {
 }
 
 
-def links(job_id: str, with_files: bool = False) -> JobLinks:
-    files = {name: f"/jobs/{job_id}/files/{name}" for name in FILE_NAMES} if with_files else {}
-    return JobLinks(self=f"/jobs/{job_id}", files=files)
+def links(job_id: str, report: EditReport | None = None) -> JobLinks:
+    """The job's own link and, once it has a report, one per result file it wrote."""
+    names = [] if report is None else [n for n in FILE_NAMES if report.input_format == "dicom" or n not in DICOM_FILES]
+    return JobLinks(self=f"/jobs/{job_id}", files={name: f"/jobs/{job_id}/files/{name}" for name in names})
 
 
 @dataclass
@@ -95,15 +97,17 @@ class JobStore:
             recover_lost_jobs(self.redis, self.settings)
             job = self._fetch(job_id, owner)
         state = _STATES.get(job.get_status(refresh=False), "queued")
-        result = error = None
+        result = error = report = None
         if state == "succeeded":
             report = EditReport.model_validate(job.return_value())
-            result = JobResult(**dict(report), files=links(job_id, True).files)
+            result = JobResult(**dict(report), files=links(job_id, report).files)
         elif state == "failed":
             error = read_failure(job)
+        original, edited, _ = JobRequest.model_validate(job.kwargs["request"]).resolved()
         return JobStatus(
             id=job_id,
             status=state,
+            prompts=Prompts(original_prompt=original, edit_prompt=edited),
             progress=read_progress(job),
             requeues=min(int(job.meta.get("lost", 0)), self.settings.max_requeues),
             created_at=job.created_at,
@@ -111,7 +115,7 @@ class JobStore:
             finished_at=job.ended_at,
             result=result,
             error=error,
-            links=links(job_id, with_files=result is not None),
+            links=links(job_id, report),
         )
 
     def cancel(self, job_id: str, owner: str) -> JobStatus | None:

@@ -1,7 +1,9 @@
-"""Checks of uploaded images in the API process (Pillow only, no torch).
+"""Checks of uploaded images in the API process (Pillow and pydicom, no torch).
 
-The content decides the format, not the client's filename or Content-Type: only PNG and
-JPEG are opened, the pixel count is capped before decoding, and a truncated file is rejected.
+The content decides the format, not the client's filename or Content-Type: only PNG, JPEG and
+DICOM Part 10 files are opened, the pixel count is capped before decoding, and a truncated file
+is rejected. A DICOM file is decoded here in full (:func:`models.dicom.read_dicom`), so a file
+the worker could not read is refused with a 4xx naming why, before anything is enqueued.
 """
 
 from __future__ import annotations
@@ -13,7 +15,11 @@ from typing import BinaryIO
 
 from PIL import Image
 
+from models.dicom import is_dicom, read_dicom
+from models.errors import ImageError
+
 SIGNATURES = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG"}
+STATUS = {"invalid": 422, "unsupported": 415, "too_large": 413}
 
 
 @dataclass
@@ -35,12 +41,18 @@ def read_upload(file: BinaryIO, max_bytes: int, max_pixels: int) -> bytes:
 
 
 def check_image(data: bytes, max_pixels: int) -> tuple[int, int]:
-    """Return (width, height) of a decodable single-frame PNG/JPEG, else raise UploadRejected."""
+    """Return (width, height) of a decodable single-frame PNG, JPEG or DICOM image, else raise UploadRejected."""
     if not data:
         raise UploadRejected(422, "the file is empty")
+    if is_dicom(data):
+        try:
+            pixels, _ = read_dicom(data, max_pixels)
+        except ImageError as exc:
+            raise UploadRejected(STATUS[exc.kind], exc.message) from exc
+        return pixels.shape[1], pixels.shape[0]
     kind = next((name for sig, name in SIGNATURES.items() if data.startswith(sig)), None)
     if kind is None:
-        raise UploadRejected(415, "not a PNG or JPEG image (detected from the file content)")
+        raise UploadRejected(415, "not a PNG, JPEG or DICOM image (detected from the file content)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -6,8 +6,9 @@ import argparse
 import logging
 from dataclasses import replace
 from pathlib import Path
+from typing import get_args
 
-from models.params import EditOptions, EditParams, NullTextSettings
+from models.params import DtypeName, EditOptions, EditParams, NullTextSettings
 from service.cli.edit import ALIASES
 from service.cli.options import add_model_flags, model_from_args
 
@@ -31,7 +32,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     bench = sub.add_parser("bench-phantom", help="measure edits against true counterfactuals on held-out phantoms")
     bench.add_argument("--n", type=int, default=50, help="phantoms per task")
-    bench.add_argument("--out", default="bench-out")
+    bench.add_argument("--out", default="bench-out", help="results, grid, and each case's measures (to resume)")
+    bench.add_argument(
+        "--vary",
+        metavar="OPTION=V1,V2",
+        help="run one variant per value of an edit option on the same cases, e.g. inversion=null_text,direct",
+    )
     bench.add_argument("--model", help="model directory with classifier.safetensors (default: built-in)")
     bench.add_argument("--device", choices=["cpu", "cuda"])
     bench.add_argument(
@@ -41,7 +47,32 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="null-text inner steps (default: %(default)s)",
     )
     add_model_flags(bench.add_argument_group("edit options (as in the API)"), EditOptions, ALIASES)
-    bench.set_defaults(func=bench_phantom)
+    bench.set_defaults(func=bench_phantom, log_level=logging.INFO)
+
+    speed = sub.add_parser("bench-speed", help="time a counterfactual per phase and inversion mode, cold and cached")
+    speed.add_argument(
+        "--model",
+        default="builtin",
+        help="builtin; full-size (SD v1.5's architecture with random weights, built in memory: a GPU's job); "
+        "or a model directory",
+    )
+    speed.add_argument("--device", choices=["cpu", "cuda"])
+    speed.add_argument("--dtype", choices=get_args(DtypeName), help="the UNet's precision")
+    speed.add_argument("--repeats", type=int, default=3, help="timed runs per row, after one warm-up (median)")
+    speed.add_argument("--out", default="speed-out", help="directory for results.json and results.md")
+    speed.add_argument("--inner-steps", type=int, default=NullTextSettings().inner_steps, help="null-text inner steps")
+    add_model_flags(speed.add_argument_group("edit options (as in the API)"), EditOptions, ALIASES)
+    speed.set_defaults(func=bench_speed, log_level=logging.INFO)
+
+
+def _params(args: argparse.Namespace, command: str) -> EditParams | None:
+    """The edit options given as flags, with the null-text inner steps; None after printing why not."""
+    try:
+        options = model_from_args(EditOptions, args)
+    except ValueError as exc:
+        print(f"prism {command}: error: {exc}")
+        return None
+    return EditParams(**options.model_dump(), null_text=NullTextSettings(inner_steps=args.inner_steps))
 
 
 def make_tiny(args: argparse.Namespace) -> int:
@@ -73,15 +104,60 @@ def bench_phantom(args: argparse.Namespace) -> int:
     from phantoms.bench import run_benchmark
     from phantoms.classifier import FindingClassifier
 
-    try:
-        options = model_from_args(EditOptions, args)
-    except ValueError as exc:
-        print(f"prism bench-phantom: error: {exc}")
+    params = _params(args, "bench-phantom")
+    if params is None:
         return 2
-    params = EditParams(**options.model_dump(), null_text=NullTextSettings(inner_steps=args.inner_steps))
+    variants = {"default": params}
+    if args.vary:
+        option, _, values = args.vary.partition("=")
+        try:
+            variants = {value: params.replace(**{option: value}) for value in values.split(",")}
+        except ValueError as exc:
+            print(f"prism bench-phantom: error: --vary {args.vary}: {exc}")
+            return 2
     model_dir = Path(args.model) if args.model else builtin_model_dir()
     bundle = load_bundle(model_dir, device=args.device)
     classifier = FindingClassifier.load(model_dir / "classifier.safetensors")
-    report = run_benchmark(bundle, classifier, args.n, Path(args.out), params)
+    run_benchmark(bundle, classifier, args.n, Path(args.out), variants)
     print((Path(args.out) / "results.md").read_text())
-    return 0 if report["tasks"] else 1
+    return 0
+
+
+def bench_speed(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from models.geometry import DecodedImage
+    from models.loading import load_bundle
+    from models.speed import bench_speed as measure
+    from models.speed import smooth_image
+    from models.tiny import full_size_bundle
+    from phantoms.bench import bench_case
+    from phantoms.captions import explicit_caption
+    from phantoms.render import render
+
+    params = _params(args, "bench-speed")
+    if params is None:
+        return 2
+    if args.model == "full-size":
+        bundle = full_size_bundle(args.device or "cuda", args.dtype)
+    else:
+        bundle = load_bundle(None if args.model == "builtin" else args.model, device=args.device, dtype=args.dtype)
+    if args.model == "builtin":
+        anatomy, source, target, _ = bench_case("remove_devices", 0, bundle.resolution)
+        image = DecodedImage(render(anatomy, source), 16)
+        prompts = (explicit_caption(source), explicit_caption(target), explicit_caption(source.toggled("cardiomegaly")))
+    else:
+        image = smooth_image(bundle.resolution)
+        prompts = (
+            "chest x-ray of a patient with support devices",
+            "chest x-ray of a patient without support devices",
+            "chest x-ray of a patient with pleural effusion",
+        )
+    with tqdm(total=3 * 2 * (args.repeats + 1), desc="bench-speed") as bar:
+        report = measure(bundle, image, prompts, params, args.repeats, progress=lambda _: bar.update())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(report.model_dump_json(indent=2))
+    (out / "results.md").write_text(report.markdown())
+    print(report.markdown())
+    return 0

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import get_args
 
-from models.params import DtypeName, EditOptions, EditParams
+from models.params import DtypeName, EditOptions
 from service.cli.options import add_model_flags, model_from_args
 
 ALIASES = {
@@ -20,9 +20,13 @@ ALIASES = {
 
 def register(sub: argparse._SubParsersAction) -> None:
     edit = sub.add_parser("edit", help="generate a counterfactual for one image")
-    edit.add_argument("--image", required=True, help="input PNG or JPEG")
-    edit.add_argument("--original-prompt", required=True)
-    edit.add_argument("--edit-prompt", required=True)
+    edit.add_argument("--image", required=True, help="input PNG, JPEG or DICOM")
+    edit.add_argument("--original-prompt", help="what the image shows (or give --findings and --edit)")
+    edit.add_argument("--edit-prompt", help="what the counterfactual should show")
+    edit.add_argument(
+        "--findings", help="the image's CheXpert labels: JSON, or pairs such as 'Support Devices=1; Edema=0'"
+    )
+    edit.add_argument("--edit", help="with --findings: the labels to change, e.g. 'Support Devices=0'")
     edit.add_argument("--out", required=True, help="output directory")
     edit.add_argument("--model", help="diffusers SD directory (default: $PRISM_MODEL_DIR, else the built-in model)")
     edit.add_argument("--unet-weights", help="fine-tuned UNet .safetensors loaded over --model")
@@ -57,17 +61,28 @@ def progress_bars():
 
 
 def run(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from models.errors import ImageError, InvalidInput, ModelLoadError
     from models.geometry import decode_image
     from models.inversion import InversionCache
     from models.loading import load_bundle
     from models.pipeline import generate_counterfactual
+    from service.contract.jobs import JobRequest
     from service.contract.settings import get_settings
 
     settings = get_settings()
     try:
-        params = EditParams(**model_from_args(EditOptions, args).model_dump())
-        image = decode_image(Path(args.image).read_bytes())
+        options = model_from_args(EditOptions, args).model_dump()
+        request = JobRequest(
+            **options,
+            original_prompt=args.original_prompt,
+            edit_prompt=args.edit_prompt,
+            findings=args.findings,
+            edit=args.edit,
+        )
+        original_prompt, edit_prompt, params = request.resolved()
+        image = decode_image(Path(args.image).read_bytes(), settings.max_image_pixels)
         bundle = load_bundle(
             args.model or settings.model_dir,
             unet_weights=args.unet_weights or settings.unet_weights,
@@ -78,9 +93,13 @@ def run(args: argparse.Namespace) -> int:
         progress, close = progress_bars()
         cache = InversionCache(Path(args.cache)) if args.cache else None
         result = generate_counterfactual(
-            bundle, image, args.original_prompt, args.edit_prompt, params, cache=cache, callback=progress
+            bundle, image, original_prompt, edit_prompt, params, cache=cache, callback=progress
         )
         close()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        print(f"prism edit: error: --{str(first['loc'][0]).replace('_', '-')}: {first['msg']}", file=sys.stderr)
+        return 2
     except (ValueError, ImageError, InvalidInput, ModelLoadError, OSError) as exc:
         print(f"prism edit: error: {exc}", file=sys.stderr)
         return 2

@@ -13,12 +13,14 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from redis import Redis
 from rq import Queue
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
+from models.errors import InvalidInput
+from models.findings import Condition, findings_prompts, parse_labels
 from models.params import EditOptions, EditParams
 from service.contract.keys import input_key
 from service.contract.settings import Settings
@@ -26,34 +28,73 @@ from service.contract.settings import Settings
 TASK = "worker.tasks.run_counterfactual"
 """The job function, by name: the API never imports the worker."""
 
-FileName = Literal["counterfactual.png", "difference.png", "difference.npy", "reconstruction.png", "result.json"]
+FileName = Literal[
+    "counterfactual.png",
+    "difference.png",
+    "difference.npy",
+    "reconstruction.png",
+    "result.json",
+    "counterfactual.dcm",
+    "difference.dcm",
+]
 FILE_NAMES: tuple[str, ...] = get_args(FileName)
+DICOM_FILES = ("counterfactual.dcm", "difference.dcm")
+"""Written only for a DICOM input."""
 
 PROMPT_MAX_CHARS = 1000
 
 
+def _labels(field: str):
+    return BeforeValidator(lambda value: None if value in (None, "") else parse_labels(value, field))
+
+
+LabelRow = dict[Condition, Literal[1, 0, -1] | None]
+
+
 class JobRequest(EditOptions):
-    """Everything a worker needs besides the image: the prompts and the client's edit options."""
+    """Everything a worker needs besides the image: what the image shows and what the
+    counterfactual should show, as prompts or as CheXpert findings, and the client's edit options."""
 
     original_prompt: Annotated[
-        str,
+        str | None,
         Field(
             max_length=PROMPT_MAX_CHARS,
-            description="what the image shows",
+            description="what the image shows (or give findings and edit)",
             examples=["chest x-ray of a patient with support devices"],
         ),
-    ]
+    ] = None
     edit_prompt: Annotated[
-        str,
+        str | None,
         Field(
             max_length=PROMPT_MAX_CHARS,
             description="what the counterfactual should show",
             examples=["chest x-ray of a patient without support devices"],
         ),
-    ]
+    ] = None
+    findings: Annotated[
+        LabelRow | None,
+        _labels("findings"),
+        Field(description="instead of prompts: the image's CheXpert labels (1, 0, -1 or blank per condition)"),
+    ] = None
+    edit: Annotated[
+        LabelRow | None,
+        _labels("edit"),
+        Field(description="with findings: the labels to change, e.g. {'Support Devices': 0}"),
+    ] = None
 
-    def edit_params(self) -> EditParams:
-        return EditParams(**self.model_dump(include=set(EditOptions.model_fields)))
+    def resolved(self) -> tuple[str, str, EditParams]:
+        """The original and edit prompts and the engine's parameters. Findings become prompts by
+        PRISM's caption template, and LocalBlend follows the conditions the edit changes unless
+        blend words are given. Raises :class:`~models.errors.InvalidInput` naming the field."""
+        params = EditParams(**self.model_dump(include=set(EditOptions.model_fields)))
+        if self.findings is None and self.edit is None:
+            return self.original_prompt or "", self.edit_prompt or "", params
+        if self.original_prompt or self.edit_prompt:
+            raise InvalidInput("findings", "give findings and edit, or original_prompt and edit_prompt, not both")
+        if self.findings is None or self.edit is None:
+            raise InvalidInput("findings" if self.findings is None else "edit", "findings and edit go together")
+        original, edited, changed = findings_prompts(self.findings, self.edit)
+        return original, edited, params if params.blend_words is not None else params.replace(blend_words=changed)
 
 
 class ErrorCode(StrEnum):

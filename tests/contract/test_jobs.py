@@ -31,7 +31,8 @@ def test_request_round_trips_through_json_and_gives_the_engine_params():
     request = JobRequest(original_prompt=SOURCE, edit_prompt=EDIT, self_replace_steps="0.4,0.6", steps=7)
     again = JobRequest.model_validate_json(request.model_dump_json())
     assert again == request and again.self_replace_steps == (0.4, 0.6)
-    params = again.edit_params()
+    original, edited, params = again.resolved()
+    assert (original, edited) == (SOURCE, EDIT)
     assert isinstance(params, EditParams) and params.steps == 7 and params.null_text == EditParams().null_text
     assert {name: getattr(params, name) for name in EditOptions.model_fields} == {
         name: getattr(request, name) for name in EditOptions.model_fields

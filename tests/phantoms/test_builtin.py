@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from models.builtin import BUILTIN_DIR, builtin_model_dir
 from models.loading import load_bundle
@@ -67,9 +68,14 @@ def test_device_removal_moves_towards_the_truth(builtin, tmp_path):
     """The fast benchmark: a few held-out phantoms, few steps; L1 to the truth must shrink."""
     classifier = FindingClassifier.load(BUILTIN_DIR / "classifier.safetensors")
     params = EditParams(steps=10, self_replace_steps=(0.4, 0.6, 0.8), null_text=NullTextSettings(inner_steps=5))
-    report = run_benchmark(builtin, classifier, 3, tmp_path, params, tasks=("remove_devices",))
-    result = report["tasks"]["remove_devices"]
+    report = run_benchmark(builtin, classifier, 3, tmp_path, {"paper": params}, tasks=("remove_devices",))
+    result = report["variants"]["paper"]["tasks"]["remove_devices"]
     assert result["n"] == 3 and result["l1_ratio"] < 1.0, result
     assert result["outside_change"] < 0.02 and 0 <= result["flip_rate"] <= 1 and -1 <= result["s_clip"] <= 1
-    assert json.loads((tmp_path / "results.json").read_text())["tasks"]["remove_devices"] == result
-    assert (tmp_path / "grid.png").exists() and "remove_devices" in (tmp_path / "results.md").read_text()
+    assert json.loads((tmp_path / "results.json").read_text())["variants"]["paper"]["tasks"]["remove_devices"] == result
+    assert "| paper | remove_devices | 3 |" in (tmp_path / "results.md").read_text()
+    # input | truth | counterfactual | difference, three cases
+    assert Image.open(tmp_path / "grid.png").size == (4 * 128, 3 * 128)
+    # a second run resumes from the saved cases: nothing is recomputed
+    again = run_benchmark(builtin, classifier, 3, tmp_path, {"paper": params}, tasks=("remove_devices",))
+    assert again["variants"]["paper"]["tasks"]["remove_devices"] == result

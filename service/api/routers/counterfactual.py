@@ -46,7 +46,7 @@ def submit(
 ) -> JSONResponse:
     image = read_upload(form.image.file, settings.max_upload_bytes, settings.max_image_pixels)
     request = form.job_request()
-    validate_request(clip_tokenizer(), request.original_prompt, request.edit_prompt, request)
+    validate_request(clip_tokenizer(), *request.resolved())
     job_id = store.submit(image, request, tenant, idempotency_key)
     body = JobAccepted(id=job_id, links=links(job_id)).model_dump(mode="json")
     headers = {"Location": f"/jobs/{job_id}", **retry_after(settings.retry_after_s)}

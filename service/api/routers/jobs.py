@@ -12,7 +12,12 @@ from service.contract.jobs import FILE_NAMES
 
 router = APIRouter(prefix="/jobs")
 
-CONTENT_TYPES = {".png": "image/png", ".npy": "application/octet-stream", ".json": "application/json"}
+CONTENT_TYPES = {
+    ".png": "image/png",
+    ".npy": "application/octet-stream",
+    ".json": "application/json",
+    ".dcm": "application/dicom",
+}
 UNAUTHORIZED = {401: {"model": MessageBody, "description": "missing or invalid X-API-Key"}}
 UNAVAILABLE = {503: {"model": MessageBody, "description": "Redis unreachable; retry after Retry-After"}}
 NOT_FOUND = {404: {"model": MessageBody, "description": "no such job (or it belongs to another API key)"}}
@@ -56,7 +61,7 @@ def cancel(job_id: str, store: Store, tenant: Tenant) -> JobStatus:
     responses={
         200: {
             "description": "the file",
-            "content": {"image/png": {}, "application/octet-stream": {}, "application/json": {}},
+            "content": {media_type: {} for media_type in CONTENT_TYPES.values()},
         },
         **UNAUTHORIZED,
         404: {"model": MessageBody, "description": "no such job or file, or not finished"},
