@@ -8,6 +8,7 @@ Construction validates; a bad value raises pydantic's ``ValidationError`` naming
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
@@ -20,11 +21,18 @@ DtypeName = Literal["float32", "float16", "bfloat16"]
 
 
 def split_list(value: Any) -> Any:
-    """Comma-separated text, or a list of such texts, as one flat list; None when nothing is left.
+    """Comma-separated text, or a list of such texts, or a JSON array, as one flat list; None when
+    nothing is left.
 
-    The API (one field or repeated fields) and ``prism edit`` (one or several arguments) accept
-    the same syntax: ``0.4,0.6`` and ``0.4 0.6`` give the same list.
+    The API (one field, repeated fields, or a JSON array as generated clients send it) and
+    ``prism edit`` (one or several arguments) accept the same syntax: ``0.4,0.6``, ``0.4 0.6``
+    and ``[0.4, 0.6]`` give the same list.
     """
+    if isinstance(value, str) and value.strip().startswith("["):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            return value
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list | tuple):

@@ -1,14 +1,21 @@
 #!/usr/bin/env bash
-# Install everything the project needs on a Debian machine with Python 3.11: redis-server from
-# apt (if missing), a virtual environment in .venv with pinned packages. Safe to run again.
+# Install everything the project needs on a Debian machine with Python 3.11: redis-server from apt
+# (and, with --browser, Debian's chromium and chromium-driver for the browser tests), then a
+# virtual environment in .venv with pinned packages. Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v redis-server >/dev/null 2>&1; then
+packages=()
+command -v redis-server >/dev/null 2>&1 || packages+=(redis-server)
+if [ "${1:-}" = "--browser" ]; then
+    command -v chromium >/dev/null 2>&1 || packages+=(chromium)
+    command -v chromedriver >/dev/null 2>&1 || packages+=(chromium-driver)
+fi
+if [ ${#packages[@]} -gt 0 ]; then
     SUDO=""
     [ "$(id -u)" -eq 0 ] || SUDO="sudo"
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${packages[@]}" >/dev/null
 fi
 
 PYTHON="${PYTHON:-$(command -v python3.11 || command -v python3)}"

@@ -58,8 +58,8 @@ def prism(*args: str) -> list[str]:
     return [sys.executable, "-m", "service.cli", *args]
 
 
-def start_worker(env: dict[str, str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen(prism("worker"), env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
+def start_worker(env: dict[str, str], log: Path, command: str = "worker") -> subprocess.Popen:
+    return subprocess.Popen(prism(command), env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
 
 
 def _healthy(url: str) -> bool:
@@ -71,6 +71,7 @@ def _healthy(url: str) -> bool:
 
 class ApiProcess:
     def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.log = log
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
@@ -127,11 +128,15 @@ def poll(url: str, job_id: str, until: set[str], headers: dict | None = None) ->
 class Cluster:
     """A private redis-server, ``workers`` worker processes and an API, with extra settings."""
 
-    def __init__(self, tmp: Path, model_dir: Path, workers: int = 1, **settings: str) -> None:
+    def __init__(
+        self, tmp: Path, model_dir: Path, workers: int = 1, webhook_sender: bool = False, **settings: str
+    ) -> None:
         self.tmp = tmp
         self.redis = LocalRedis(tmp / "redis-data").start()
         self.env = service_env(self.redis.url, model_dir, **settings)
         self.workers = [self.add_worker() for _ in range(workers)]
+        if webhook_sender:
+            self.workers.append(start_worker(self.env, tmp / "webhooks.log", "webhook-worker"))
         self.api = ApiProcess(self.env, tmp / "api.log")
         self.url = self.api.url
         if workers:

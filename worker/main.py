@@ -13,7 +13,9 @@ import os
 import socket
 import threading
 import time
+import traceback
 import uuid
+from datetime import UTC, datetime
 
 from redis import Redis
 from redis.exceptions import RedisError
@@ -22,10 +24,12 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from models.loading import load_bundle
-from service.contract.jobs import ErrorCode, job_queue, record_failure
+from service.contract import metrics
+from service.contract.jobs import ErrorCode, job_queue, read_failure, record_failure
 from service.contract.keys import alive_key
 from service.contract.recovery import recover_lost_jobs
 from service.contract.settings import Settings
+from service.contract.webhooks import notify_job
 from worker import tasks
 from worker.runner import JobCanceled, JobRunner, failure_of
 
@@ -52,7 +56,9 @@ class PrismWorker(SimpleWorker):
 
     def handle_exception(self, job: Job, *exc_info) -> None:
         """Record why the job ended. A cancellation is RQ's "stopped on request" (not a failure);
-        expected failures are logged in one line, unexpected ones with RQ's traceback."""
+        expected failures are logged in one line, unexpected ones with the frames of their
+        traceback. RQ's own handler is not used: it logs the job's arguments (the prompts) and
+        the exception's message."""
         exc = exc_info[1]
         if isinstance(exc, JobCanceled):
             self._stopped_job_id = job.id
@@ -61,9 +67,33 @@ class PrismWorker(SimpleWorker):
         error = failure_of(exc, job.id)
         record_failure(job, error)
         if error.code is ErrorCode.internal:
-            super().handle_exception(job, *exc_info)
+            log.error(
+                "job %s: failed with %s\n%s", job.id, type(exc).__name__, "".join(traceback.format_tb(exc_info[2]))
+            )
         else:
             log.warning("job %s: failed (%s)", job.id, error.code)
+
+    def handle_job_success(self, job: Job, queue, started_job_registry, execution) -> None:
+        super().handle_job_success(job, queue, started_job_registry, execution)
+        self._ended(job, {"status": "succeeded", "result": job._result})
+
+    def handle_job_failure(self, job: Job, queue, started_job_registry=None, exc_string="", execution=None) -> None:
+        canceled = self._stopped_job_id == job.id
+        super().handle_job_failure(job, queue, started_job_registry, exc_string, execution)
+        if canceled:
+            self._ended(job, {"status": "canceled"})
+        else:
+            self._ended(job, {"status": "failed", "error": read_failure(job).model_dump(mode="json")})
+
+    def _ended(self, job: Job, data: dict) -> None:
+        """Run-time metric and the ``completed`` webhook of a job that ended on this worker."""
+        try:
+            if job.started_at is not None:
+                elapsed = (datetime.now(UTC) - job.started_at.replace(tzinfo=UTC)).total_seconds()
+                metrics.observe(self.connection, "run_seconds", elapsed)
+            notify_job(self.connection, self.settings, job, "completed", data)
+        except RedisError:
+            log.warning("job %s: could not record its end (Redis unreachable)", job.id)
 
     @property
     def alive_key(self) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -19,9 +20,11 @@ from models.geometry import decode_image
 from models.inversion import InversionCache
 from models.loading import ModelBundle
 from models.pipeline import generate_counterfactual
+from service.contract import metrics
 from service.contract.jobs import ErrorCode, JobError, JobRequest, Progress, save_progress
 from service.contract.keys import cancel_key, output_key
 from service.contract.settings import Settings
+from service.contract.webhooks import notify_job
 
 log = logging.getLogger("prism.worker")
 PROGRESS_EVERY_S = 0.5
@@ -85,6 +88,11 @@ class JobRunner:
                 last_save = now
 
         log.info("job %s: started", job.id)
+        if job.enqueued_at is not None:
+            metrics.observe(
+                redis, "queue_wait_seconds", (datetime.now(UTC) - job.enqueued_at.replace(tzinfo=UTC)).total_seconds()
+            )
+        notify_job(redis, self.settings, job, "started", {"status": "running"})
         try:
             progress("decode", 0, 1)
             result = generate_counterfactual(
@@ -99,5 +107,7 @@ class JobRunner:
                 pipe.set(output_key(job.id, name), content, ex=ttl)
             pipe.delete(input_key)
             pipe.execute()
+        for phase, seconds in result.report.timings.items():
+            metrics.observe(redis, "phase_seconds", seconds, phase)
         log.info("job %s: done in %.1f s", job.id, sum(result.report.timings.values()))
         return result.report.model_dump(mode="json")

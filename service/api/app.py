@@ -4,34 +4,61 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from asgi_correlation_id import CorrelationIdMiddleware
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi_offline import FastAPIOffline
+from prometheus_client import CollectorRegistry
 from redis import Redis
 
-from service.api.auth import KeyRing
+from service.api.docs import TAGS
 from service.api.errors import install_handlers
-from service.api.middleware import BodySizeLimit, Utf8FormFields
+from service.api.metrics import QueueCollector
+from service.api.middleware import BodySizeLimit, ContentSecurityPolicy, Utf8FormFields
 from service.api.ratelimit import RateLimit
 from service.api.routers import counterfactual, health, jobs
 from service.contract.settings import Settings, get_settings
+from service.contract.tenants import TenantFile
 
 DESCRIPTION = """
-Language-guided counterfactual chest X-rays (PRISM): post an image with the prompt that
-describes it and an edit prompt; poll the job; download the counterfactual, the signed
-difference map and the S_CLIP score. **Research use only: outputs are synthetic and not for
-diagnosis.**
+Language-guided counterfactual chest X-rays (PRISM): post an image (PNG, JPEG or DICOM) with
+the prompt that describes it and an edit prompt, or with its CheXpert findings and the edit to
+make; poll the job (or receive webhooks); download the counterfactual, the signed difference map
+and the S_CLIP score. Every error has one shape: `{"detail": [{"loc", "msg", "type"}]}`.
+**Research use only: outputs are synthetic and not for diagnosis.**
 """
+REQUEST_ID = "X-Request-ID"
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    app = FastAPI(title="PRISM counterfactual service", version="0.1.0", description=DESCRIPTION)
+    app = FastAPIOffline(
+        title="PRISM counterfactual service",
+        version="0.1.0",
+        description=DESCRIPTION,
+        openapi_tags=TAGS,
+        static_url="/static/docs",
+        swagger_ui_parameters={"validatorUrl": None},
+    )
     app.state.settings = settings
     app.state.redis = Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
-    app.state.keys = KeyRing(Path(settings.api_keys_file) if settings.api_keys_file else None)
+    app.state.tenants = TenantFile(Path(settings.api_keys_file) if settings.api_keys_file else None)
     app.state.rate_limit = RateLimit(app.state.redis, settings.redis_url, settings.rate_limit_per_minute)
+    app.state.metrics = CollectorRegistry()
+    app.state.metrics.register(QueueCollector(app.state.redis, settings))
     app.add_middleware(Utf8FormFields)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["X-API-Key", "Idempotency-Key", REQUEST_ID],
+            expose_headers=["Location", "Retry-After", REQUEST_ID],
+        )
+    app.add_middleware(ContentSecurityPolicy)
+    app.add_middleware(CorrelationIdMiddleware, header_name=REQUEST_ID)
     install_handlers(app)
-    for router in (counterfactual.router, jobs.router, health.router):
+    for router in (counterfactual.router, jobs.router, health.router, health.observability):
         app.include_router(router)
     return app

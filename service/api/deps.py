@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader
 
-from service.api.auth import ANONYMOUS, tenant_for
-from service.api.errors import RateLimited, Unauthorized
+from service.api.errors import NonUtf8Fields, RateLimited, Unauthorized
 from service.api.store import JobStore
 from service.contract.settings import Settings
+from service.contract.tenants import ANONYMOUS, tenant_for
 
 
 def get_settings(request: Request) -> Settings:
@@ -33,7 +33,7 @@ def get_tenant(request: Request, settings: SettingsDep, api_key: Annotated[str |
     """The tenant owning the request's API key; 401 without a valid key (unless auth is off)."""
     if settings.auth == "off":
         return ANONYMOUS
-    tenant = tenant_for(api_key, request.app.state.keys.entries())
+    tenant = tenant_for(api_key, request.app.state.tenants.tenants())
     if tenant is None:
         raise Unauthorized
     return tenant
@@ -46,8 +46,7 @@ def require_utf8_form(request: Request, tenant: Tenant) -> None:
     """422 naming each text field that was not UTF-8 (noted by :class:`~service.api.middleware.Utf8FormFields`)."""
     bad = getattr(request.state, "non_utf8_fields", [])
     if bad:
-        detail = [{"loc": ["body", name], "msg": "must be UTF-8 text", "type": "encoding"} for name in bad]
-        raise HTTPException(422, detail)
+        raise NonUtf8Fields(bad)
 
 
 def rate_limit(request: Request, tenant: Tenant) -> None:

@@ -1,8 +1,9 @@
 """Every answer other than success: domain exceptions and the handlers that render them, once.
 
-Routes and the store raise; nothing else builds an error response. Field errors (422 and the
-upload's 413/415) share FastAPI's ``{"detail": [{"loc", "msg", "type"}]}`` shape; the others
-are ``{"detail": "message"}``. ``Retry-After`` is built here only.
+Routes, dependencies and the store raise; nothing else builds an error response. Every error has
+one shape, FastAPI's validation shape: ``{"detail": [{"loc": [...], "msg": "...", "type": "..."}]}``
+(``loc`` names the field, header or path parameter at fault; ``type`` is a code a client can
+switch on). ``Retry-After`` is built here only.
 """
 
 from __future__ import annotations
@@ -10,11 +11,25 @@ from __future__ import annotations
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models.errors import InvalidInput
 from service.api.uploads import UploadRejected
+
+
+class ErrorDetail(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ErrorBody(BaseModel):
+    """The body of every 4xx and 5xx answer."""
+
+    detail: list[ErrorDetail]
 
 
 def retry_after(seconds: int) -> dict[str, str]:
@@ -22,65 +37,70 @@ def retry_after(seconds: int) -> dict[str, str]:
     return {"Retry-After": str(max(1, int(seconds)))}
 
 
+def error_response(
+    status_code: int, msg: str, kind: str, loc: list[str | int] | None = None, headers: dict | None = None
+) -> JSONResponse:
+    body = ErrorBody(detail=[ErrorDetail(loc=loc or [], msg=msg, type=kind)])
+    return JSONResponse(body.model_dump(), status_code=status_code, headers=headers)
+
+
 class ApiError(Exception):
-    """An answer ``{"detail": message}`` with ``status_code`` and optional headers."""
+    """An error answer: ``status_code``, a message, a ``kind`` code and where (``loc``)."""
 
     status_code = 500
-    detail = "internal error"
+    kind = "internal"
+    loc: tuple[str | int, ...] = ()
+    message = "internal error"
 
-    def __init__(self, detail: str | None = None, headers: dict[str, str] | None = None) -> None:
-        super().__init__(detail or self.detail)
-        self.detail = detail or self.detail
+    def __init__(self, message: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message or self.message)
+        self.message = message or self.message
         self.headers = headers or {}
 
 
 class Unauthorized(ApiError):
-    status_code = 401
-    detail = "missing or invalid X-API-Key"
+    status_code, kind, loc, message = 401, "unauthorized", ("header", "X-API-Key"), "missing or invalid X-API-Key"
 
     def __init__(self) -> None:
         super().__init__(headers={"WWW-Authenticate": "APIKey"})
 
 
 class JobNotFound(ApiError):
-    status_code = 404
-    detail = "no such job"
+    status_code, kind, loc, message = 404, "not_found", ("path", "job_id"), "no such job"
 
 
 class FileNotFound(ApiError):
-    status_code = 404
+    status_code, kind, loc = 404, "not_found", ("path", "name")
 
 
 class IdempotencyConflict(ApiError):
-    status_code = 409
-    detail = "Idempotency-Key was used for a different request"
+    status_code, kind, loc = 409, "conflict", ("header", "Idempotency-Key")
+    message = "Idempotency-Key was used for a different request"
 
 
 class NotCancelable(ApiError):
-    status_code = 409
-    detail = "the job has already finished"
+    status_code, kind, message = 409, "conflict", "the job has already finished"
 
 
 class RetryLater(ApiError):
     """A 429 or 503 the client should repeat after ``seconds``."""
 
-    def __init__(self, seconds: int, detail: str | None = None) -> None:
-        super().__init__(detail, retry_after(seconds))
+    def __init__(self, seconds: int, message: str | None = None) -> None:
+        super().__init__(message, retry_after(seconds))
 
 
 class RateLimited(RetryLater):
-    status_code = 429
-    detail = "rate limit exceeded"
+    status_code, kind, message = 429, "rate_limited", "rate limit exceeded"
 
 
 class QueueFull(RetryLater):
-    status_code = 503
-    detail = "queue is full; retry later"
+    status_code, kind, message = 503, "queue_full", "queue is full; retry later"
 
 
-def field_error(status_code: int, field: str, message: str, kind: str) -> JSONResponse:
-    body = {"detail": [{"loc": ["body", field], "msg": message, "type": kind}]}
-    return JSONResponse(body, status_code=status_code)
+class NonUtf8Fields(Exception):
+    def __init__(self, names: list[str]) -> None:
+        super().__init__(", ".join(names))
+        self.names = names
 
 
 def install_handlers(app: FastAPI) -> None:
@@ -89,23 +109,33 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         """FastAPI's 422 body, minus the echoed input (it may hold prompt text)."""
-        detail = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
-        return JSONResponse({"detail": detail}, status_code=422)
+        detail = [ErrorDetail(loc=list(e["loc"]), msg=e["msg"], type=e["type"]) for e in exc.errors()]
+        return JSONResponse(ErrorBody(detail=detail).model_dump(), status_code=422)
+
+    @app.exception_handler(NonUtf8Fields)
+    async def non_utf8(request: Request, exc: NonUtf8Fields) -> JSONResponse:
+        detail = [ErrorDetail(loc=["body", name], msg="must be UTF-8 text", type="encoding") for name in exc.names]
+        return JSONResponse(ErrorBody(detail=detail).model_dump(), status_code=422)
 
     @app.exception_handler(InvalidInput)
     async def invalid_input(request: Request, exc: InvalidInput) -> JSONResponse:
-        return field_error(422, exc.field, exc.message, "value_error")
+        return error_response(422, exc.message, "value_error", ["body", exc.field])
 
     @app.exception_handler(UploadRejected)
     async def upload_rejected(request: Request, exc: UploadRejected) -> JSONResponse:
-        return field_error(exc.status_code, "image", exc.message, exc.kind)
+        return error_response(exc.status_code, exc.message, exc.kind, ["body", "image"])
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+        return error_response(exc.status_code, exc.message, exc.kind, list(exc.loc), exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, str(exc.detail), kind, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RedisConnectionError)
     @app.exception_handler(RedisTimeoutError)
     async def redis_down(request: Request, exc: Exception) -> JSONResponse:
         headers = retry_after(request.app.state.settings.retry_after_s)
-        return JSONResponse({"detail": "queue backend unavailable"}, status_code=503, headers=headers)
+        return error_response(503, "queue backend unavailable", "unavailable", headers=headers)

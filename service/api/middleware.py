@@ -186,3 +186,35 @@ class Utf8FormFields:
             return message
 
         await self.app(scope, checking_receive, send)
+
+
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data: blob:; font-src 'self' data:; connect-src 'self'; worker-src 'self' blob:; "
+    "frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+)
+
+
+class ContentSecurityPolicy:
+    """Every HTML page the service serves may load from its own origin only (the docs pages'
+    bundles would otherwise fetch a logo from a CDN): hospitals run without internet."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_policy(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = dict(message.get("headers", []))
+                if headers.get(b"content-type", b"").startswith(b"text/html"):
+                    message["headers"] = [
+                        *message["headers"],
+                        (b"content-security-policy", CONTENT_SECURITY_POLICY.encode()),
+                    ]
+            await send(message)
+
+        await self.app(scope, receive, send_with_policy)

@@ -51,18 +51,12 @@ class JobStatus(BaseModel):
     links: JobLinks
 
 
-class ErrorDetail(BaseModel):
-    loc: list[str | int]
-    msg: str
-    type: str
+class JobList(BaseModel):
+    """A page of the caller's jobs, newest first."""
 
-
-class ValidationErrorBody(BaseModel):
-    detail: list[ErrorDetail]
-
-
-class MessageBody(BaseModel):
-    detail: str
+    jobs: list[JobStatus]
+    total: Annotated[int, Field(description="jobs of this API key still kept")]
+    next: Annotated[str | None, Field(description="link to the next page; null on the last")] = None
 
 
 class Health(BaseModel):

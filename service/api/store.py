@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -25,9 +26,10 @@ from service.contract.jobs import (
     read_failure,
     read_progress,
 )
-from service.contract.keys import alive_key, cancel_key, idempotency_key, input_key, output_key
+from service.contract.keys import alive_key, cancel_key, idempotency_key, input_key, jobs_index_key, output_key
 from service.contract.recovery import recover_lost_jobs, worker_lost
 from service.contract.settings import Settings
+from service.contract.webhooks import notify_job
 
 JOB_ID = re.compile(r"[0-9a-f]{32}")
 
@@ -77,7 +79,23 @@ class JobStore:
             raise QueueFull(self.settings.retry_after_s)
         self.redis.set(input_key(job_id), image, ex=ttl)
         enqueue(queue, job_id, request, owner, self.settings)
+        with self.redis.pipeline() as pipe:
+            pipe.zadd(jobs_index_key(owner), {job_id: time.time()})
+            pipe.expire(jobs_index_key(owner), ttl)
+            pipe.execute()
         return job_id
+
+    def list(self, owner: str, limit: int, offset: int) -> tuple[list[JobStatus], int]:
+        """A page of the owner's jobs, newest first, and how many are kept; expired jobs leave the index."""
+        index = jobs_index_key(owner)
+        statuses = []
+        for raw in self.redis.zrevrange(index, offset, offset + limit - 1):
+            status = self.status(raw.decode(), owner)
+            if status is None:
+                self.redis.zrem(index, raw)
+            else:
+                statuses.append(status)
+        return statuses, int(self.redis.zcard(index))
 
     def _fetch(self, job_id: str, owner: str) -> Job | None:
         """The job, or None if it does not exist or belongs to another tenant."""
@@ -127,6 +145,7 @@ class JobStore:
         if status in (RQStatus.QUEUED, RQStatus.DEFERRED, RQStatus.SCHEDULED):
             job.cancel()
             self.redis.delete(input_key(job_id))
+            notify_job(self.redis, self.settings, job, "completed", {"status": "canceled"})
         elif status == RQStatus.STARTED:
             self.redis.set(cancel_key(job_id), 1, ex=self.settings.job_ttl_s)
         elif _STATES.get(status) != "canceled":

@@ -1,7 +1,8 @@
 """The ``prism`` command: the composition root. Nothing imports it.
 
-One module per command group: ``edit`` (the engine on one image), ``serving`` (API, worker, all
-of it), ``keys`` (API keys), ``build`` (test models, the built-in model, benchmarks). Heavy
+One module per command group: ``edit`` (the engine on one image), ``submit`` (one image through a
+running service), ``serving`` (API, workers, all of it), ``keys`` (API keys), ``build`` (test
+models, the built-in model, benchmarks). Heavy
 imports happen inside each command, so ``prism serve`` never loads torch.
 """
 
@@ -10,10 +11,11 @@ from __future__ import annotations
 import argparse
 import logging
 
-from service.cli import build, edit, keys, serving
+from service.cli import build, edit, keys, serving, submit
 
-GROUPS = (edit, serving, keys, build)
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+GROUPS = (edit, submit, serving, keys, build)
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(correlation_id)s] %(message)s"
+JSON_FIELDS = "%(asctime)s %(levelname)s %(name)s %(correlation_id)s %(message)s"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,7 +26,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def configure_logging(level: int, json_lines: bool) -> None:
+    """One handler for everything (uvicorn's loggers propagate to it): each line carries the
+    request id of the HTTP request it belongs to (``-`` outside one), as text or as JSON."""
+    from asgi_correlation_id import CorrelationIdFilter
+    from pythonjsonlogger.json import JsonFormatter
+
+    handler = logging.StreamHandler()
+    handler.addFilter(CorrelationIdFilter(default_value="-"))
+    handler.setFormatter(JsonFormatter(JSON_FIELDS) if json_lines else logging.Formatter(TEXT_FORMAT))
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(level)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from service.contract.settings import get_settings
+
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(args, "log_level", logging.WARNING), format=LOG_FORMAT)
+    configure_logging(getattr(args, "log_level", logging.WARNING), get_settings().log_format == "json")
     return args.func(args)

@@ -1,4 +1,4 @@
-"""``prism keys add NAME``: create an API key; only its hash is stored."""
+"""``prism keys add NAME``: create an API key (only its hash is stored) and its webhook signing secret."""
 
 from __future__ import annotations
 
@@ -9,25 +9,26 @@ from pathlib import Path
 
 def register(sub: argparse._SubParsersAction) -> None:
     keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="keys_command", required=True)
-    add = keys.add_parser("add", help="create an API key; prints it as the last line")
+    add = keys.add_parser("add", help="create an API key and a webhook secret; prints the key as the last line")
     add.add_argument("name")
     add.add_argument("--file", help="keys file (default: $PRISM_API_KEYS_FILE)")
     add.set_defaults(func=add_key)
 
 
 def add_key(args: argparse.Namespace) -> int:
-    from service.api.auth import add_key as create
     from service.contract.settings import get_settings
+    from service.contract.tenants import add_tenant
 
     path = args.file or get_settings().api_keys_file
     if not path:
         print("prism keys add: set PRISM_API_KEYS_FILE or pass --file", file=sys.stderr)
         return 2
     try:
-        key = create(Path(path), args.name)
+        key, secret = add_tenant(Path(path), args.name)
     except ValueError as exc:
         print(f"prism keys add: {exc}", file=sys.stderr)
         return 2
-    print(f"added key {args.name!r} to {path}; it is shown once:")
+    print(f"added key {args.name!r} to {path}; the key and its webhook signing secret are shown once.")
+    print(f"webhook secret: {secret}")
     print(key)
     return 0

@@ -21,7 +21,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     worker.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     worker.set_defaults(func=run_worker, log_level=logging.INFO)
 
-    up = sub.add_parser("up", help="start redis (if PRISM_REDIS_URL is unset), workers and the API")
+    hooks = sub.add_parser("webhook-worker", help="deliver webhooks (its own process: receivers never hold a GPU)")
+    hooks.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    hooks.set_defaults(func=run_webhooks, log_level=logging.INFO)
+
+    up = sub.add_parser("up", help="start redis (if PRISM_REDIS_URL is unset), workers, the webhook sender and the API")
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=8000)
     up.add_argument("--workers", type=int, default=1)
@@ -33,7 +37,7 @@ def run_api(args: argparse.Namespace) -> int:
 
     from service.api.app import create_app
 
-    uvicorn.run(create_app(), host=args.host, port=args.port, log_level="info")
+    uvicorn.run(create_app(), host=args.host, port=args.port, log_level="info", log_config=None)
     return 0
 
 
@@ -42,6 +46,14 @@ def run_worker(args: argparse.Namespace) -> int:
     from worker.main import run_worker as serve_jobs
 
     serve_jobs(get_settings(), burst=args.burst)
+    return 0
+
+
+def run_webhooks(args: argparse.Namespace) -> int:
+    from service.contract.settings import get_settings
+    from worker.webhooks import run_webhook_worker
+
+    run_webhook_worker(get_settings(), burst=args.burst)
     return 0
 
 
@@ -58,6 +70,7 @@ def run_all(args: argparse.Namespace) -> int:
         print(f"started redis-server at {local.url}", file=sys.stderr)
     prism = [sys.executable, "-m", "service.cli"]
     children = [subprocess.Popen([*prism, "worker"], env=env) for _ in range(args.workers)]
+    children.append(subprocess.Popen([*prism, "webhook-worker"], env=env))
     api = subprocess.Popen([*prism, "serve", "--host", args.host, "--port", str(args.port)], env=env)
     children.append(api)
     print(f"PRISM API docs: http://{args.host}:{args.port}/docs", file=sys.stderr, flush=True)

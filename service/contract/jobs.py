@@ -21,10 +21,11 @@ from rq.serializers import JSONSerializer
 
 from models.errors import InvalidInput
 from models.findings import Condition, findings_prompts, parse_labels
-from models.params import EditOptions, EditParams
+from models.params import CommaList, EditOptions, EditParams
 from service.contract.keys import input_key
 from service.contract.settings import Settings
 
+EventName = Literal["started", "completed"]
 TASK = "worker.tasks.run_counterfactual"
 """The job function, by name: the API never imports the worker."""
 
@@ -81,6 +82,20 @@ class JobRequest(EditOptions):
         _labels("edit"),
         Field(description="with findings: the labels to change, e.g. {'Support Devices': 0}"),
     ] = None
+
+    webhook: Annotated[
+        str | None,
+        Field(
+            max_length=2000,
+            description="http(s) URL that receives the job's events, signed the Standard Webhooks way",
+            examples=["https://pacs-bridge.example.org/prism-events"],
+        ),
+    ] = None
+    webhook_events: Annotated[
+        tuple[EventName, ...],
+        Field(min_length=1, description="which events the webhook receives"),
+        CommaList,
+    ] = ("started", "completed")
 
     def resolved(self) -> tuple[str, str, EditParams]:
         """The original and edit prompts and the engine's parameters. Findings become prompts by

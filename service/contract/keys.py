@@ -29,6 +29,11 @@ def idempotency_key(owner: str, client_key: str) -> str:
     return f"prism:idem:{owner}:{hashlib.sha256(client_key.encode()).hexdigest()}"
 
 
+def jobs_index_key(owner: str) -> str:
+    """A sorted set of the owner's job ids by submission time (``GET /jobs``)."""
+    return f"prism:jobs:{owner}"
+
+
 def recovery_lock(job_id: str, execution_id: str) -> str:
     """Taken once per lost execution, so concurrent recovery sweeps handle it once."""
     return f"prism:recover:{job_id}:{execution_id}"

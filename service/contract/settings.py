@@ -44,6 +44,20 @@ class Settings(BaseSettings):
         30, ge=1, description="submissions per API key in any 60-second window (429 above)"
     )
     home: str = Field("~/.cache/prism", description="the quick start's Redis data")
+    webhook_queue_name: str = "prism-webhooks"
+    webhook_secret: str | None = Field(
+        None, description="whsec_ secret signing webhooks when API keys are off (with keys: each key's own)"
+    )
+    webhook_retry_first_s: float = Field(
+        10.0, gt=0, description="first webhook retry after this; each next one waits twice as long (7 retries)"
+    )
+    webhook_allow_private: bool = Field(
+        False, description="allow webhook URLs on loopback, link-local and private addresses (tests, closed networks)"
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list, description="origins allowed to call the API from a browser (CORS); empty: none"
+    )
+    log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per log line")
 
     @field_validator("inversion_cache_dir")
     @classmethod

@@ -32,7 +32,8 @@ CHECKS = [
     response_schema_conformance,
 ]
 EXAMPLES = {"POST /counterfactual": 600, "GET /jobs/{job_id}": 250, "GET /jobs/{job_id}/files/{name}": 150,
-            "POST /jobs/{job_id}/cancel": 100, "GET /healthz": 30, "GET /readyz": 30}  # fmt: skip
+            "POST /jobs/{job_id}/cancel": 100, "GET /jobs": 60, "GET /healthz": 20, "GET /livez": 20,
+            "GET /readyz": 20, "GET /metrics": 10}  # fmt: skip
 
 
 def _png(side: int, value: int) -> bytes:

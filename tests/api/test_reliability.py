@@ -77,8 +77,8 @@ def _jpeg(mode: str = "RGB", exif_orientation: int | None = None) -> bytes:
 @pytest.mark.parametrize(
     ("name", "content", "status", "needle"),
     [
-        ("gif", b"GIF89a" + b"\0" * 50, 415, "not a PNG or JPEG"),
-        ("bmp renamed .png", b"BM" + b"\0" * 80, 415, "not a PNG or JPEG"),
+        ("gif", b"GIF89a" + b"\0" * 50, 415, "not a PNG, JPEG or DICOM"),
+        ("bmp renamed .png", b"BM" + b"\0" * 80, 415, "not a PNG, JPEG or DICOM"),
         ("empty", b"", 422, "empty"),
         ("truncated", png()[:100], 422, "truncated"),
         ("animated", _apng(), 422, "multi-frame"),

@@ -4,38 +4,55 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Form, Header
+from fastapi import APIRouter, Depends, Form, Header, Request
 from fastapi.responses import JSONResponse
 
+from models.errors import InvalidInput
 from models.tokenizer import clip_tokenizer
 from models.validation import validate_request
 from service.api.deps import SettingsDep, Store, Tenant, rate_limit, require_utf8_form
+from service.api.docs import RETRY_AFTER, error_responses
 from service.api.errors import retry_after
 from service.api.forms import CounterfactualForm
-from service.api.schemas import JobAccepted, MessageBody, ValidationErrorBody
+from service.api.schemas import JobAccepted
 from service.api.store import links
 from service.api.uploads import read_upload
+from service.contract.tenants import signing_secret
+from service.contract.webhooks import check_webhook_url
 
-router = APIRouter()
+router = APIRouter(tags=["counterfactuals"])
 
 
 @router.post(
     "/counterfactual",
+    operation_id="submit_counterfactual",
     status_code=202,
     response_model=JobAccepted,
     summary="Submit an image for a counterfactual edit",
     dependencies=[Depends(require_utf8_form), Depends(rate_limit)],
     responses={
-        401: {"model": MessageBody, "description": "missing or invalid X-API-Key"},
-        409: {"model": MessageBody, "description": "Idempotency-Key reused with a different request"},
-        413: {"model": ValidationErrorBody, "description": "request body or image too large"},
-        415: {"model": ValidationErrorBody, "description": "not a PNG or JPEG"},
-        422: {"model": ValidationErrorBody, "description": "a field is invalid; `loc` names it"},
-        429: {"model": MessageBody, "description": "rate limit of this API key exceeded"},
-        503: {"model": MessageBody, "description": "Redis unreachable or queue full; retry after Retry-After"},
+        202: {
+            "description": "Accepted: poll the job at `Location`, after `Retry-After` seconds",
+            "headers": {
+                "Location": {"description": "the job's status URL", "schema": {"type": "string"}},
+                **RETRY_AFTER,
+            },
+        },
+        **error_responses(
+            {
+                401: "missing or invalid X-API-Key",
+                409: "Idempotency-Key reused with a different request",
+                413: "request body or image too large",
+                415: "not a PNG, JPEG or DICOM image, or a DICOM object that is not an image",
+                422: "a field is invalid; `loc` names it",
+                429: "rate limit of this API key exceeded; retry after Retry-After",
+                503: "Redis unreachable or queue full; retry after Retry-After",
+            }
+        ),
     },
 )
 def submit(
+    http: Request,
     form: Annotated[CounterfactualForm, Form(media_type="multipart/form-data")],
     store: Store,
     tenant: Tenant,
@@ -47,6 +64,10 @@ def submit(
     image = read_upload(form.image.file, settings.max_upload_bytes, settings.max_image_pixels)
     request = form.job_request()
     validate_request(clip_tokenizer(), *request.resolved())
+    if request.webhook is not None:
+        check_webhook_url(request.webhook, settings.webhook_allow_private)
+        if signing_secret(http.app.state.tenants, tenant, settings.webhook_secret) is None:
+            raise InvalidInput("webhook", "no secret to sign webhooks with: use a key from `prism keys add`")
     job_id = store.submit(image, request, tenant, idempotency_key)
     body = JobAccepted(id=job_id, links=links(job_id)).model_dump(mode="json")
     headers = {"Location": f"/jobs/{job_id}", **retry_after(settings.retry_after_s)}

@@ -1,33 +1,57 @@
-"""``/jobs/{id}``: status, cancel, result files. A job is visible only to the key that made it."""
+"""``/jobs``: the caller's jobs, a job's status, its cancellation and its result files.
+
+A job is visible only to the API key that made it.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query
 from fastapi.responses import Response
 
 from service.api.deps import Store, Tenant
-from service.api.errors import FileNotFound, JobNotFound, NotCancelable
-from service.api.schemas import JobStatus, MessageBody
+from service.api.docs import error_responses
+from service.api.errors import FileNotFound, JobNotFound
+from service.api.schemas import JobList, JobStatus
 from service.contract.jobs import FILE_NAMES
 
-router = APIRouter(prefix="/jobs")
+router = APIRouter(prefix="/jobs", tags=["jobs"])
 
-CONTENT_TYPES = {
+MEDIA_TYPES = {
     ".png": "image/png",
     ".npy": "application/octet-stream",
     ".json": "application/json",
     ".dcm": "application/dicom",
 }
-UNAUTHORIZED = {401: {"model": MessageBody, "description": "missing or invalid X-API-Key"}}
-UNAVAILABLE = {503: {"model": MessageBody, "description": "Redis unreachable; retry after Retry-After"}}
-NOT_FOUND = {404: {"model": MessageBody, "description": "no such job (or it belongs to another API key)"}}
+COMMON = {401: "missing or invalid X-API-Key", 503: "Redis unreachable; retry after Retry-After"}
+NOT_FOUND = "no such job (or it belongs to another API key)"
+
+
+@router.get(
+    "",
+    operation_id="list_jobs",
+    response_model=JobList,
+    summary="The caller's jobs, newest first",
+    responses=error_responses({**COMMON, 422: "a query parameter is invalid"}),
+)
+def list_jobs(
+    store: Store,
+    tenant: Tenant,
+    limit: Annotated[int, Query(ge=1, le=100, description="jobs per page")] = 20,
+    offset: Annotated[int, Query(ge=0, le=1_000_000, description="jobs to skip")] = 0,
+) -> JobList:
+    jobs, total = store.list(tenant, limit, offset)
+    more = offset + len(jobs) < total
+    return JobList(jobs=jobs, total=total, next=f"/jobs?limit={limit}&offset={offset + limit}" if more else None)
 
 
 @router.get(
     "/{job_id}",
+    operation_id="get_job",
     response_model=JobStatus,
     summary="Status, progress, scores and result links of a job",
-    responses={**UNAUTHORIZED, **NOT_FOUND, **UNAVAILABLE},
+    responses=error_responses({**COMMON, 404: NOT_FOUND, 422: "malformed request"}),
 )
 def job_status(job_id: str, store: Store, tenant: Tenant) -> JobStatus:
     status = store.status(job_id, tenant)
@@ -38,14 +62,12 @@ def job_status(job_id: str, store: Store, tenant: Tenant) -> JobStatus:
 
 @router.post(
     "/{job_id}/cancel",
+    operation_id="cancel_job",
     response_model=JobStatus,
     summary="Cancel a job: a queued job is removed, a running one stops within one denoising step",
-    responses={
-        **UNAUTHORIZED,
-        **NOT_FOUND,
-        409: {"model": MessageBody, "description": NotCancelable.detail},
-        **UNAVAILABLE,
-    },
+    responses=error_responses(
+        {**COMMON, 404: NOT_FOUND, 409: "the job has already finished", 422: "malformed request"}
+    ),
 )
 def cancel(job_id: str, store: Store, tenant: Tenant) -> JobStatus:
     status = store.cancel(job_id, tenant)
@@ -56,21 +78,27 @@ def cancel(job_id: str, store: Store, tenant: Tenant) -> JobStatus:
 
 @router.get(
     "/{job_id}/files/{name}",
+    operation_id="get_job_file",
     summary="Download a result file",
     response_class=Response,
     responses={
         200: {
-            "description": "the file",
-            "content": {media_type: {} for media_type in CONTENT_TYPES.values()},
+            "description": "the file; its media type follows its name",
+            "content": {t: {"schema": {"type": "string", "format": "binary"}} for t in MEDIA_TYPES.values()},
         },
-        **UNAUTHORIZED,
-        404: {"model": MessageBody, "description": "no such job or file, or not finished"},
-        **UNAVAILABLE,
+        **error_responses(
+            {**COMMON, 404: "no such job or file, or the job has not succeeded", 422: "malformed request"}
+        ),
     },
 )
-def job_file(job_id: str, name: str, store: Store, tenant: Tenant) -> Response:
+def job_file(
+    job_id: str,
+    name: Annotated[str, Path(description="a result file", json_schema_extra={"enum": list(FILE_NAMES)})],
+    store: Store,
+    tenant: Tenant,
+) -> Response:
     content = store.file(job_id, name, tenant)
     if content is None:
         raise FileNotFound(f"no file {name!r} for this job; files: {', '.join(FILE_NAMES)}")
-    media_type = CONTENT_TYPES[name[name.rindex(".") :]]
+    media_type = MEDIA_TYPES[name[name.rindex(".") :]]
     return Response(content, media_type=media_type, headers={"Content-Disposition": f'attachment; filename="{name}"'})

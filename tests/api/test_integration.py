@@ -1,0 +1,209 @@
+"""The integration surface: a client generated from /openapi.json, the Python client and
+``prism submit``, job listing, metrics, request ids, JSON logs, CORS."""
+
+import importlib
+import io
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from service.client import PrismClient, PrismError
+from tests.helpers import EDIT, SOURCE, png_bytes, write_png, xray_like
+from tests.stack import ApiProcess, Cluster, poll, prism, service_env, submit
+
+
+def _generator() -> str:
+    found = shutil.which("openapi-python-client", path=str(Path(sys.executable).parent))
+    assert found, "openapi-python-client is installed by the test extras"
+    return found
+
+
+def test_a_client_generated_from_the_live_schema_submits_polls_and_downloads(service, tmp_path):
+    spec = tmp_path / "openapi.json"
+    spec.write_text(httpx.get(f"{service.url}/openapi.json").text)
+    config = tmp_path / "config.yaml"
+    config.write_text("package_name_override: prism_generated\nproject_name_override: prism-generated\n")
+    out = tmp_path / "generated"
+    proc = subprocess.run(
+        [_generator(), "generate", "--path", str(spec), "--output-path", str(out), "--config", str(config)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    sys.path.insert(0, str(out))
+    try:
+        generated = importlib.import_module("prism_generated")
+        submit_api = importlib.import_module("prism_generated.api.counterfactuals.submit_counterfactual")
+        get_job = importlib.import_module("prism_generated.api.jobs.get_job")
+        get_file = importlib.import_module("prism_generated.api.jobs.get_job_file")
+        models = importlib.import_module("prism_generated.models")
+        types = importlib.import_module("prism_generated.types")
+        client = generated.Client(base_url=service.url, raise_on_unexpected_status=True)
+        form = models.CounterfactualForm(
+            image=types.File(
+                payload=io.BytesIO(png_bytes(xray_like(40, 30))), file_name="x.png", mime_type="image/png"
+            ),
+            original_prompt=SOURCE,
+            edit_prompt=EDIT,
+            steps=3,
+            self_replace_steps=[0.4, 0.8],
+        )
+        accepted = submit_api.sync_detailed(client=client, body=form)
+        assert accepted.status_code == 202 and accepted.headers["Location"] == f"/jobs/{accepted.parsed.id}"
+        job_id = accepted.parsed.id
+        status = get_job.sync(job_id, client=client)
+        while status.status.value not in ("succeeded", "failed"):
+            time.sleep(0.2)
+            status = get_job.sync(job_id, client=client)
+        assert status.status.value == "succeeded" and [c.self_replace_steps for c in status.result.candidates] == [
+            0.4,
+            0.8,
+        ]
+        downloaded = get_file.sync_detailed(job_id, "counterfactual.png", client=client)
+        assert downloaded.status_code == 200
+        assert Image.open(io.BytesIO(downloaded.content)).size == (30, 40)
+        unknown = submit_api.sync_detailed(
+            client=client,
+            body=models.CounterfactualForm(
+                image=types.File(payload=io.BytesIO(b"GIF89a"), file_name="x.gif"),
+                original_prompt=SOURCE,
+                edit_prompt=EDIT,
+            ),
+        )
+        assert unknown.status_code == 415 and unknown.parsed.detail[0].loc == ["body", "image"]
+    finally:
+        sys.path.remove(str(out))
+
+
+def test_python_client_submits_waits_downloads_and_lists(service, tmp_path):
+    seen = []
+    with PrismClient(service.url) as client:
+        job = client.submit(
+            png_bytes(xray_like(36, 28)),
+            original_prompt=SOURCE,
+            edit_prompt=EDIT,
+            steps=4,
+            self_replace_steps=[0.5],
+            filename="scan.png",
+        )
+        assert job.location == f"/jobs/{job.id}" and job.retry_after >= 1
+        status = client.wait(
+            job.id, on_progress=lambda s: seen.append((s["status"], s["progress"]["phase"])), poll_s=0.1
+        )
+        assert status["status"] == "succeeded" and seen[-1][0] == "succeeded"
+        assert {phase for _, phase in seen} & {"inversion", "null_text", "editing", "scoring"}
+        paths = client.download_all(status, tmp_path / "out")
+        assert sorted(p.name for p in paths) == sorted(status["result"]["files"])
+        assert Image.open(tmp_path / "out" / "counterfactual.png").size == (28, 36)
+        listed = client.jobs(limit=100)
+        assert job.id in [j["id"] for j in listed["jobs"]]
+        with pytest.raises(PrismError) as info:
+            client.cancel(job.id)
+        assert info.value.status_code == 409 and info.value.detail[0]["type"] == "conflict"
+
+
+def test_prism_submit_from_the_readme(service, tmp_path):
+    image = write_png(tmp_path / "scan.png", xray_like(40, 40))
+    proc = subprocess.run(
+        prism("submit", "--url", service.url, "--image", str(image), "--original-prompt", SOURCE,
+              "--edit-prompt", EDIT, "--steps", "3", "--self-replace", "0.5", "--out", str(tmp_path / "o")),
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["out"] == str(tmp_path / "o") and -1 <= summary["s_clip"] <= 1
+    assert (tmp_path / "o" / "result.json").exists() and "editing" in proc.stderr
+
+
+def test_client_waits_out_retry_after(monkeypatch):
+    full = {"detail": [{"loc": [], "msg": "full", "type": "queue_full"}]}
+    answers = iter(
+        [
+            httpx.Response(503, headers={"Retry-After": "3"}, json=full),
+            httpx.Response(429, headers={"Retry-After": "7"}, json={"detail": []}),
+            httpx.Response(202, headers={"Location": "/jobs/abc", "Retry-After": "5"}, json={"id": "abc"}),
+        ]
+    )
+    sleeps = []
+    monkeypatch.setattr("service.client.time.sleep", sleeps.append)
+    with PrismClient("http://prism.test", transport=httpx.MockTransport(lambda request: next(answers))) as client:
+        job = client.submit(b"\x89PNG", original_prompt=SOURCE, edit_prompt=EDIT)
+    assert sleeps == [3.0, 7.0] and job.id == "abc" and job.retry_after == 5.0 and client.poll_s == 5.0
+
+
+def test_jobs_are_listed_per_key_newest_first_in_pages(tmp_path, tiny_model_dir):
+    keys = tmp_path / "keys"
+    made = [subprocess.run(prism("keys", "add", name, "--file", str(keys)), capture_output=True, text=True, check=True)
+            for name in ("alice", "bob")]  # fmt: skip
+    alice, bob = ({"X-API-Key": m.stdout.strip().splitlines()[-1]} for m in made)
+    assert "whsec_" in made[0].stdout and "whsec_" not in made[0].stdout.splitlines()[-1]
+    settings = {"PRISM_AUTH": "on", "PRISM_API_KEYS_FILE": str(keys), "PRISM_RATE_LIMIT_PER_MINUTE": "100"}
+    with Cluster(tmp_path, tiny_model_dir, workers=0, **settings) as c:
+        ids = [submit(c.url, headers=alice).json()["id"] for _ in range(5)]
+        bob_id = submit(c.url, headers=bob).json()["id"]
+        first = httpx.get(f"{c.url}/jobs", params={"limit": 2}, headers=alice).json()
+        assert [j["id"] for j in first["jobs"]] == ids[::-1][:2] and first["total"] == 5
+        rest = httpx.get(c.url + first["next"], headers=alice).json()
+        assert [j["id"] for j in rest["jobs"]] == ids[::-1][2:4]
+        last = httpx.get(f"{c.url}/jobs", params={"limit": 2, "offset": 4}, headers=alice).json()
+        assert [j["id"] for j in last["jobs"]] == ids[:1] and last["next"] is None
+        assert [j["id"] for j in httpx.get(f"{c.url}/jobs", headers=bob).json()["jobs"]] == [bob_id]
+        assert httpx.get(f"{c.url}/jobs").status_code == 401
+        assert httpx.get(f"{c.url}/jobs", params={"limit": 0}, headers=alice).status_code == 422
+
+
+def test_metrics_show_jobs_by_status_and_phase_timings(service):
+    job_id = submit(service.url, steps="2").json()["id"]
+    poll(service.url, job_id, {"succeeded"})
+    text = httpx.get(f"{service.url}/metrics").text
+    lines = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line and line[0] != "#"}
+    assert lines['prism_jobs{status="succeeded"}'] >= 1 and 'prism_jobs{status="queued"}' in lines
+    assert lines["prism_live_workers"] == 1 and "prism_queue_depth" in lines
+    for phase in ("inversion", "null_text", "editing", "scoring"):
+        assert lines[f'prism_phase_seconds_count{{phase="{phase}"}}'] >= 1
+        assert lines[f'prism_phase_seconds_bucket{{le="+Inf",phase="{phase}"}}'] >= 1
+    assert lines["prism_queue_wait_seconds_count"] >= 1 and lines["prism_run_seconds_count"] >= 1
+
+
+def test_request_ids_are_returned_and_logged(service):
+    mine = httpx.get(f"{service.url}/livez", headers={"X-Request-ID": "3f1c2a9e8b7d4c6a9e0f1a2b3c4d5e6f"})
+    assert mine.status_code == 200 and mine.headers["X-Request-ID"] == "3f1c2a9e8b7d4c6a9e0f1a2b3c4d5e6f"
+    made = httpx.get(f"{service.url}/jobs/{'0' * 32}").headers["X-Request-ID"]
+    assert len(made) == 32 and made != mine.headers["X-Request-ID"]
+    time.sleep(0.5)
+    log = service.log.read_text()
+    assert "[3f1c2a9e8b7d4c6a9e0f1a2b3c4d5e6f]" in log and f"[{made}]" in log
+
+
+def test_json_logs_cors_and_livez(redis_server, tiny_model_dir, tmp_path):
+    env = service_env(redis_server.url, tiny_model_dir, PRISM_LOG_FORMAT="json",
+                      PRISM_CORS_ORIGINS='["https://viewer.example.org"]')  # fmt: skip
+    api = ApiProcess(env, tmp_path / "api.log")
+    try:
+        preflight = {"Origin": "https://viewer.example.org", "Access-Control-Request-Method": "POST"}
+        allowed = httpx.options(f"{api.url}/counterfactual", headers=preflight)
+        assert allowed.status_code == 200
+        assert allowed.headers["access-control-allow-origin"] == "https://viewer.example.org"
+        other = httpx.options(f"{api.url}/counterfactual", headers={**preflight, "Origin": "https://evil.example"})
+        assert other.status_code == 400
+        assert httpx.get(f"{api.url}/livez", headers={"X-Request-ID": "a" * 32}).json() == {
+            "status": "ok", "redis": None, "workers": None
+        }  # fmt: skip
+        time.sleep(0.5)
+        records = [json.loads(line) for line in api.log.read_text().splitlines() if line.startswith("{")]
+        assert any(r.get("correlation_id") == "a" * 32 and r["levelname"] == "INFO" for r in records)
+    finally:
+        api.stop()
+
+
+def test_cors_is_off_by_default(service):
+    preflight = {"Origin": "https://viewer.example.org", "Access-Control-Request-Method": "POST"}
+    r = httpx.options(f"{service.url}/counterfactual", headers=preflight)
+    assert "access-control-allow-origin" not in r.headers and r.status_code == 405
