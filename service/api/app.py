@@ -7,6 +7,7 @@ from pathlib import Path
 from asgi_correlation_id import CorrelationIdMiddleware
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from prometheus_client import CollectorRegistry
 from redis import Redis
@@ -16,7 +17,7 @@ from service.api.errors import install_handlers
 from service.api.metrics import QueueCollector
 from service.api.middleware import BodySizeLimit, ContentSecurityPolicy, Utf8FormFields
 from service.api.ratelimit import RateLimit
-from service.api.routers import counterfactual, health, jobs
+from service.api.routers import counterfactual, health, jobs, page
 from service.contract.settings import Settings, get_settings
 from service.contract.tenants import TenantFile
 
@@ -59,6 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(ContentSecurityPolicy)
     app.add_middleware(CorrelationIdMiddleware, header_name=REQUEST_ID)
     install_handlers(app)
-    for router in (counterfactual.router, jobs.router, health.router, health.observability):
+    for router in (counterfactual.router, jobs.router, health.router, health.observability, page.router):
         app.include_router(router)
+    app.mount("/ui", StaticFiles(directory=page.STATIC), name="ui")
     return app

@@ -59,6 +59,17 @@ class JobList(BaseModel):
     next: Annotated[str | None, Field(description="link to the next page; null on the last")] = None
 
 
+class ServiceInfo(BaseModel):
+    """What a client needs to know before its first request."""
+
+    auth: Annotated[bool, Field(description="requests need an X-API-Key")]
+    max_upload_bytes: int
+    max_image_pixels: int
+    s_clip_threshold: Annotated[float, Field(description="PRISM keeps an edit whose S_CLIP is at least this")]
+    conditions: Annotated[list[str], Field(description="the CheXpert conditions findings may name, in caption order")]
+    version: str
+
+
 class Health(BaseModel):
     status: Literal["ok", "unavailable"]
     redis: bool | None = None

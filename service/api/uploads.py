@@ -13,6 +13,7 @@ import warnings
 from dataclasses import dataclass
 from typing import BinaryIO
 
+import numpy as np
 from PIL import Image
 
 from models.dicom import is_dicom, read_dicom
@@ -38,6 +39,19 @@ def read_upload(file: BinaryIO, max_bytes: int, max_pixels: int) -> bytes:
         raise UploadRejected(413, f"file exceeds {max_bytes} bytes", "too_large")
     check_image(data, max_pixels)
     return data
+
+
+def dicom_preview(data: bytes, max_pixels: int) -> bytes:
+    """An 8-bit PNG of a DICOM image as the model sees it (browsers show PNG and JPEG themselves)."""
+    if not is_dicom(data):
+        raise UploadRejected(415, "not a DICOM file (detected from the file content)")
+    try:
+        pixels, _ = read_dicom(data, max_pixels)
+    except ImageError as exc:
+        raise UploadRejected(STATUS[exc.kind], exc.message) from exc
+    buffer = io.BytesIO()
+    Image.fromarray(np.round(pixels * 255).astype(np.uint8), mode="L").save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def check_image(data: bytes, max_pixels: int) -> tuple[int, int]:

@@ -13,10 +13,14 @@ OPERATIONS = {"submit_counterfactual", "list_jobs", "get_job", "cancel_job", "ge
 
 
 def _screenshot(driver, name: str, tmp_path: Path) -> Path:
-    """Into ``PRISM_SCREENSHOT_DIR`` when set (how docs/screenshots is made), else the test's tmp."""
+    """The whole page, into ``PRISM_SCREENSHOT_DIR`` when set (how docs/screenshots is made), else
+    the test's tmp."""
     directory = Path(os.environ.get("PRISM_SCREENSHOT_DIR") or tmp_path)
     directory.mkdir(parents=True, exist_ok=True)
+    width, height = driver.get_window_size()["width"], driver.get_window_size()["height"]
+    driver.set_window_size(width, max(height, driver.execute_script("return document.body.scrollHeight") + 140))
     driver.save_screenshot(str(directory / name))
+    driver.set_window_size(width, height)
     return directory / name
 
 
