@@ -13,9 +13,12 @@ from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
+from models.findings import parse_labels
+
 OutputMode = Literal["residual", "decoded"]
 OUTPUT_MODES: tuple[str, ...] = get_args(OutputMode)
 InversionMode = Literal["null_text", "negative_prompt", "direct"]
+Method = Literal["prism", "sdedit", "guided"]
 DtypeName = Literal["float32", "float16", "bfloat16"]
 """The UNet's precision; unset means fp16 on CUDA and fp32 on CPU."""
 
@@ -68,6 +71,15 @@ class EditOptions(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
+    method: Annotated[
+        Method,
+        Field(
+            description="prism: null-text inversion + prompt-to-prompt (the paper); sdedit: noise the input to "
+            "`strength` and denoise under the edit prompt (seed 004); guided: DDIM inversion, then denoising "
+            "pushed by a finding classifier and an L1 term, an optional anatomy mask kept (seed 003)"
+        ),
+    ] = "prism"
+
     steps: Annotated[int, Field(ge=1, le=MAX_STEPS, description="DDIM steps of inversion and editing")] = 50
     guidance_scale: Annotated[float, Field(ge=1.0, le=30.0, description="classifier-free guidance scale")] = 7.5
     cross_replace_steps: Annotated[
@@ -115,6 +127,27 @@ class EditOptions(BaseModel):
             "branch kept on the inversion trajectory by stored per-step offsets, no optimisation (Ju et al.)"
         ),
     ] = "null_text"
+    strength: Annotated[
+        Fraction,
+        Field(
+            description="sdedit: how far into the noise schedule the input goes (seed 004: 0.85 with guidance 7.5 and "
+            "75 steps; 0.55 with guidance 4 for milder edits); 0 returns the reconstruction"
+        ),
+    ] = 0.85
+    classifier_weight: Annotated[
+        float, Field(ge=0.0, le=1e4, description="guided: weight of the classifier's target loss")
+    ] = 30.0
+    l1_weight: Annotated[
+        float, Field(ge=0.0, le=1e4, description="guided: weight of the L1 distance between decoded x0 and the input")
+    ] = 10.0
+    classifier_targets: Annotated[
+        dict[str, Literal[0, 1]] | None,
+        BeforeValidator(lambda v: parse_labels(v, "classifier_targets") if isinstance(v, str) else v),
+        Field(
+            description="guided: the findings the classifier should see removed (0) or present (1); default: the "
+            "conditions the edit changes (findings input)"
+        ),
+    ] = None
     output: Annotated[
         OutputMode,
         Field(

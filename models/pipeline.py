@@ -14,12 +14,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from models.classifier import FindingClassifier
 from models.constants import TOKEN_WINDOW
 from models.ddim import PRISM_SCHEDULER_CONFIG, DDIMSampler
 from models.dicom import DicomSource, secondary_captures
 from models.difference import difference, encode_rgb_png, render_difference
-from models.editing import EditSpec, build_control, denoise, edit_specs
+from models.editing import build_control, denoise, edit_specs
+from models.errors import InvalidInput
 from models.geometry import DecodedImage, encode_png, from_model_output, quantize, to_model_input
+from models.guided import guided_edit
 from models.inversion import (
     Inversion,
     InversionCache,
@@ -33,6 +36,7 @@ from models.loading import ModelBundle
 from models.params import EditParams
 from models.report import CandidateScores, DifferenceInfo, EditReport, EditScores, Geometry, InversionInfo, ModelInfo
 from models.scoring import ClipScorer, score_candidates
+from models.sdedit import sdedit
 from models.validation import validate_request
 
 SCORE_REFERENCE = "reconstruction"
@@ -73,12 +77,17 @@ class Counterfactual:
 
 
 class _Timer:
-    def __init__(self) -> None:
+    """Seconds per phase; on CUDA the device is synchronised so a phase is charged its own kernels."""
+
+    def __init__(self, device: torch.device | None = None) -> None:
         self.timings: dict[str, float] = {}
+        self.cuda = device is not None and device.type == "cuda"
 
     def measure(self, name: str, fn: Callable):
         start = time.perf_counter()
         result = fn()
+        if self.cuda:
+            torch.cuda.synchronize()
         self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - start, 4)
         return result
 
@@ -94,11 +103,11 @@ def encode_latent(bundle: ModelBundle, image: torch.Tensor) -> torch.Tensor:
     return bundle.vae.encode(x).latent_dist.mean.float() * bundle.latent_scale
 
 
-@torch.no_grad()
-def decode_latents(bundle: ModelBundle, latents: torch.Tensor) -> torch.Tensor:
-    """(B, 4, h, w) latents -> (B, 1, S, S) grayscale in [0, 1]."""
-    images = bundle.vae.decode((latents / bundle.latent_scale).to(bundle.vae.dtype)).sample.float()
-    return ((images.mean(1, keepdim=True) + 1) / 2).clamp(0, 1)
+def decode_latents(bundle: ModelBundle, latents: torch.Tensor, grad: bool = False) -> torch.Tensor:
+    """(B, 4, h, w) latents -> (B, 1, S, S) grayscale in [0, 1] (differentiable with ``grad``)."""
+    with torch.set_grad_enabled(grad):
+        images = bundle.vae.decode((latents / bundle.latent_scale).to(bundle.vae.dtype)).sample.float()
+        return ((images.mean(1, keepdim=True) + 1) / 2).clamp(0, 1)
 
 
 @torch.no_grad()
@@ -120,7 +129,7 @@ def invert(
 ) -> tuple[Inversion, bool]:
     """The inversion (``params.inversion`` mode) of a model-size image, from ``cache`` when every key
     part matches."""
-    timer = timer or _Timer()
+    timer = timer or _Timer(bundle.device)
     mode = params.inversion
     key = inversion_key(
         image.numpy(),
@@ -168,6 +177,17 @@ def invert(
     return inversion, False
 
 
+@dataclass
+class Edit:
+    """What a method produced: latents [reference, candidate 1..K] and what it records."""
+
+    latents: torch.Tensor
+    edit_prompts: list[str]
+    self_replace: list[float | None]
+    inversion: InversionInfo | None = None
+    anatomy_mask: bool = False
+
+
 def generate_counterfactual(
     bundle: ModelBundle,
     image: DecodedImage,
@@ -176,14 +196,51 @@ def generate_counterfactual(
     params: EditParams = EditParams(),
     cache: InversionCache | None = None,
     callback: ProgressCallback | None = None,
+    keep: np.ndarray | None = None,
+    classifier: FindingClassifier | None = None,
 ) -> Counterfactual:
-    """PRISM: invert the image under ``original_prompt``, edit towards ``edit_prompt`` for each
-    self_replace value in one batched pass, keep the candidate with the highest S_CLIP."""
-    validate_request(bundle.tokenizer, original_prompt, edit_prompt, params)
-    timer = _Timer()
-    model_image, geometry = to_model_input(image.pixels, bundle.resolution)
-    inversion, cached = invert(bundle, model_image, original_prompt, params, cache, callback, timer)
+    """A counterfactual of ``image`` by ``params.method``, scored with S_CLIP against the
+    reconstruction and mapped back to the input's geometry.
 
+    ``prism``: invert under ``original_prompt``, edit towards ``edit_prompt`` for each self_replace
+    value in one batched pass, keep the candidate with the highest S_CLIP. ``sdedit`` and
+    ``guided`` make one candidate; ``guided`` needs a ``classifier`` and keeps the anatomy where
+    ``keep`` (an image-sized mask, True = keep) is set.
+    """
+    validate_request(bundle.tokenizer, original_prompt, edit_prompt, params)
+    timer = _Timer(bundle.device)
+    model_image, geometry = to_model_input(image.pixels, bundle.resolution)
+    if params.method == "prism":
+        edit = _prism(bundle, model_image, original_prompt, edit_prompt, params, cache, callback, timer)
+    else:
+        edit = _one_candidate(
+            bundle, model_image, geometry, original_prompt, edit_prompt, params, callback, timer, keep, classifier
+        )
+    images = timer.measure("decode", lambda: decode_latents(bundle, edit.latents).cpu())
+    regions = edited_regions(edit.latents, bundle.resolution).cpu()
+    if callback:
+        callback("scoring", 0, 1)
+    scorer = ClipScorer(bundle.clip, bundle.device)
+    scores = timer.measure(
+        "scoring", lambda: score_candidates(scorer, images[:1], images[1:], original_prompt, edit.edit_prompts)
+    )
+    best = max(range(len(scores)), key=lambda k: scores[k].s_clip)
+    if callback:
+        callback("scoring", 1, 1)
+    return _assemble(image, geometry, images, regions, best, scores, edit, params, bundle, timer, original_prompt)
+
+
+def _prism(
+    bundle: ModelBundle,
+    model_image: torch.Tensor,
+    original_prompt: str,
+    edit_prompt: str,
+    params: EditParams,
+    cache: InversionCache | None,
+    callback: ProgressCallback | None,
+    timer: _Timer,
+) -> Edit:
+    inversion, cached = invert(bundle, model_image, original_prompt, params, cache, callback, timer)
     specs = edit_specs(params, edit_prompt)
     sampler = DDIMSampler(bundle.scheduler, params.steps)
     latent_hw = tuple(inversion.x_T.shape[2:])
@@ -212,21 +269,74 @@ def generate_counterfactual(
             inversion.latent_offsets,
         ),
     )
-    images = timer.measure("decode", lambda: decode_latents(bundle, latents).cpu())
-    regions = edited_regions(latents, bundle.resolution).cpu()
-    if callback:
-        callback("scoring", 0, 1)
-    scorer = ClipScorer(bundle.clip, bundle.device)
-    scores = timer.measure(
-        "scoring",
-        lambda: score_candidates(scorer, images[:1], images[1:], original_prompt, [s.edit_prompt for s in specs]),
+    info = InversionInfo(mode=inversion.mode, key=inversion.key, cached=cached, final_losses=inversion.losses[-3:])
+    return Edit(latents, [s.edit_prompt for s in specs], [s.self_replace_steps for s in specs], info)
+
+
+def _one_candidate(
+    bundle: ModelBundle,
+    model_image: torch.Tensor,
+    geometry: Geometry,
+    original_prompt: str,
+    edit_prompt: str,
+    params: EditParams,
+    callback: ProgressCallback | None,
+    timer: _Timer,
+    keep: np.ndarray | None,
+    classifier: FindingClassifier | None,
+) -> Edit:
+    """``sdedit`` or ``guided``: the reference latent is the input's own (its VAE reconstruction)."""
+    generator = torch.Generator().manual_seed(params.seed)
+    sampler = DDIMSampler(bundle.scheduler, params.steps)
+    z0 = timer.measure("encode", lambda: encode_latent(bundle, model_image))
+    source, edited, uncond = embed_prompts(bundle, [original_prompt, edit_prompt, ""]).chunk(3)
+    if params.method == "sdedit":
+        latent = timer.measure(
+            "editing",
+            lambda: sdedit(
+                bundle.unet, sampler, z0, edited, uncond, params.guidance_scale, params.strength, generator, callback
+            ),
+        )
+        return Edit(torch.cat([z0, latent]), [edit_prompt], [None])
+    if classifier is None:
+        raise InvalidInput("method", "guided needs a finding classifier and none is configured (PRISM_CLASSIFIER)")
+    targets = params.classifier_targets or {}
+    missing = sorted(set(targets) - set(classifier.labels))
+    if not targets or missing:
+        raise InvalidInput("classifier_targets", f"need findings the classifier knows ({', '.join(classifier.labels)})")
+    mask = None if keep is None else latent_mask(keep, geometry, tuple(z0.shape[2:])).to(bundle.device)
+    latents = timer.measure("inversion", lambda: ddim_invert(bundle.unet, sampler, z0, source, callback))
+    classifier = classifier.to(bundle.device)
+    latent = timer.measure(
+        "editing",
+        lambda: guided_edit(
+            bundle.unet,
+            sampler,
+            latents[-1],
+            z0,
+            edited,
+            uncond,
+            params.guidance_scale,
+            lambda x0: decode_latents(bundle, x0, grad=True),
+            classifier.probabilities,
+            targets,
+            model_image.to(bundle.device),
+            params.classifier_weight,
+            params.l1_weight,
+            mask,
+            generator,
+            callback,
+        ),
     )
-    best = max(range(len(scores)), key=lambda k: scores[k].s_clip)
-    if callback:
-        callback("scoring", 1, 1)
-    return _assemble(
-        image, geometry, images, regions, best, scores, specs, params, inversion, cached, bundle, timer, original_prompt
-    )
+    return Edit(torch.cat([z0, latent]), [edit_prompt], [None], anatomy_mask=mask is not None)
+
+
+def latent_mask(keep: np.ndarray, geometry: Geometry, latent_hw: tuple[int, int]) -> torch.Tensor:
+    """(1, 1, h, w) True where a latent cell touches any kept pixel (max-pooled, so no kept pixel
+    falls in a cell the edit may change)."""
+    square = to_model_input(keep.astype(np.float32), geometry.model_size)[0]
+    pooled = F.adaptive_max_pool2d(square, latent_hw)
+    return pooled > 0
 
 
 def edited_regions(latents: torch.Tensor, size: int) -> torch.Tensor:
@@ -247,10 +357,8 @@ def _assemble(
     regions: torch.Tensor,
     best: int,
     scores: list[EditScores],
-    specs: list[EditSpec],
+    edit: Edit,
     params: EditParams,
-    inversion: Inversion,
-    cached: bool,
     bundle: ModelBundle,
     timer: _Timer,
     original_prompt: str,
@@ -266,15 +374,16 @@ def _assemble(
     diff_rgb, scale = render_difference(diff)
     chosen = scores[best]
     report = EditReport(
+        method=params.method,
         s_clip=chosen.s_clip,
         passed=chosen.s_clip >= params.s_clip_threshold,
         s_clip_threshold=params.s_clip_threshold,
         similarities=chosen,
         score_reference=SCORE_REFERENCE,
-        chosen_self_replace=specs[best].self_replace_steps,
+        chosen_self_replace=edit.self_replace[best],
         candidates=[
-            CandidateScores(self_replace_steps=s.self_replace_steps, **sc.model_dump())
-            for s, sc in zip(specs, scores, strict=True)
+            CandidateScores(self_replace_steps=s, **sc.model_dump())
+            for s, sc in zip(edit.self_replace, scores, strict=True)
         ],
         timings=timer.timings,
         parameters=params,
@@ -285,10 +394,9 @@ def _assemble(
         bit_depth=image.bit_depth,
         input_format=image.format,
         original_prompt=original_prompt,
-        edit_prompt=specs[best].edit_prompt,
-        inversion=InversionInfo(
-            mode=inversion.mode, key=inversion.key, cached=cached, final_losses=inversion.losses[-3:]
-        ),
+        edit_prompt=edit.edit_prompts[best],
+        inversion=edit.inversion,
+        anatomy_mask=edit.anatomy_mask,
         edited_fraction=float(region.mean()),
         difference=DifferenceInfo(min=float(diff.min()), max=float(diff.max())),
         difference_png_scale=scale,

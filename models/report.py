@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.params import EditParams, InversionMode
+from models.params import EditParams, InversionMode, Method
 
 
 class Record(BaseModel):
@@ -32,9 +32,9 @@ class EditScores(Record):
 
 
 class CandidateScores(EditScores):
-    """One candidate of the self_replace sweep and its scores."""
+    """One candidate and its scores (PRISM's: one per self_replace value)."""
 
-    self_replace_steps: float
+    self_replace_steps: Annotated[float | None, Field(description="prism's sweep value; null for other methods")]
 
 
 class Geometry(Record):
@@ -75,12 +75,13 @@ InputFormat = Literal["image", "dicom"]
 class EditReport(Record):
     """Scores, choices and provenance of one counterfactual."""
 
+    method: Method = "prism"
     s_clip: Annotated[float, Field(description="CLIP directional score of the chosen candidate, in [-1, 1]")]
     passed: Annotated[bool, Field(description="s_clip >= s_clip_threshold (PRISM keeps edits with S_CLIP >= 0.1)")]
     s_clip_threshold: float
     similarities: EditScores
     score_reference: Annotated[str, Field(description="which image the scores compare against")]
-    chosen_self_replace: float
+    chosen_self_replace: float | None
     candidates: list[CandidateScores]
     timings: Annotated[dict[str, float], Field(description="seconds per phase")]
     parameters: EditParams
@@ -90,7 +91,10 @@ class EditReport(Record):
     input_format: Annotated[InputFormat, Field(description="dicom inputs get DICOM outputs too")] = "image"
     original_prompt: Annotated[str, Field(description="the prompt that describes the input")]
     edit_prompt: Annotated[str, Field(description="the prompt the counterfactual was edited towards")]
-    inversion: InversionInfo
+    inversion: Annotated[InversionInfo | None, Field(description="prism's inversion; null for other methods")]
+    anatomy_mask: Annotated[bool, Field(description="guided: an anatomy mask was kept (no blending without one)")] = (
+        False
+    )
     edited_fraction: Annotated[float, Field(description="fraction of the image where the edit changed the latent")]
     difference: DifferenceInfo
     difference_png_scale: Annotated[float, Field(description="|difference| drawn at full colour in difference.png")]

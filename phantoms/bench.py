@@ -21,14 +21,14 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from models.classifier import FindingClassifier
 from models.geometry import DecodedImage
 from models.inversion import InversionCache
 from models.loading import ModelBundle
 from models.params import EditParams
 from models.pipeline import decode_latents, encode_latent, generate_counterfactual
 from phantoms.captions import NAMES, explicit_caption
-from phantoms.classifier import FindingClassifier
-from phantoms.render import FINDINGS, Anatomy, Findings, region_mask, render
+from phantoms.render import FINDINGS, Anatomy, Findings, anatomy_mask, region_mask, render
 
 HELD_OUT_SEED = 1_000_000
 TASKS = {
@@ -68,15 +68,24 @@ def measure_case(
     anatomy, source, target, finding = bench_case(task, index, bundle.resolution)
     original, truth = render(anatomy, source), render(anatomy, target)
     mask = region_mask(anatomy, finding)
-    case_params = params.replace(blend_words=(NAMES[finding].lower(),))
+    case_params = params.replace(
+        blend_words=(NAMES[finding].lower(),), classifier_targets={NAMES[finding]: int(getattr(target, finding))}
+    )
     start = time.perf_counter()
     cf = generate_counterfactual(
-        bundle, DecodedImage(original, 16), explicit_caption(source), explicit_caption(target), case_params, cache=cache
+        bundle,
+        DecodedImage(original, 16),
+        explicit_caption(source),
+        explicit_caption(target),
+        case_params,
+        cache=cache,
+        keep=anatomy_mask(anatomy),
+        classifier=classifier,
     )
     seconds = time.perf_counter() - start
     with torch.no_grad():
-        prob = torch.sigmoid(classifier(torch.from_numpy(cf.counterfactual)[None, None]))[0]
-    flipped = bool(prob[FINDINGS.index(finding)] > 0.5) == getattr(target, finding)
+        prob = classifier.probabilities(torch.from_numpy(cf.counterfactual)[None, None])[NAMES[finding]][0]
+    flipped = bool(prob > 0.5) == getattr(target, finding)
     vae_error = _l1(_vae_roundtrip(bundle, original), original)
     row = {
         "identity_ratio": _l1(cf.reconstruction, original) / max(vae_error, 1e-6),

@@ -18,7 +18,7 @@ PARTS = (
     ("`unet/`", "UNet2DConditionModel, latent 32×32, cross-attention at 16×16 and 8×8", "unet"),
     ("`text_encoder/`, `tokenizer/`", "CLIP text transformer (2 layers), the real CLIP BPE vocabulary", "text_encoder"),
     ("`clip/`", "CLIPModel (vision 64 px), the S_CLIP scorer", "clip"),
-    ("`classifier.safetensors`", "`phantoms.classifier.FindingClassifier` (the three findings)", "classifier"),
+    ("`classifier.safetensors`, `.json`", "`models.classifier` small CNN (the three findings)", "classifier"),
 )
 
 

@@ -177,6 +177,19 @@ def render(anatomy: Anatomy, findings: Findings) -> np.ndarray:
     return np.clip(img, 0, 1).astype(np.float32)
 
 
+def anatomy_mask(anatomy: Anatomy) -> np.ndarray:
+    """The identity-defining anatomy the guided method keeps (seed 003's bone mask: spine and
+    mediastinum, clavicles and shoulders, not the lungs): the spine strip and the shoulder girdle,
+    without the heart, which cardiomegaly edits."""
+    p, size = anatomy.params, anatomy.size
+    y, x = _grid(size)
+    body = _ellipse(y, x, 0.62, p["cx"], 0.62, p["body_w"], soft=0.03) > 0.5
+    spine = (np.abs(x - p["cx"]) < 0.045) & (y > 0.05)
+    shoulders = _ellipse(y, x, 0.0, p["cx"], 0.14, 0.5 * p["body_w"]) > 0.5
+    heart = region_mask(anatomy, "cardiomegaly") | (_heart(y, x, p, True) > 0.05)
+    return (spine | shoulders) & body & ~heart
+
+
 def region_mask(anatomy: Anatomy, finding: str) -> np.ndarray:
     """Boolean mask of where ``finding`` can change the image (both states, dilated by 2 px)."""
     base = Findings()

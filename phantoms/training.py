@@ -27,6 +27,7 @@ from transformers import CLIPModel, CLIPTextModel
 
 import models.hf_offline  # noqa: F401  (before diffusers/transformers)
 from models.attention_control import ControlledAttnProcessor
+from models.classifier import FindingClassifier, builtin_classifier_config
 from models.constants import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD, TOKEN_WINDOW
 from models.ddim import make_scheduler
 from models.loading import write_clip_preprocessor
@@ -35,7 +36,6 @@ from models.tokenizer import ASSETS, clip_tokenizer
 from models.words import prompt_words, word_token_indices
 from phantoms import architecture
 from phantoms.captions import NAMES, training_caption
-from phantoms.classifier import FindingClassifier
 from phantoms.model_card import render_model_card
 from phantoms.render import FINDINGS, Anatomy, Findings, region_mask, render
 
@@ -375,7 +375,7 @@ def train_clip(images: np.ndarray, labels: np.ndarray, work: Path, out: Path, re
 
 def train_classifier(images: np.ndarray, labels: np.ndarray, work: Path, out: Path, recipe: StageRecipe) -> float:
     torch.manual_seed(7)
-    model = FindingClassifier()
+    model = FindingClassifier(builtin_classifier_config()).train().requires_grad_(True)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr)
     stage = Stage("classifier", work, {"classifier": model}, opt, recipe)
     rng = np.random.default_rng(8)

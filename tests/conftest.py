@@ -29,6 +29,16 @@ def redis_server():
 
 
 @pytest.fixture(scope="session")
+def builtin_service(tmp_path_factory):
+    """A stack serving the built-in phantom model (with its classifier): real edits, slower jobs."""
+    from models.builtin import BUILTIN_DIR
+    from tests.stack import Cluster
+
+    with Cluster(tmp_path_factory.mktemp("builtin-stack"), BUILTIN_DIR, workers=1) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
 def service(redis_server, tiny_model_dir, tmp_path_factory):
     """A real API process and one real worker process against the test redis-server."""
     from tests.stack import ApiProcess, service_env, start_worker, stop, wait_ready

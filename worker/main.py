@@ -23,6 +23,7 @@ from rq import SimpleWorker
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
+from models.classifier import configured_classifier
 from models.loading import load_bundle
 from service.contract import metrics
 from service.contract.jobs import ErrorCode, job_queue, read_failure, record_failure
@@ -136,7 +137,7 @@ def run_worker(settings: Settings, burst: bool = False) -> None:
     )
     redis = Redis.from_url(settings.redis_url)
     queue = job_queue(redis, settings)
-    runner = JobRunner(bundle, settings)
+    runner = JobRunner(bundle, settings, configured_classifier(settings.classifier, settings.model_dir))
     delay = 1.0
     while True:
         worker = PrismWorker(

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from rq.job import Job
 from rq.timeouts import JobTimeoutException
 
+from models.classifier import FindingClassifier
 from models.errors import ImageError, InvalidInput
 from models.geometry import decode_image
 from models.inversion import InversionCache
@@ -59,23 +60,26 @@ def failure_of(exc: BaseException, job_id: str) -> JobError:
 class JobRunner:
     """Holds the model bundle for the worker's lifetime and runs one job at a time."""
 
-    def __init__(self, bundle: ModelBundle, settings: Settings) -> None:
+    def __init__(self, bundle: ModelBundle, settings: Settings, classifier: FindingClassifier | None = None) -> None:
         self.bundle = bundle
         self.settings = settings
+        self.classifier = classifier
         self.cache = None
         if settings.inversion_cache_dir:
             directory = Path(settings.inversion_cache_dir).expanduser()
             self.cache = InversionCache(directory, settings.inversion_cache_max_bytes)
 
-    def run(self, job: Job, input_key: str, request: dict) -> dict:
+    def run(self, job: Job, input_key: str, request: dict, mask_key: str | None = None) -> dict:
         """Run one job; returns the engine's report as JSON."""
         redis = job.connection
         data = redis.get(input_key)
+        mask = redis.get(mask_key) if mask_key else None
         if data is None:
             message = "the uploaded image is no longer stored; submit the job again"
             raise JobFailed(JobError(code=ErrorCode.input_expired, message=message))
         original_prompt, edit_prompt, params = JobRequest.model_validate(request).resolved()
         image = decode_image(data, self.settings.max_image_pixels)
+        keep = None if mask is None else decode_image(mask, self.settings.max_image_pixels).pixels > 0
         last_save = 0.0
 
         def progress(phase: str, step: int, total: int) -> None:
@@ -96,7 +100,15 @@ class JobRunner:
         try:
             progress("decode", 0, 1)
             result = generate_counterfactual(
-                self.bundle, image, original_prompt, edit_prompt, params, cache=self.cache, callback=progress
+                self.bundle,
+                image,
+                original_prompt,
+                edit_prompt,
+                params,
+                cache=self.cache,
+                callback=progress,
+                keep=keep,
+                classifier=self.classifier,
             )
         except JobCanceled:
             redis.delete(input_key, cancel_key(job.id))
@@ -105,7 +117,7 @@ class JobRunner:
         with redis.pipeline() as pipe:
             for name, content in result.files().items():
                 pipe.set(output_key(job.id, name), content, ex=ttl)
-            pipe.delete(input_key)
+            pipe.delete(input_key, *([mask_key] if mask_key else []))
             pipe.execute()
         for phase, seconds in result.report.timings.items():
             metrics.observe(redis, "phase_seconds", seconds, phase)

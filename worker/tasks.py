@@ -16,7 +16,7 @@ def install(runner: JobRunner) -> None:
     _runner = runner
 
 
-def run_counterfactual(input_key: str, request: dict) -> dict:
+def run_counterfactual(input_key: str, request: dict, mask_key: str | None = None) -> dict:
     if _runner is None:
         raise RuntimeError("no model loaded in this process: run jobs with `prism worker`")
-    return _runner.run(get_current_job(), input_key, request)
+    return _runner.run(get_current_job(), input_key, request, mask_key)

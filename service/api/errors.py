@@ -123,7 +123,7 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(UploadRejected)
     async def upload_rejected(request: Request, exc: UploadRejected) -> JSONResponse:
-        return error_response(exc.status_code, exc.message, exc.kind, ["body", "image"])
+        return error_response(exc.status_code, exc.message, exc.kind, ["body", exc.field])
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:

@@ -26,6 +26,13 @@ class CounterfactualForm(JobRequest):
             json_schema_extra={"format": "binary"},
         ),
     ]
+    mask: Annotated[
+        UploadFile | None,
+        Field(
+            description="guided: the anatomy to keep, a PNG the size of the image (nonzero pixels are kept)",
+            json_schema_extra={"format": "binary"},
+        ),
+    ] = None
     findings: Annotated[
         str | None,
         Field(description=f"instead of prompts: the image's CheXpert labels (1, 0, -1 or blank), as {LABELS_SYNTAX}"),
@@ -35,6 +42,6 @@ class CounterfactualForm(JobRequest):
     def job_request(self) -> JobRequest:
         """The request the job carries; a 422 naming the field if the findings do not parse."""
         try:
-            return JobRequest.model_validate(self.model_dump(exclude={"image"}))
+            return JobRequest.model_validate(self.model_dump(exclude={"image", "mask"}))
         except ValidationError as exc:
             raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from exc

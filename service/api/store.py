@@ -26,7 +26,15 @@ from service.contract.jobs import (
     read_failure,
     read_progress,
 )
-from service.contract.keys import alive_key, cancel_key, idempotency_key, input_key, jobs_index_key, output_key
+from service.contract.keys import (
+    alive_key,
+    cancel_key,
+    idempotency_key,
+    input_key,
+    jobs_index_key,
+    mask_key,
+    output_key,
+)
 from service.contract.recovery import recover_lost_jobs, worker_lost
 from service.contract.settings import Settings
 from service.contract.webhooks import notify_job
@@ -56,8 +64,10 @@ class JobStore:
     redis: Redis
     settings: Settings
 
-    def submit(self, image: bytes, request: JobRequest, owner: str, client_key: str | None = None) -> str:
-        """Store the input under a TTL'd key and enqueue a job that refers to it.
+    def submit(
+        self, image: bytes, request: JobRequest, owner: str, client_key: str | None = None, mask: bytes | None = None
+    ) -> str:
+        """Store the input (and an anatomy mask) under TTL'd keys and enqueue a job that refers to them.
 
         With an Idempotency-Key (``client_key``), a repeat of the same request returns the first job's id.
         """
@@ -65,7 +75,7 @@ class JobStore:
         job_id = uuid.uuid4().hex
         idem = None
         if client_key is not None:
-            digest = hashlib.sha256(image + request.model_dump_json().encode()).hexdigest()
+            digest = hashlib.sha256(image + (mask or b"") + request.model_dump_json().encode()).hexdigest()
             idem = idempotency_key(owner, client_key)
             if not self.redis.set(idem, f"{job_id}:{digest}", nx=True, ex=ttl):
                 existing_id, _, existing_digest = (self.redis.get(idem) or b"").decode().partition(":")
@@ -78,7 +88,9 @@ class JobStore:
                 self.redis.delete(idem)
             raise QueueFull(self.settings.retry_after_s)
         self.redis.set(input_key(job_id), image, ex=ttl)
-        enqueue(queue, job_id, request, owner, self.settings)
+        if mask is not None:
+            self.redis.set(mask_key(job_id), mask, ex=ttl)
+        enqueue(queue, job_id, request, owner, self.settings, with_mask=mask is not None)
         with self.redis.pipeline() as pipe:
             pipe.zadd(jobs_index_key(owner), {job_id: time.time()})
             pipe.expire(jobs_index_key(owner), ttl)

@@ -30,6 +30,7 @@ class UploadRejected(Exception):
     status_code: int
     message: str
     kind: str = "invalid_image"
+    field: str = "image"
 
 
 def read_upload(file: BinaryIO, max_bytes: int, max_pixels: int) -> bytes:
@@ -38,6 +39,20 @@ def read_upload(file: BinaryIO, max_bytes: int, max_pixels: int) -> bytes:
     if len(data) > max_bytes:
         raise UploadRejected(413, f"file exceeds {max_bytes} bytes", "too_large")
     check_image(data, max_pixels)
+    return data
+
+
+def read_mask(file: BinaryIO, image: bytes, settings) -> bytes:
+    """An anatomy mask: a PNG or JPEG of the image's size; 422 naming ``mask`` otherwise."""
+    data = file.read(settings.max_upload_bytes + 1)
+    try:
+        if is_dicom(data):
+            raise UploadRejected(415, "a mask is a PNG or JPEG image")
+        mask_size = check_image(data, settings.max_image_pixels)
+    except UploadRejected as exc:
+        raise UploadRejected(exc.status_code, exc.message, exc.kind, field="mask") from exc
+    if mask_size != check_image(image, settings.max_image_pixels):
+        raise UploadRejected(422, "the mask must be the size of the image", field="mask")
     return data
 
 

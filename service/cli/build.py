@@ -100,9 +100,9 @@ def train_builtin(args: argparse.Namespace) -> int:
 
 def bench_phantom(args: argparse.Namespace) -> int:
     from models.builtin import builtin_model_dir
+    from models.classifier import FindingClassifier
     from models.loading import load_bundle
     from phantoms.bench import run_benchmark
-    from phantoms.classifier import FindingClassifier
 
     params = _params(args, "bench-phantom")
     if params is None:

@@ -22,7 +22,7 @@ from rq.serializers import JSONSerializer
 from models.errors import InvalidInput
 from models.findings import Condition, findings_prompts, parse_labels
 from models.params import CommaList, EditOptions, EditParams
-from service.contract.keys import input_key
+from service.contract.keys import input_key, mask_key
 from service.contract.settings import Settings
 
 EventName = Literal["started", "completed"]
@@ -99,8 +99,16 @@ class JobRequest(EditOptions):
 
     def resolved(self) -> tuple[str, str, EditParams]:
         """The original and edit prompts and the engine's parameters. Findings become prompts by
-        PRISM's caption template, and LocalBlend follows the conditions the edit changes unless
-        blend words are given. Raises :class:`~models.errors.InvalidInput` naming the field."""
+        PRISM's caption template; LocalBlend follows, and the guided method's classifier targets,
+        the conditions the edit changes, unless given. Raises :class:`~models.errors.InvalidInput`
+        naming the field."""
+        original, edited, params = self._prompts()
+        if params.method == "guided" and not params.classifier_targets:
+            message = "the guided method needs the findings to remove (0) or add (1), or findings and edit"
+            raise InvalidInput("classifier_targets", message)
+        return original, edited, params
+
+    def _prompts(self) -> tuple[str, str, EditParams]:
         params = EditParams(**self.model_dump(include=set(EditOptions.model_fields)))
         if self.findings is None and self.edit is None:
             return self.original_prompt or "", self.edit_prompt or "", params
@@ -109,7 +117,12 @@ class JobRequest(EditOptions):
         if self.findings is None or self.edit is None:
             raise InvalidInput("findings" if self.findings is None else "edit", "findings and edit go together")
         original, edited, changed = findings_prompts(self.findings, self.edit)
-        return original, edited, params if params.blend_words is not None else params.replace(blend_words=changed)
+        after = {**self.findings, **self.edit}
+        defaults = {
+            "blend_words": changed if params.blend_words is None else params.blend_words,
+            "classifier_targets": params.classifier_targets or {c: int(after.get(c) == 1) for c in changed},
+        }
+        return original, edited, params.replace(**defaults)
 
 
 class ErrorCode(StrEnum):
@@ -152,12 +165,16 @@ def fetch_job(redis: Redis, job_id: str) -> Job:
     return Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
 
 
-def enqueue(queue: Queue, job_id: str, request: JobRequest, owner: str, settings: Settings) -> Job:
-    """Enqueue the job for an image already stored at ``input_key(job_id)``."""
+def enqueue(
+    queue: Queue, job_id: str, request: JobRequest, owner: str, settings: Settings, with_mask: bool = False
+) -> Job:
+    """Enqueue the job for an image already stored at ``input_key(job_id)`` (and its anatomy mask at
+    ``mask_key(job_id)`` if ``with_mask``)."""
     ttl = settings.job_ttl_s
+    kwargs = {"input_key": input_key(job_id), "request": request.model_dump(mode="json")}
     return queue.enqueue_call(
         TASK,
-        kwargs={"input_key": input_key(job_id), "request": request.model_dump(mode="json")},
+        kwargs={**kwargs, "mask_key": mask_key(job_id) if with_mask else None},
         job_id=job_id,
         timeout=settings.job_timeout_s,
         result_ttl=ttl,

@@ -11,6 +11,11 @@ def input_key(job_id: str) -> str:
     return f"prism:input:{job_id}"
 
 
+def mask_key(job_id: str) -> str:
+    """The uploaded anatomy mask of a guided job, if there is one."""
+    return f"prism:mask:{job_id}"
+
+
 def output_key(job_id: str, name: str) -> str:
     return f"prism:output:{job_id}:{name}"
 

@@ -21,6 +21,9 @@ class Settings(BaseSettings):
     clip_model: str | None = Field(None, description="CLIP directory for scoring; unset: MODEL_DIR/clip")
     device: str | None = Field(None, description="cpu or cuda; unset: cuda when available")
     dtype: DtypeName | None = Field(None, description="the UNet's precision; unset: float16 on CUDA, float32 on CPU")
+    classifier: str | None = Field(
+        None, description="finding classifier (.safetensors with its .json) for the guided method; unset: MODEL_DIR's"
+    )
     inversion_cache_dir: str | None = Field(
         "~/.cache/prism/inversions",
         description="directory of cached inversions, shared by the workers of one host; empty: no cache",

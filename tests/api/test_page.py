@@ -3,24 +3,16 @@ screenshots show a real edit): upload, submit, follow, see the result."""
 
 import httpx
 import numpy as np
-import pytest
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
-from models.builtin import BUILTIN_DIR
 from phantoms.bench import bench_case
 from phantoms.captions import explicit_caption
 from phantoms.render import render
 from tests.api.test_docs_pages import _screenshot
 from tests.browser import chromium, foreign, requested_urls
 from tests.helpers import write_png
-from tests.stack import STALL_S, Cluster
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    with Cluster(tmp_path_factory.mktemp("page"), BUILTIN_DIR, workers=1) as cluster:
-        yield cluster
+from tests.stack import STALL_S
 
 
 def _set(driver, element_id: str, value: str) -> None:
@@ -29,8 +21,8 @@ def _set(driver, element_id: str, value: str) -> None:
     element.send_keys(value)
 
 
-def test_upload_submit_follow_and_compare(stack, tmp_path):
-    service = stack
+def test_upload_submit_follow_and_compare(builtin_service, tmp_path):
+    service = builtin_service
     anatomy, source, target, _ = bench_case("remove_devices", 0, 128)
     image = write_png(tmp_path / "phantom.png", render(anatomy, source)[:, 12:116])  # 128 x 104, portrait
     with chromium() as driver:
@@ -84,8 +76,8 @@ def test_upload_submit_follow_and_compare(stack, tmp_path):
     assert any(u.endswith("/counterfactual") for u in urls)
 
 
-def test_findings_form_and_dicom_preview(stack, tmp_path):
-    service = stack
+def test_findings_form_and_dicom_preview(builtin_service, tmp_path):
+    service = builtin_service
     from tests.dicom_files import encode, radiograph
 
     ds, _ = radiograph(bits_stored=12, photometric="MONOCHROME1")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.difference import difference, render_difference
+from models.difference import difference, encode_rgb_png, render_difference
 from models.errors import ImageError
 from models.geometry import decode_image, encode_png, from_model_output, quantize, to_model_input
 
@@ -63,8 +63,9 @@ def test_difference_is_signed_float_not_wrapped_uint8():
     b = np.array([[0.6, 0.2]], np.float32)
     d = difference(a, b)
     assert d.dtype == np.float32 and np.allclose(d, [[-0.5, 0.7]])
-    png, scale = render_difference(d, scale=0.7)
-    rgb = np.asarray(Image.open(io.BytesIO(png)))
+    rendered, scale = render_difference(d, scale=0.7)
+    rgb = np.asarray(Image.open(io.BytesIO(encode_rgb_png(rendered))))
+    assert np.array_equal(rgb, rendered)
     assert scale == 0.7
     assert tuple(rgb[0, 1]) == (255, 0, 0)  # brighter in the counterfactual: red
     assert rgb[0, 0, 2] == 255 and rgb[0, 0, 0] < 100  # darker: blue

@@ -7,10 +7,10 @@ import pytest
 from PIL import Image
 
 from models.builtin import BUILTIN_DIR, builtin_model_dir
+from models.classifier import FindingClassifier
 from models.loading import load_bundle
 from models.params import EditParams, NullTextSettings
 from phantoms.bench import run_benchmark
-from phantoms.classifier import FindingClassifier
 
 
 @pytest.fixture(scope="module")

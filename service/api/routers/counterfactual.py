@@ -16,7 +16,7 @@ from service.api.errors import retry_after
 from service.api.forms import CounterfactualForm
 from service.api.schemas import JobAccepted
 from service.api.store import links
-from service.api.uploads import read_upload
+from service.api.uploads import read_mask, read_upload
 from service.contract.tenants import signing_secret
 from service.contract.webhooks import check_webhook_url
 
@@ -62,13 +62,14 @@ def submit(
     ] = None,
 ) -> JSONResponse:
     image = read_upload(form.image.file, settings.max_upload_bytes, settings.max_image_pixels)
+    mask = None if form.mask is None else read_mask(form.mask.file, image, settings)
     request = form.job_request()
     validate_request(clip_tokenizer(), *request.resolved())
     if request.webhook is not None:
         check_webhook_url(request.webhook, settings.webhook_allow_private)
         if signing_secret(http.app.state.tenants, tenant, settings.webhook_secret) is None:
             raise InvalidInput("webhook", "no secret to sign webhooks with: use a key from `prism keys add`")
-    job_id = store.submit(image, request, tenant, idempotency_key)
+    job_id = store.submit(image, request, tenant, idempotency_key, mask)
     body = JobAccepted(id=job_id, links=links(job_id)).model_dump(mode="json")
     headers = {"Location": f"/jobs/{job_id}", **retry_after(settings.retry_after_s)}
     return JSONResponse(body, status_code=202, headers=headers)

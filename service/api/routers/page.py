@@ -47,8 +47,16 @@ def service_info(request: Request, settings: SettingsDep) -> ServiceInfo:
     response_class=Response,
     responses={
         200: {"description": "the image", "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}},
-        **error_responses({401: "missing or invalid X-API-Key", 413: "too large", 415: "not DICOM", 422: "unreadable",
-                           429: "rate limited", 503: "Redis unreachable"}),  # fmt: skip
+        **error_responses(
+            {
+                401: "missing or invalid X-API-Key",
+                413: "too large",
+                415: "not DICOM",
+                422: "unreadable",
+                429: "rate limited",
+                503: "Redis unreachable",
+            }
+        ),
     },
 )
 def preview(
