@@ -53,6 +53,11 @@ def decode_image(data: bytes, max_pixels: int = 2**31) -> DecodedImage:
     return to_grayscale(img)
 
 
+def read_keep_mask(data: bytes, max_pixels: int = 2**31) -> np.ndarray:
+    """An anatomy mask image (PNG or JPEG) as booleans: True (keep) wherever it is not black."""
+    return decode_image(data, max_pixels).pixels > 0
+
+
 def to_grayscale(img: Image.Image) -> DecodedImage:
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img, dtype=np.float64)

@@ -136,7 +136,7 @@ class EditOptions(BaseModel):
     ] = 0.85
     classifier_weight: Annotated[
         float, Field(ge=0.0, le=1e4, description="guided: weight of the classifier's target loss")
-    ] = 30.0
+    ] = 3.0
     l1_weight: Annotated[
         float, Field(ge=0.0, le=1e4, description="guided: weight of the L1 distance between decoded x0 and the input")
     ] = 10.0

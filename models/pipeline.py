@@ -208,6 +208,8 @@ def generate_counterfactual(
     ``keep`` (an image-sized mask, True = keep) is set.
     """
     validate_request(bundle.tokenizer, original_prompt, edit_prompt, params)
+    if keep is not None and keep.shape != image.pixels.shape:
+        raise InvalidInput("mask", f"the mask is {keep.shape[::-1]} pixels, the image {image.pixels.shape[::-1]}")
     timer = _Timer(bundle.device)
     model_image, geometry = to_model_input(image.pixels, bundle.resolution)
     if params.method == "prism":

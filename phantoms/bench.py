@@ -5,8 +5,10 @@ never used in training) is rendered with the finding in its source state; the en
 with the explicit captions (one word changes: "with" <-> "without"); the result is compared with
 the same anatomy rendered with the finding toggled.
 
-Several named variants (edit parameters) run on the same cases, side by side. Each case's
-measures are saved as it finishes, so an interrupted run resumes where it stopped.
+Several named variants (edit parameters, methods) run on the same cases, side by side. Each case
+is saved as it finishes, in the folder layout ``prism evaluate`` reads (``input/``, ``truth/``,
+``counterfactual/``, ``cases.json``), so an interrupted run resumes where it stopped and every
+variant is measured by the same evaluation (:mod:`models.evaluation`) against the truth.
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from models.classifier import FindingClassifier
-from models.geometry import DecodedImage
+from models.evaluation import evaluate, load_cases
+from models.geometry import DecodedImage, decode_image, encode_png
 from models.inversion import InversionCache
 from models.loading import ModelBundle
 from models.params import EditParams
-from models.pipeline import decode_latents, encode_latent, generate_counterfactual
+from models.pipeline import Counterfactual, decode_latents, encode_latent, generate_counterfactual
+from models.scoring import ClipScorer
 from phantoms.captions import NAMES, explicit_caption
 from phantoms.render import FINDINGS, Anatomy, Findings, anatomy_mask, region_mask, render
 
@@ -37,7 +41,8 @@ TASKS = {
     "remove_effusion": ("pleural_effusion", True),
     "remove_cardiomegaly": ("cardiomegaly", True),
 }
-MEASURES = ("identity_ratio", "l1_ratio", "flip", "outside_change", "outside_edit_change", "s_clip", "seconds")
+CASE_FIELDS = ("original_prompt", "edit_prompt", "targets")
+PHANTOM_MEASURES = ("identity_ratio", "outside_change", "outside_edit_change", "seconds")
 
 
 def bench_case(task: str, index: int, size: int = 128) -> tuple[Anatomy, Findings, Findings, str]:
@@ -61,42 +66,94 @@ def _vae_roundtrip(bundle: ModelBundle, pixels: np.ndarray) -> np.ndarray:
     return decode_latents(bundle, encode_latent(bundle, x))[0, 0].cpu().numpy()
 
 
+METHOD_VARIANTS: dict[str, dict[str, dict]] = {
+    "prism": {"paper": {}, "tuned": {"inversion": "direct"}},
+    "sdedit": {
+        "paper": {"method": "sdedit", "steps": 75, "strength": 0.85, "guidance_scale": 7.5},
+        "tuned": {"method": "sdedit", "steps": 75, "strength": 0.55, "guidance_scale": 4.0},
+    },
+    "guided": {
+        "paper": {"method": "guided", "guidance_scale": 1.0},
+        "tuned": {"method": "guided", "guidance_scale": 1.0, "classifier_weight": 1.0, "l1_weight": 30.0},
+    },
+}
+"""Each method at its paper's settings and at one tuned setting (docs/bench/methods explains why)."""
+
+
+def method_variants(base: EditParams, methods: Sequence[str]) -> dict[str, EditParams]:
+    """``{method}`` and ``{method}-tuned`` for each method, over the options in ``base``."""
+    return {
+        (method if setting == "paper" else f"{method}-{setting}"): base.replace(**overrides)
+        for method in methods
+        for setting, overrides in METHOD_VARIANTS[method].items()
+    }
+
+
 def measure_case(
     bundle: ModelBundle, classifier: FindingClassifier, task: str, index: int, params: EditParams, cache: InversionCache
-) -> tuple[dict[str, float], np.ndarray]:
-    """The measures of one case and its counterfactual."""
+) -> tuple[dict, Counterfactual]:
+    """The phantom-only measures of one case (those needing the anatomy or the reconstruction), its
+    prompts and targets, and the counterfactual."""
     anatomy, source, target, finding = bench_case(task, index, bundle.resolution)
-    original, truth = render(anatomy, source), render(anatomy, target)
+    original = render(anatomy, source)
     mask = region_mask(anatomy, finding)
-    case_params = params.replace(
-        blend_words=(NAMES[finding].lower(),), classifier_targets={NAMES[finding]: int(getattr(target, finding))}
-    )
+    targets = {NAMES[finding]: int(getattr(target, finding))}
+    case_params = params.replace(blend_words=(NAMES[finding].lower(),), classifier_targets=targets)
+    prompts = {"original_prompt": explicit_caption(source), "edit_prompt": explicit_caption(target)}
     start = time.perf_counter()
     cf = generate_counterfactual(
         bundle,
         DecodedImage(original, 16),
-        explicit_caption(source),
-        explicit_caption(target),
+        prompts["original_prompt"],
+        prompts["edit_prompt"],
         case_params,
         cache=cache,
         keep=anatomy_mask(anatomy),
         classifier=classifier,
     )
     seconds = time.perf_counter() - start
-    with torch.no_grad():
-        prob = classifier.probabilities(torch.from_numpy(cf.counterfactual)[None, None])[NAMES[finding]][0]
-    flipped = bool(prob > 0.5) == getattr(target, finding)
     vae_error = _l1(_vae_roundtrip(bundle, original), original)
     row = {
+        **prompts,
+        "targets": targets,
         "identity_ratio": _l1(cf.reconstruction, original) / max(vae_error, 1e-6),
-        "l1_ratio": _l1(cf.counterfactual, truth) / max(_l1(original, truth), 1e-6),
-        "flip": float(flipped),
         "outside_change": _l1(cf.counterfactual, original, ~mask),
         "outside_edit_change": _l1(cf.counterfactual, cf.reconstruction, ~mask),
-        "s_clip": cf.report.s_clip,
         "seconds": seconds,
     }
-    return row, cf.counterfactual
+    return row, cf
+
+
+def _save(folder: Path, kind: str, name: str, pixels: np.ndarray) -> None:
+    (folder / kind).mkdir(parents=True, exist_ok=True)
+    (folder / kind / f"{name}.png").write_bytes(encode_png(pixels, 16))
+
+
+def generate_cases(
+    bundle: ModelBundle,
+    classifier: FindingClassifier,
+    n: int,
+    out: Path,
+    variants: Mapping[str, EditParams],
+    tasks: Sequence[str] = tuple(TASKS),
+) -> None:
+    """Every variant on ``n`` held-out phantoms per task, each case saved under
+    ``out/cases/{variant}/{task}`` as it finishes; cases already there are kept."""
+    cache = InversionCache(out / "inversions")
+    for name, params in variants.items():
+        for task in tasks:
+            folder = out / "cases" / name / task
+            for i in tqdm(range(n), desc=f"{name} {task}"):
+                case = f"{i:03d}"
+                if (folder / "measures" / f"{case}.json").exists():
+                    continue
+                row, cf = measure_case(bundle, classifier, task, i, params, cache)
+                anatomy, source, target, _ = bench_case(task, i, bundle.resolution)
+                _save(folder, "input", case, render(anatomy, source))
+                _save(folder, "truth", case, render(anatomy, target))
+                _save(folder, "counterfactual", case, cf.counterfactual)
+                (folder / "measures").mkdir(exist_ok=True)
+                (folder / "measures" / f"{case}.json").write_text(json.dumps({**row, "s_clip": cf.report.s_clip}))
 
 
 def run_benchmark(
@@ -107,72 +164,101 @@ def run_benchmark(
     variants: Mapping[str, EditParams],
     tasks: Sequence[str] = tuple(TASKS),
     grid_rows: int = 3,
+    inception: Path | None = None,
 ) -> dict:
-    """Every variant on ``n`` held-out phantoms per task; writes results.json, results.md, grid.png.
-
-    Cases already measured under ``out/cases`` (same variant name, task and index) are reused.
-    """
+    """Generate the cases (resuming), evaluate each variant and task against the truth with
+    :func:`models.evaluation.evaluate`, and write results.json, results.md and grid.png."""
     out.mkdir(parents=True, exist_ok=True)
-    cache = InversionCache(out / "inversions")
+    generate_cases(bundle, classifier, n, out, variants, tasks)
+    scorer = ClipScorer(bundle.clip, bundle.device)
     results: dict[str, dict] = {}
-    grid_images: dict[tuple[str, str, int], np.ndarray] = {}
     for name, params in variants.items():
         results[name] = {"parameters": params.model_dump(), "tasks": {}}
         for task in tasks:
-            rows = []
-            for i in tqdm(range(n), desc=f"{name} {task}", leave=False):
-                case = out / "cases" / name / task / f"{i:03d}"
-                if case.with_suffix(".json").exists():
-                    row = json.loads(case.with_suffix(".json").read_text())
-                else:
-                    row, counterfactual = measure_case(bundle, classifier, task, i, params, cache)
-                    case.parent.mkdir(parents=True, exist_ok=True)
-                    if i < grid_rows:
-                        np.save(case.with_suffix(".npy"), counterfactual)
-                    case.with_suffix(".json").write_text(json.dumps(row))
-                if i < grid_rows:
-                    grid_images[name, task, i] = np.load(case.with_suffix(".npy"))
-                rows.append(row)
-            summary = {m: float(np.mean([r[m] for r in rows])) for m in MEASURES}
-            results[name]["tasks"][task] = {**summary, "flip_rate": summary.pop("flip"), "n": n}
+            folder = out / "cases" / name / task
+            names = [f"{i:03d}" for i in range(n)]
+            rows = [json.loads((folder / "measures" / f"{c}.json").read_text()) for c in names]
+            manifest = {c: {k: r[k] for k in CASE_FIELDS} for c, r in zip(names, rows, strict=True)}
+            (folder / "cases.json").write_text(json.dumps(manifest, indent=1))
+            cases = load_cases(folder, names)
+            evaluation = evaluate(cases, scorer, classifier, inception, desc=f"evaluate {name} {task}")
+            phantom = {m: float(np.mean([r[m] for r in rows])) for m in PHANTOM_MEASURES}
+            results[name]["tasks"][task] = {**evaluation.summary.model_dump(), **phantom}
     report = {"variants": results, "model": bundle.identity, "device": str(bundle.device)}
     (out / "results.json").write_text(json.dumps(report, indent=2))
     (out / "results.md").write_text(markdown_table(results))
-    _grid(bundle, grid_images, list(variants), tasks, grid_rows).save(out / "grid.png")
+    _grid(out, list(variants), tasks, min(grid_rows, n)).save(out / "grid.png")
     return report
 
 
-def _grid(bundle: ModelBundle, images: dict, variants: list[str], tasks: Sequence[str], rows: int) -> Image.Image:
+def _grid(out: Path, variants: list[str], tasks: Sequence[str], rows: int) -> Image.Image:
     """Per case: input | truth | each variant's counterfactual | each variant's difference (grey = 0)."""
+
+    def read(variant: str, task: str, kind: str, i: int) -> np.ndarray:
+        return decode_image((out / "cases" / variant / task / kind / f"{i:03d}.png").read_bytes()).pixels
+
     lines = []
     for task in tasks:
         for i in range(rows):
-            anatomy, source, target, _ = bench_case(task, i, bundle.resolution)
-            original = render(anatomy, source)
-            edits = [images[v, task, i] for v in variants if (v, task, i) in images]
+            original, truth = read(variants[0], task, "input", i), read(variants[0], task, "truth", i)
+            edits = [read(v, task, "counterfactual", i) for v in variants]
             diffs = [np.clip(0.5 + e - original, 0, 1) for e in edits]
-            lines.append(np.concatenate([original, render(anatomy, target), *edits, *diffs], axis=1))
+            lines.append(np.concatenate([original, truth, *edits, *diffs], axis=1))
     return Image.fromarray(np.round(np.concatenate(lines, axis=0) * 255).astype(np.uint8), mode="L")
+
+
+COLUMNS = (
+    ("l1_ratio", ".2f"),
+    ("l1_input", ".4f"),
+    ("flip_rate", ".2f"),
+    ("probability_change", "+.2f"),
+    ("ssim_input", ".3f"),
+    ("ms_ssim_input", ".3f"),
+    ("clip_accuracy", ".2f"),
+    ("esas", ".5f"),
+    ("s_clip", ".3f"),
+    ("frechet_clip", ".3f"),
+    ("identity_ratio", ".2f"),
+    ("outside_change", ".4f"),
+    ("seconds", ".1f"),
+)
+
+
+def _cell(value: float | None, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
 
 
 def markdown_table(results: dict) -> str:
     head = (
-        "| variant | task | n | identity / VAE | L1 ratio | flip rate | outside change | outside (edit only) "
-        "| S_CLIP | s |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
+        "| variant | task | n | L1 ratio | L1 to input | flip rate | Δp | SSIM | MS-SSIM | CLIP acc. | ESAS "
+        "| S_CLIP | Fréchet (CLIP) | identity / VAE | outside change | s |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
     )
     rows = "".join(
-        f"| {name} | {t} | {r['n']} | {r['identity_ratio']:.2f} | {r['l1_ratio']:.2f} | {r['flip_rate']:.2f} | "
-        f"{r['outside_change']:.4f} | {r['outside_edit_change']:.4f} | {r['s_clip']:.3f} | {r['seconds']:.1f} |\n"
+        "| " + " | ".join([name, t, str(r["n"]), *(_cell(r[key], spec) for key, spec in COLUMNS)]) + " |\n"
         for name, variant in results.items()
         for t, r in variant["tasks"].items()
     )
     settings = "".join(
-        f"- {name}: inversion {p['inversion']}, {p['steps']} steps, guidance {p['guidance_scale']}, self_replace "
-        f"{p['self_replace_steps']}, null-text inner steps {p['null_text']['inner_steps']}, output {p['output']}\n"
+        f"- {name}: method {p['method']}, {p['steps']} steps, guidance {p['guidance_scale']}"
+        + (
+            f", inversion {p['inversion']}, self_replace {p['self_replace_steps']}, null-text inner steps "
+            f"{p['null_text']['inner_steps']}"
+            if p["method"] == "prism"
+            else f", strength {p['strength']}"
+            if p["method"] == "sdedit"
+            else f", classifier weight {p['classifier_weight']}, L1 weight {p['l1_weight']}, anatomy mask"
+        )
+        + f", output {p['output']}\n"
         for name, p in ((name, variant["parameters"]) for name, variant in results.items())
     )
     note = (
-        "\nGrid rows: input | truth | each variant's counterfactual | each variant's difference from the input "
-        "(grey = 0), variants in the table's order.\n"
+        "\nL1 ratio: L1(counterfactual, truth) / L1(input, truth), below 1 is closer to the truth than the input. "
+        "SSIM and MS-SSIM between the counterfactual and the input (seed 004). CLIP accuracy and ESAS as seed 003 "
+        "defines them, with the model's CLIP and the case's two captions. Fréchet (CLIP): the Fréchet distance "
+        "between the CLIP image features of the counterfactuals and of the truths (not FID: no Inception weights). "
+        "Identity / VAE: the reconstruction's L1 to the input over the VAE round trip's. Outside change: mean "
+        "|counterfactual - input| outside the finding's region.\n\nGrid rows: input | truth | each variant's "
+        "counterfactual | each variant's difference from the input (grey = 0), variants in the table's order.\n"
     )
     return head + rows + "\n" + settings + note

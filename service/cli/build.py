@@ -1,4 +1,5 @@
-"""Model building and measuring: ``make-tiny-model``, ``train-builtin``, ``bench-phantom``."""
+"""Model building and measuring: ``make-tiny-model``, ``train-builtin``, ``bench-phantom``, ``evaluate``,
+``bench-speed``."""
 
 from __future__ import annotations
 
@@ -38,6 +39,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="OPTION=V1,V2",
         help="run one variant per value of an edit option on the same cases, e.g. inversion=null_text,direct",
     )
+    bench.add_argument(
+        "--methods",
+        help="comma list of methods (prism, sdedit, guided), each at its paper's settings and one tuned setting",
+    )
+    bench.add_argument("--inception", help="a local TorchScript Inception-v3 file, to report FID proper")
     bench.add_argument("--model", help="model directory with classifier.safetensors (default: built-in)")
     bench.add_argument("--device", choices=["cpu", "cuda"])
     bench.add_argument(
@@ -48,6 +54,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_model_flags(bench.add_argument_group("edit options (as in the API)"), EditOptions, ALIASES)
     bench.set_defaults(func=bench_phantom, log_level=logging.INFO)
+
+    evaluation = sub.add_parser(
+        "evaluate", help="the papers' metrics over a folder of input / counterfactual (/ truth) images"
+    )
+    evaluation.add_argument("folder", help="input/, counterfactual/, optional truth/ and cases.json (see README)")
+    evaluation.add_argument("--model", help="model directory whose CLIP scores the images (default: built-in)")
+    evaluation.add_argument(
+        "--classifier", help="classifier .safetensors with its .json (default: the model's, if it has one)"
+    )
+    evaluation.add_argument("--inception", help="a local TorchScript Inception-v3 file, to report FID proper")
+    evaluation.add_argument("--device", choices=["cpu", "cuda"])
+    evaluation.add_argument("--out", help="directory for evaluation.json and evaluation.md (default: the folder)")
+    evaluation.set_defaults(func=evaluate, log_level=logging.INFO)
 
     speed = sub.add_parser("bench-speed", help="time a counterfactual per phase and inversion mode, cold and cached")
     speed.add_argument(
@@ -102,12 +121,22 @@ def bench_phantom(args: argparse.Namespace) -> int:
     from models.builtin import builtin_model_dir
     from models.classifier import FindingClassifier
     from models.loading import load_bundle
-    from phantoms.bench import run_benchmark
+    from phantoms.bench import METHOD_VARIANTS, method_variants, run_benchmark
 
     params = _params(args, "bench-phantom")
     if params is None:
         return 2
     variants = {"default": params}
+    if args.methods and args.vary:
+        print("prism bench-phantom: error: give --methods or --vary, not both")
+        return 2
+    if args.methods:
+        methods = args.methods.split(",")
+        unknown = sorted(set(methods) - set(METHOD_VARIANTS))
+        if unknown:
+            print(f"prism bench-phantom: error: --methods: unknown {unknown}; choose from {list(METHOD_VARIANTS)}")
+            return 2
+        variants = method_variants(params, methods)
     if args.vary:
         option, _, values = args.vary.partition("=")
         try:
@@ -118,8 +147,34 @@ def bench_phantom(args: argparse.Namespace) -> int:
     model_dir = Path(args.model) if args.model else builtin_model_dir()
     bundle = load_bundle(model_dir, device=args.device)
     classifier = FindingClassifier.load(model_dir / "classifier.safetensors")
-    run_benchmark(bundle, classifier, args.n, Path(args.out), variants)
+    inception = Path(args.inception) if args.inception else None
+    run_benchmark(bundle, classifier, args.n, Path(args.out), variants, inception=inception)
     print((Path(args.out) / "results.md").read_text())
+    return 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    from models.classifier import configured_classifier
+    from models.errors import ImageError, InvalidInput, ModelLoadError
+    from models.evaluation import evaluate as run_evaluation
+    from models.evaluation import load_cases, markdown
+    from models.loading import load_bundle
+    from models.scoring import ClipScorer
+
+    try:
+        cases = load_cases(args.folder)
+        bundle = load_bundle(args.model, device=args.device)
+        classifier = configured_classifier(args.classifier, args.model)
+        inception = Path(args.inception) if args.inception else None
+        evaluation = run_evaluation(cases, ClipScorer(bundle.clip, bundle.device), classifier, inception)
+    except (ImageError, InvalidInput, ModelLoadError, OSError) as exc:
+        print(f"prism evaluate: error: {exc}")
+        return 2
+    out = Path(args.out or args.folder)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "evaluation.json").write_text(evaluation.model_dump_json(indent=2))
+    (out / "evaluation.md").write_text(markdown(evaluation))
+    print(markdown(evaluation))
     return 0
 
 

@@ -35,6 +35,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     edit.add_argument(
         "--dtype", choices=get_args(DtypeName), help="the UNet's precision (default: float16 on CUDA, float32 on CPU)"
     )
+    edit.add_argument("--mask", help="guided: anatomy mask image of the input's size (non-black = keep)")
+    edit.add_argument(
+        "--classifier", help="guided: classifier .safetensors with its .json (default: $PRISM_CLASSIFIER, the model's)"
+    )
     edit.add_argument("--cache", help="directory to cache inversions in (reused for the same image and prompt)")
     add_model_flags(edit.add_argument_group("edit options (as in the API)"), EditOptions, ALIASES)
     edit.set_defaults(func=run)
@@ -63,8 +67,9 @@ def progress_bars():
 def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
+    from models.classifier import configured_classifier
     from models.errors import ImageError, InvalidInput, ModelLoadError
-    from models.geometry import decode_image
+    from models.geometry import decode_image, read_keep_mask
     from models.inversion import InversionCache
     from models.loading import load_bundle
     from models.pipeline import generate_counterfactual
@@ -90,10 +95,14 @@ def run(args: argparse.Namespace) -> int:
             device=args.device or settings.device,
             dtype=args.dtype or settings.dtype,
         )
+        keep = read_keep_mask(Path(args.mask).read_bytes(), settings.max_image_pixels) if args.mask else None
+        classifier = None
+        if params.method == "guided":
+            classifier = configured_classifier(args.classifier or settings.classifier, args.model or settings.model_dir)
         progress, close = progress_bars()
         cache = InversionCache(Path(args.cache)) if args.cache else None
         result = generate_counterfactual(
-            bundle, image, original_prompt, edit_prompt, params, cache=cache, callback=progress
+            bundle, image, original_prompt, edit_prompt, params, cache, progress, keep, classifier
         )
         close()
     except ValidationError as exc:

@@ -75,3 +75,28 @@ def test_missing_model_directory_is_named(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 2
     assert "model directory not found" in proc.stderr and str(tmp_path / "missing") in proc.stderr
+
+
+def test_evaluate_writes_json_and_markdown(tmp_path):
+    original = xray_like(128, 128)
+    changed = np.clip(original + 0.05, 0, 1)
+    for kind, images in (("input", [original, original]), ("counterfactual", [original, changed])):
+        (tmp_path / kind).mkdir()
+        for i, image in enumerate(images):
+            write_png(tmp_path / kind / f"c{i}.png", image)
+    manifest = {
+        f"c{i}": {"original_prompt": "chest x-ray with support devices", "edit_prompt": "chest x-ray"} for i in (0, 1)
+    }
+    (tmp_path / "cases.json").write_text(json.dumps(manifest))
+    proc = _prism("evaluate", str(tmp_path), "--out", str(tmp_path / "eval"))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    assert report["summary"]["n"] == 2 and [c["name"] for c in report["cases"]] == ["c0", "c1"]
+    assert report["cases"][0]["l1_input"] == 0 and report["cases"][1]["l1_input"] > 0.03
+    assert report["summary"]["l1_truth"] is None and report["summary"]["frechet_reference"] == "input"
+    assert "| frechet_clip |" in (tmp_path / "eval" / "evaluation.md").read_text()
+
+
+def test_evaluate_names_a_missing_folder(tmp_path):
+    proc = _prism("evaluate", str(tmp_path / "nowhere"))
+    assert proc.returncode == 2 and "input" in proc.stdout

@@ -8,9 +8,10 @@ from PIL import Image
 
 from models.builtin import BUILTIN_DIR, builtin_model_dir
 from models.classifier import FindingClassifier
+from models.evaluation import load_cases
 from models.loading import load_bundle
 from models.params import EditParams, NullTextSettings
-from phantoms.bench import run_benchmark
+from phantoms.bench import method_variants, run_benchmark
 
 
 @pytest.fixture(scope="module")
@@ -79,3 +80,17 @@ def test_device_removal_moves_towards_the_truth(builtin, tmp_path):
     # a second run resumes from the saved cases: nothing is recomputed
     again = run_benchmark(builtin, classifier, 3, tmp_path, {"paper": params}, tasks=("remove_devices",))
     assert again["variants"]["paper"]["tasks"]["remove_devices"] == result
+    # the saved cases are a folder prism evaluate reads
+    cases = load_cases(tmp_path / "cases" / "paper" / "remove_devices")
+    assert [c.name for c in cases] == ["000", "001", "002"]
+    assert all(c.truth is not None and c.targets == {"Support Devices": 0} for c in cases)
+
+
+def test_each_method_runs_at_its_papers_and_one_tuned_setting():
+    variants = method_variants(EditParams(), ["prism", "sdedit", "guided"])
+    assert list(variants) == ["prism", "prism-tuned", "sdedit", "sdedit-tuned", "guided", "guided-tuned"]
+    assert variants["prism"] == EditParams()
+    sdedit = variants["sdedit"]
+    assert (sdedit.method, sdedit.steps, sdedit.strength, sdedit.guidance_scale) == ("sdedit", 75, 0.85, 7.5)
+    assert (variants["sdedit-tuned"].strength, variants["sdedit-tuned"].guidance_scale) == (0.55, 4.0)
+    assert {v.method for v in variants.values()} == {"prism", "sdedit", "guided"}
