@@ -169,3 +169,24 @@ class EditParams(EditOptions):
     def replace(self, **changes: Any) -> EditParams:
         """A validated copy with ``changes`` applied (``model_copy`` would skip validation)."""
         return EditParams.model_validate({**self.model_dump(), **changes})
+
+
+class FinetuneConfig(BaseModel):
+    """One fine-tuning run; every field is a ``prism finetune`` flag."""
+
+    model_config = ConfigDict(frozen=True)
+
+    steps: Annotated[int, Field(ge=1, description="optimiser steps")] = 1000
+    batch_size: Annotated[int, Field(ge=1)] = 4
+    gradient_accumulation: Annotated[int, Field(ge=1, description="micro-batches per optimiser step")] = 1
+    learning_rate: Annotated[float, Field(gt=0)] = 1e-5
+    lr_schedule: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant_with_warmup"
+    warmup_steps: Annotated[int, Field(ge=0)] = 0
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    caption_dropout: Annotated[float, Field(ge=0, le=1, description="empty captions, for guidance")] = 0.1
+    ema_decay: Annotated[float | None, Field(gt=0, lt=1, description="EMA of the UNet; None: off")] = None
+    train_text_encoder: bool = False
+    checkpoint_every: Annotated[int, Field(ge=1)] = 500
+    validate_every: Annotated[int, Field(ge=0, description="steps between validation edits; 0: never")] = 0
+    seed: int = 0

@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from dataclasses import replace
 from pathlib import Path
 from typing import get_args
 
-from models.params import DtypeName, EditOptions, EditParams, NullTextSettings
+from models.params import DtypeName, EditOptions, EditParams, FinetuneConfig, NullTextSettings
 from service.cli.edit import ALIASES
 from service.cli.options import add_model_flags, model_from_args
 
@@ -30,6 +31,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--batch", type=int, help="one batch size for every stage (quick checks)")
     train.add_argument("--threads", type=int, default=2)
     train.set_defaults(func=train_builtin, log_level=logging.INFO)
+
+    tune = sub.add_parser("finetune", help="fine-tune a local SD model on X-rays and labels (PRISM's Algorithm 1)")
+    tune.add_argument("--base", required=True, help="local diffusers SD directory to start from (nothing downloads)")
+    tune.add_argument("--images", required=True, help="image folder (PNG, JPEG, DICOM)")
+    tune.add_argument(
+        "--labels", required=True, help="CSV: Path + the 14 CheXpert conditions (1/0/-1/blank), or Path + caption"
+    )
+    tune.add_argument("--work", default=".prism/finetune", help="checkpoints and finetune.log (run again to resume)")
+    tune.add_argument("--out", default=".prism/finetune/out", help="where unet.safetensors is written")
+    tune.add_argument("--full-model", action="store_true", help="also write a full model directory (out/model)")
+    tune.add_argument("--device", choices=["cpu", "cuda"])
+    tune.add_argument("--validate-image", help="an image edited every --validate-every steps")
+    tune.add_argument("--validate-findings", help="its labels, e.g. 'Support Devices=1'")
+    tune.add_argument("--validate-edit", help="the labels to change, e.g. 'Support Devices=0'")
+    tune.add_argument("--clip-model", help="CLIP directory for the validation score (default: BASE/clip)")
+    add_model_flags(tune.add_argument_group("training options"), FinetuneConfig)
+    tune.set_defaults(func=finetune, log_level=logging.INFO)
 
     bench = sub.add_parser("bench-phantom", help="measure edits against true counterfactuals on held-out phantoms")
     bench.add_argument("--n", type=int, default=50, help="phantoms per task")
@@ -114,6 +132,44 @@ def train_builtin(args: argparse.Namespace) -> int:
     if args.images:
         recipe = replace(recipe, images=args.images)
     train(Path(args.work), Path(args.out), recipe)
+    return 0
+
+
+def finetune(args: argparse.Namespace) -> int:
+    import signal
+
+    from models.errors import ImageError, InvalidInput, ModelLoadError
+    from models.finetune import Finetuner, read_examples, validation_edit
+    from models.geometry import decode_image
+    from models.loading import default_device, load_bundle
+    from service.contract.jobs import JobRequest
+
+    def stop(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        config = model_from_args(FinetuneConfig, args)
+        examples = read_examples(Path(args.images), Path(args.labels))
+        device = args.device or default_device()
+        run = Finetuner(Path(args.base), examples, Path(args.work), config, device)
+        validate = None
+        if config.validate_every and args.validate_image:
+            request = JobRequest(findings=args.validate_findings, edit=args.validate_edit)
+            original, edited, params = request.resolved()
+            bundle = load_bundle(args.base, clip_dir=args.clip_model, device=device)
+            image = decode_image(Path(args.validate_image).read_bytes())
+            validate = validation_edit(bundle, image, original, edited, params, Path(args.work) / "validation")
+    except (ValueError, ImageError, InvalidInput, ModelLoadError, OSError) as exc:
+        print(f"prism finetune: error: {exc}")
+        return 2
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        losses = run.run(validate)
+    except KeyboardInterrupt:
+        print(f"prism finetune: stopped at step {run.step}; checkpoint in {args.work}, run again to resume")
+        return 130
+    out = run.export(Path(args.out), args.full_model)
+    print(json.dumps({"out": str(out), "steps": run.step, "first_loss": losses[0], "last_loss": losses[-1]}))
     return 0
 
 

@@ -1,0 +1,115 @@
+"""Algorithm 1 on the tiny SD-structured model: captions from a CheXpert CSV, the loss falls, the
+weights load with --unet-weights, and an interrupted run resumes bit-exactly."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+from models.errors import InvalidInput
+from models.findings import CONDITIONS
+from models.finetune import Finetuner, read_examples
+from models.params import FinetuneConfig
+from phantoms.bench import bench_case
+from phantoms.render import render
+from tests.helpers import write_png
+
+CHEXPERT_COLUMNS = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *CONDITIONS]
+ROWS = [
+    ({"Support Devices": "1.0", "Cardiomegaly": "1.0"}, "Chest X-ray showing Cardiomegaly, Support Devices"),
+    ({"Support Devices": "-1.0", "Edema": "1.0", "Fracture": "0.0"}, "Chest X-ray showing Edema"),
+    ({}, "Normal chest X-ray with no significant findings"),
+    ({"Pleural Effusion": "1", "Lung Opacity": "-1"}, "Chest X-ray showing Pleural Effusion"),
+    ({"No Finding": "1.0"}, "Chest X-ray showing No Finding"),
+    ({"Pneumothorax": "0.0", "Atelectasis": ""}, "Normal chest X-ray with no significant findings"),
+]
+
+
+def write_dataset(folder, rows=ROWS):
+    """Phantom PNGs under folder/train/patientN/ and a CheXpert-format CSV naming them."""
+    table = folder / "train.csv"
+    with table.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CHEXPERT_COLUMNS)
+        writer.writeheader()
+        for i, (labels, _) in enumerate(rows):
+            anatomy, source, _, _ = bench_case("remove_devices", i, 64)
+            path = f"train/patient{i}/study1/view1_frontal.png"
+            (folder / path).parent.mkdir(parents=True, exist_ok=True)
+            write_png(folder / path, render(anatomy, source))
+            extra = {"Sex": "Female", "Age": "60", "Frontal/Lateral": "Frontal", "AP/PA": "AP"}
+            writer.writerow({"Path": path, **extra, **{c: labels.get(c, "") for c in CONDITIONS}})
+    return table
+
+
+def test_captions_follow_the_template_for_every_label_value(tmp_path):
+    examples = read_examples(tmp_path, write_dataset(tmp_path))
+    assert [e.caption for e in examples] == [expected for _, expected in ROWS]
+
+
+def test_a_captions_column_is_used_as_written(tmp_path):
+    write_dataset(tmp_path)
+    table = tmp_path / "captions.csv"
+    table.write_text("Path,caption\nview1_frontal.png,a chest x-ray with a pacemaker\n")
+    (example,) = read_examples(tmp_path / "train" / "patient0" / "study1", table)
+    assert example.caption == "a chest x-ray with a pacemaker"
+
+
+def test_a_bad_table_names_what_is_wrong(tmp_path):
+    table = tmp_path / "t.csv"
+    table.write_text("Path,Edema\nx.png,1\n")
+    with pytest.raises(InvalidInput, match="^labels: .*neither a 'caption' column"):
+        read_examples(tmp_path, table)
+    table.write_text("Path,caption\nmissing.png,x\n")
+    with pytest.raises(InvalidInput, match="^images: .*line 2: no image missing.png"):
+        read_examples(tmp_path, table)
+
+
+CONFIG = FinetuneConfig(steps=8, batch_size=2, learning_rate=1e-3, checkpoint_every=4, warmup_steps=2, seed=1)
+
+
+def test_the_loss_falls_and_prism_edit_runs_with_the_weights(tmp_path, tiny_model_dir):
+    examples = read_examples(tmp_path, write_dataset(tmp_path))
+    config = CONFIG.model_copy(update={"steps": 40, "checkpoint_every": 100})
+    run = Finetuner(tiny_model_dir, examples, tmp_path / "work", config, "cpu")
+    losses = run.run()
+    assert len(losses) == 40 and sum(losses[-8:]) / 8 < 0.8 * sum(losses[:8]) / 8, losses
+    out = run.export(tmp_path / "out", full_model=True)
+    log = [json.loads(line) for line in (tmp_path / "work" / "finetune.log").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 41)) and log[-1]["loss"] == losses[-1]
+    edit = subprocess.run(
+        [sys.executable, "-m", "service.cli", "edit", "--model", str(tiny_model_dir),
+         "--unet-weights", str(out / "unet.safetensors"), "--image", str(examples[0].path),
+         "--original-prompt", "chest x-ray with support devices", "--edit-prompt", "chest x-ray",
+         "--out", str(tmp_path / "cf"), "--steps", "3", "--inversion", "direct"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert edit.returncode == 0, edit.stderr
+    assert (tmp_path / "cf" / "counterfactual.png").exists()
+    assert (out / "model" / "unet" / "config.json").exists() and (out / "model" / "vae").is_dir()
+
+
+def test_an_interrupted_run_resumes_bit_exactly(tmp_path, tiny_model_dir):
+    examples = read_examples(tmp_path, write_dataset(tmp_path))
+    config = CONFIG.model_copy(update={"ema_decay": 0.9, "gradient_accumulation": 2, "validate_every": 1})
+    whole = Finetuner(tiny_model_dir, examples, tmp_path / "whole", config, "cpu").run()
+
+    def interrupt_at_step_3(run: Finetuner) -> dict:
+        if run.step == 3:
+            raise KeyboardInterrupt
+        return {}
+
+    first = Finetuner(tiny_model_dir, examples, tmp_path / "parts", config, "cpu")
+    with pytest.raises(KeyboardInterrupt):
+        first.run(interrupt_at_step_3)
+    resumed = Finetuner(tiny_model_dir, examples, tmp_path / "parts", config, "cpu")
+    assert resumed.step == 3
+    assert resumed.run() == whole  # the same loss sequence, bit for bit
+
+
+def test_a_work_directory_of_another_run_is_refused(tmp_path, tiny_model_dir):
+    examples = read_examples(tmp_path, write_dataset(tmp_path))
+    Finetuner(tiny_model_dir, examples, tmp_path / "w", CONFIG.model_copy(update={"steps": 1}), "cpu").run()
+    with pytest.raises(InvalidInput, match="^work: "):
+        Finetuner(tiny_model_dir, examples, tmp_path / "w", CONFIG.model_copy(update={"steps": 2, "seed": 9}), "cpu")
