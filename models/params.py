@@ -101,7 +101,10 @@ class EditOptions(BaseModel):
     blend_words: Annotated[
         tuple[str, ...] | None,
         CommaList,
-        Field(description="words whose attention marks the region to edit; default: the words that differ"),
+        Field(
+            description="words whose attention marks the region to edit; default: the content words that differ, "
+            "or the phrase after a changed 'with'/'without'/'no'"
+        ),
     ] = None
     reweight_words: Annotated[
         tuple[str, ...] | None,

@@ -75,6 +75,52 @@ def differing_words(source: str, edit: str) -> tuple[list[str], list[str]]:
     return removed, added
 
 
+FUNCTION_WORDS = frozenset(
+    "a an the of with without no not any and or in on showing shows show has have is are there signs evidence".split()
+)
+"""Words that carry no finding: a changed word from this set points at the phrase that follows it."""
+
+
+def _phrase_after(words: list[str], start: int) -> list[str]:
+    """The content words of the phrase starting at ``start`` (raw words), to a comma or conjunction."""
+    phrase = []
+    for raw in words[start:]:
+        word = normalize_word(raw)
+        if word in ("and", "or"):
+            break
+        if word not in FUNCTION_WORDS:
+            phrase.append(word)
+        if raw.endswith((",", ";", ".")):
+            break
+    return phrase
+
+
+def finding_words(source: str, edit: str) -> tuple[list[str], list[str]]:
+    """LocalBlend's default words in each prompt: the content words that differ, or, where only
+    function words differ ("with" -> "without", "no" added), the phrase that follows them.
+
+    "chest x-ray of a patient with support devices" -> "... without support devices" blends on
+    "support devices" in both prompts; "Chest X-ray showing Cardiomegaly, Support Devices" ->
+    "Chest X-ray showing Cardiomegaly" on "support devices" in the source.
+    """
+    a_raw, b_raw = source.split(), edit.split()
+    a, b = [normalize_word(w) for w in a_raw], [normalize_word(w) for w in b_raw]
+    in_source: list[str] = []
+    in_edit: list[str] = []
+    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_opcodes():
+        if tag == "equal":
+            continue
+        content_a = [w for w in a[i1:i2] if w not in FUNCTION_WORDS]
+        content_b = [w for w in b[j1:j2] if w not in FUNCTION_WORDS]
+        if content_a or content_b:
+            in_source += content_a
+            in_edit += content_b
+        else:
+            in_source += _phrase_after(a_raw, i2)
+            in_edit += _phrase_after(b_raw, j2)
+    return in_source, in_edit
+
+
 @dataclass(frozen=True)
 class EditWords:
     """The words prompt-to-prompt acts on for one edit: reweighted (in the edit prompt) and
@@ -88,14 +134,15 @@ class EditWords:
 def edit_words(
     source: str, edit: str, reweight_words: Sequence[str] | None, blend_words: Sequence[str] | None
 ) -> EditWords:
-    """Resolve the word choices of an edit; ``None`` means the words that differ between the prompts.
+    """Resolve the word choices of an edit; ``None`` means the words the edit adds (reweight) and
+    :func:`finding_words` (blend).
 
     A blend word must occur in at least one prompt; it blends where it occurs.
     """
-    removed, added = differing_words(source, edit)
+    _, added = differing_words(source, edit)
     reweight = list(reweight_words) if reweight_words is not None else added
     if blend_words is None:
-        return EditWords(reweight, removed, added)
+        return EditWords(reweight, *finding_words(source, edit))
     in_source, in_edit = set(prompt_words(source)), set(prompt_words(edit))
     words = [w for entry in blend_words for w in prompt_words(entry)]
     for word in words:

@@ -4,7 +4,7 @@ import torch
 from models.errors import InvalidInput
 from models.token_maps import refinement_mapper, replacement_mapper
 from models.tokenizer import clip_tokenizer
-from models.words import check_prompt, differing_words, word_spans, word_token_indices
+from models.words import check_prompt, differing_words, edit_words, finding_words, word_spans, word_token_indices
 
 SOURCE = "chest x-ray of a patient with support devices"
 EDIT = "chest x-ray of a patient without support devices"
@@ -93,3 +93,30 @@ def test_prompt_limits(tok):
         check_prompt(tok, " ".join(["lung"] * 76), "original_prompt")
     with pytest.raises(InvalidInput, match="empty"):
         check_prompt(tok, "   ", "edit_prompt")
+
+
+@pytest.mark.parametrize(
+    ("source", "edit", "expected"),
+    [
+        (
+            "chest x-ray of a patient with support devices",
+            "chest x-ray of a patient without support devices",
+            (["support", "devices"], ["support", "devices"]),
+        ),
+        (
+            "Chest X-ray showing Cardiomegaly, Support Devices",
+            "Chest X-ray showing Cardiomegaly",
+            (["support", "devices"], []),
+        ),
+        (
+            "chest x-ray with pleural effusion",
+            "chest x-ray with no pleural effusion, normal heart",
+            (["pleural", "effusion"], ["pleural", "effusion", "normal", "heart"]),
+        ),
+        ("chest x-ray with a pacemaker", "chest x-ray with a chest tube", (["pacemaker"], ["chest", "tube"])),
+    ],
+)  # fmt: skip
+def test_default_blend_words_are_the_findings_content_words(source, edit, expected):
+    assert finding_words(source, edit) == expected
+    words = edit_words(source, edit, None, None)
+    assert (words.blend_source, words.blend_edit) == expected
