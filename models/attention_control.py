@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
+from models.params import BlendEditMaps
+
 
 @dataclass
 class CandidateControl:
@@ -86,13 +88,18 @@ class LocalBlend:
     For each candidate the mask is the union of the source's map for its blend words and the
     candidate's map for its own, accumulated over steps, max-pooled over ``maps.dilation`` cells,
     normalised, thresholded. The maps are those nearest in size to ``maps.side``.
-    Candidates without blend words are left unblended.
+    Candidates without blend words are left unblended. ``edit_maps`` "replaced" reads a candidate's
+    maps after prompt-to-prompt has replaced and reweighted them, as the reference code does (it
+    stores a view its edit step then overwrites); "own" reads them before.
     """
 
-    def __init__(self, threshold: float, start: float, maps: BlendMaps = P2P_BLEND_MAPS) -> None:
+    def __init__(
+        self, threshold: float, start: float, maps: BlendMaps = P2P_BLEND_MAPS, edit_maps: BlendEditMaps = "own"
+    ) -> None:
         self.threshold = threshold
         self.start = start
         self.maps = maps
+        self.edit_maps = edit_maps
 
     def masks(self, maps: torch.Tensor, token_sets: list[list[int]], latent_hw: tuple[int, int]) -> torch.Tensor:
         """Binary masks (N, 1, h, w) from accumulated maps (N, r, r, 77)."""
@@ -223,7 +230,8 @@ class PromptToPromptControl:
         p = probs.view(batch, heads, *probs.shape[1:])
         half = batch // 2
         cond = p[half:]
-        if is_cross and self._stores(probs.shape[1]):
+        store = is_cross and self._stores(probs.shape[1])
+        if store and self.local_blend.edit_maps == "own":
             self._store(cond)
         base = cond[0]
         out = [base]
@@ -235,7 +243,10 @@ class PromptToPromptControl:
                 out.append(base)
             else:
                 out.append(own)
-        return torch.cat([p[:half], torch.stack(out)]).view_as(probs)
+        edited = torch.stack(out)
+        if store and self.local_blend.edit_maps == "replaced":
+            self._store(edited)
+        return torch.cat([p[:half], edited]).view_as(probs)
 
     def _store(self, cond: torch.Tensor) -> None:
         queries = cond.shape[2]

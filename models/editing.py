@@ -22,7 +22,7 @@ from models.attention_control import (
 from models.constants import TOKEN_WINDOW
 from models.ddim import DDIMSampler
 from models.inversion import ProgressCallback
-from models.params import EditParams
+from models.params import BlendEditMaps, EditParams
 from models.token_maps import refinement_mapper, replacement_mapper
 from models.words import edit_words, word_token_indices
 
@@ -93,10 +93,11 @@ def build_control(
     blend_threshold: float,
     blend_start: float = DEFAULTS.blend_start,
     blend_maps: BlendMaps = P2P_BLEND_MAPS,
+    blend_edit_maps: BlendEditMaps = DEFAULTS.blend_edit_maps,
 ) -> PromptToPromptControl:
     candidates = [candidate_control(tokenizer, source_prompt, spec) for spec in specs]
     blends = any(c.blends for c in candidates)
-    blend = LocalBlend(blend_threshold, blend_start, blend_maps) if blends else None
+    blend = LocalBlend(blend_threshold, blend_start, blend_maps, blend_edit_maps) if blends else None
     return PromptToPromptControl(candidates, num_steps, latent_hw, blend)
 
 

@@ -19,6 +19,7 @@ OutputMode = Literal["residual", "decoded"]
 OUTPUT_MODES: tuple[str, ...] = get_args(OutputMode)
 InversionMode = Literal["null_text", "negative_prompt", "direct"]
 Method = Literal["prism", "sdedit", "guided"]
+BlendEditMaps = Literal["own", "replaced"]
 DtypeName = Literal["float32", "float16", "bfloat16"]
 """The UNet's precision; unset means fp16 on CUDA and fp32 on CPU."""
 
@@ -114,6 +115,13 @@ class EditOptions(BaseModel):
     blend_threshold: Annotated[
         float, Field(gt=0.0, lt=1.0, description="LocalBlend threshold on the normalised attention maps")
     ] = 0.3
+    blend_edit_maps: Annotated[
+        BlendEditMaps,
+        Field(
+            description="the edit branch's maps LocalBlend reads: own (its attention before prompt-to-prompt "
+            "changes it) or replaced (after Replace/Refine/Reweight, as the reference code and published PRISM)"
+        ),
+    ] = "own"
     seed: Annotated[
         int,
         Field(

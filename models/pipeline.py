@@ -255,6 +255,7 @@ def _prism(
         params.blend_threshold,
         params.blend_start,
         bundle.blend_maps,
+        params.blend_edit_maps,
     )
     cond = embed_prompts(bundle, [original_prompt] + [s.edit_prompt for s in specs])
     latents = timer.measure(

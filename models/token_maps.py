@@ -14,8 +14,11 @@ from models.words import word_spans
 def replacement_mapper(tokenizer, source: str, edit: str) -> torch.Tensor:
     """A (77, 77) matrix M with edit_attention = source_attention @ M, for prompts of equal word count.
 
-    Equal words map token to token; a replaced word spreads its source tokens' attention evenly
-    over the new word's tokens, so the attention mass of the word is kept.
+    Equal words map token to token. A replaced word of the same token count maps token to token
+    too; otherwise its source tokens' attention spreads evenly over the new word's tokens, so the
+    word's attention mass is kept (both as the reference's ``get_replacement_mapper_``). After a
+    replaced word of another token count, positions stay shifted so the end token maps to the end
+    token, where the reference maps position j to j and drops the source end token's attention.
     """
     src, dst = word_spans(tokenizer, source), word_spans(tokenizer, edit)
     if len(src) != len(dst):
@@ -23,7 +26,7 @@ def replacement_mapper(tokenizer, source: str, edit: str) -> torch.Tensor:
     mapper = torch.zeros(TOKEN_WINDOW, TOKEN_WINDOW)
     mapper[0, 0] = 1.0
     for s, d in zip(src, dst, strict=True):
-        if s.word == d.word:
+        if s.word == d.word or len(s.indices) == len(d.indices):
             for i, j in zip(s.indices, d.indices, strict=True):
                 mapper[i, j] = 1.0
         else:
@@ -60,13 +63,17 @@ def _align(a: Sequence[int], b: Sequence[int]) -> list[tuple[int, int]]:
 
 def refinement_mapper(tokenizer, source: str, edit: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Token alignment for Refine: ``index[j]`` is the source token for edit token j, ``alpha[j]``
-    is 1 where the edit token is aligned to an identical source token and 0 where it is new."""
-    a = [tokenizer.bos_token_id, *tokenizer(source, add_special_tokens=False).input_ids]
-    b = [tokenizer.bos_token_id, *tokenizer(edit, add_special_tokens=False).input_ids]
+    is 1 where the edit token is aligned to an identical source token and 0 where it is new.
+
+    As the reference's ``get_mapper``: start and end tokens take part in the alignment, and the
+    padding after the edit's end token maps position to position (j -> j), not shifted.
+    """
+    a = tokenizer(source).input_ids
+    b = tokenizer(edit).input_ids
     index = torch.zeros(TOKEN_WINDOW, dtype=torch.long)
     alpha = torch.zeros(TOKEN_WINDOW)
     for i, j in _align(a, b):
         index[j], alpha[j] = i, 1.0
-    for j in range(len(b), TOKEN_WINDOW):
-        index[j], alpha[j] = min(j - len(b) + len(a), TOKEN_WINDOW - 1), 1.0
+    index[len(b) :] = torch.arange(len(b), TOKEN_WINDOW)
+    alpha[len(b) :] = 1.0
     return index, alpha

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor
@@ -83,6 +84,30 @@ def test_blend_maps_pick_the_side_a_model_asks_for():
     out = control.after_step(x)
     changed = out[1] != x[0]
     assert changed[:, :2, :2].all() and changed.sum() == 4 * 4
+
+
+@pytest.mark.parametrize(("edit_maps", "corner"), [("own", slice(30, 32)), ("replaced", slice(0, 2))])
+def test_local_blend_reads_the_edit_branch_before_or_after_replacement(edit_maps, corner):
+    """The reference stores the edit branch's maps after Replace has overwritten them: its mask
+    follows the source word's map mapped onto the edit word; "own" follows the edit's attention."""
+    mapper = torch.eye(77)
+    mapper[[3, 4]] = mapper[[4, 3]]  # source token 3 <-> edit token 4
+    cand = CandidateControl(1.0, 0.0, mapper=mapper, blend_source_tokens=[], blend_tokens=[4])
+    blend = LocalBlend(0.3, 0.0, BlendMaps(side=16, dilation=0), edit_maps)
+    control = PromptToPromptControl([cand], num_steps=4, latent_hw=(32, 32), local_blend=blend)
+    probs = torch.zeros(4, 2, 256, 77)  # (uncond, uncond, source, candidate) x 2 heads
+    probs[..., 0] = 1.0
+    probs[2, :, 0] = 0.0
+    probs[2, :, 0, 3] = 1.0  # the source's word attends to the top-left cell only
+    probs[3, :, 255] = 0.0
+    probs[3, :, 255, 4] = 1.0  # the edit's own word attends to the bottom-right cell only
+    edited = control(probs.view(8, 256, 77), True, 4).view(4, 2, 256, 77)
+    assert edited[3, :, 0, 4].eq(1).all() and edited[3, :, 255, 4].eq(0).all()  # Replace moved it
+    x = torch.randn(2, 4, 32, 32)
+    changed = (control.after_step(x)[1] != x[0]).any(0)
+    expected = torch.zeros(32, 32, dtype=torch.bool)
+    expected[corner, corner] = True  # one 16x16 map cell is 2x2 latent cells
+    assert torch.equal(changed, expected)
 
 
 def test_candidate_without_blend_words_is_not_blended():

@@ -120,3 +120,22 @@ def test_default_blend_words_are_the_findings_content_words(source, edit, expect
     assert finding_words(source, edit) == expected
     words = edit_words(source, edit, None, None)
     assert (words.blend_source, words.blend_edit) == expected
+
+
+def test_replace_maps_a_word_of_the_same_token_count_one_to_one(tok):
+    """The reference maps a replaced word token to token when both have as many tokens."""
+    source, edit = "chest x-ray with effusion", "chest x-ray with edema"
+    s, d = word_spans(tok, source)[3], word_spans(tok, edit)[3]
+    assert len(s.indices) == len(d.indices) == 2
+    m = replacement_mapper(tok, source, edit)
+    assert torch.equal(m[s.start : s.stop, d.start : d.stop], torch.eye(2))
+
+
+def test_refine_maps_padding_position_to_position(tok):
+    """The reference's get_mapper: after the edit's end token, j -> j with alpha 1."""
+    src, dst = "chest x-ray", "chest x-ray showing pleural effusion"
+    index, alpha = refinement_mapper(tok, src, dst)
+    end_src, end_dst = len(tok(src).input_ids) - 1, len(tok(dst).input_ids) - 1
+    assert index[end_dst].item() == end_src and alpha[end_dst] == 1.0  # end token to end token
+    assert torch.equal(index[end_dst + 1 :], torch.arange(end_dst + 1, 77))
+    assert torch.equal(alpha[end_dst + 1 :], torch.ones(76 - end_dst))
