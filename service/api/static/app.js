@@ -54,7 +54,10 @@ function field(name, schema) {
   label.htmlFor = `opt-${name}`; label.textContent = name;
   let input;
   const type = schema.type || (schema.anyOf || []).map((s) => s.type).find((t) => t !== "null");
-  if (schema.enum) {
+  if (schema.format === "binary") {
+    input = document.createElement("input");
+    input.type = "file"; input.accept = "image/png,image/jpeg";
+  } else if (schema.enum) {
     input = document.createElement("select");
     for (const value of schema.enum) { const o = document.createElement("option"); o.value = o.textContent = value; input.append(o); }
     input.value = schema.default;
@@ -141,8 +144,10 @@ async function submit(event) {
     body.append("original_prompt", $("original_prompt").value);
     body.append("edit_prompt", $("edit_prompt").value);
   }
-  for (const input of $("advanced-fields").querySelectorAll("input, select"))
-    if (input.value !== defaults[input.name]) body.append(input.name, input.value);
+  for (const input of $("advanced-fields").querySelectorAll("input, select")) {
+    if (input.type === "file") { if (input.files.length) body.append(input.name, input.files[0], input.files[0].name); }
+    else if (input.value !== defaults[input.name]) body.append(input.name, input.value);
+  }
   $("submit").disabled = true;
   const response = await api("/counterfactual", { method: "POST", body });
   if (response.status !== 202) { $("submit").disabled = false; await showError(response); return; }
