@@ -89,6 +89,23 @@ def method_variants(base: EditParams, methods: Sequence[str]) -> dict[str, EditP
     }
 
 
+def varied(base: EditParams, varies: Sequence[str]) -> dict[str, EditParams]:
+    """One variant per value of each ``OPTION=V1,V2``, named by the value; a variant equal to an
+    earlier one runs once (``inversion=null_text,direct`` and ``blend_edit_maps=own,replaced`` make
+    three: the defaults, direct and replaced)."""
+    variants: dict[str, EditParams] = {}
+    for vary in varies:
+        option, _, values = vary.partition("=")
+        for value in values.split(","):
+            try:
+                candidate = base.replace(**{option: value})
+            except ValueError as exc:
+                raise ValueError(f"--vary {vary}: {exc}") from exc
+            if candidate not in variants.values():
+                variants[value] = candidate
+    return variants
+
+
 def measure_case(
     bundle: ModelBundle, classifier: FindingClassifier, task: str, index: int, params: EditParams, cache: InversionCache
 ) -> tuple[dict, Counterfactual]:

@@ -55,7 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     bench.add_argument(
         "--vary",
         metavar="OPTION=V1,V2",
-        help="run one variant per value of an edit option on the same cases, e.g. inversion=null_text,direct",
+        action="append",
+        help="run one variant per value of an edit option on the same cases, e.g. inversion=null_text,direct; "
+        "repeat for several options (a variant equal to an earlier one runs once)",
     )
     bench.add_argument(
         "--methods",
@@ -177,7 +179,7 @@ def bench_phantom(args: argparse.Namespace) -> int:
     from models.builtin import builtin_model_dir
     from models.classifier import FindingClassifier
     from models.loading import load_bundle
-    from phantoms.bench import METHOD_VARIANTS, method_variants, run_benchmark
+    from phantoms.bench import METHOD_VARIANTS, method_variants, run_benchmark, varied
 
     params = _params(args, "bench-phantom")
     if params is None:
@@ -194,11 +196,10 @@ def bench_phantom(args: argparse.Namespace) -> int:
             return 2
         variants = method_variants(params, methods)
     if args.vary:
-        option, _, values = args.vary.partition("=")
         try:
-            variants = {value: params.replace(**{option: value}) for value in values.split(",")}
+            variants = varied(params, args.vary)
         except ValueError as exc:
-            print(f"prism bench-phantom: error: --vary {args.vary}: {exc}")
+            print(f"prism bench-phantom: error: {exc}")
             return 2
     model_dir = Path(args.model) if args.model else builtin_model_dir()
     bundle = load_bundle(model_dir, device=args.device)

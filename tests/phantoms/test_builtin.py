@@ -11,7 +11,7 @@ from models.classifier import FindingClassifier
 from models.evaluation import load_cases
 from models.loading import load_bundle
 from models.params import EditParams, NullTextSettings
-from phantoms.bench import method_variants, run_benchmark
+from phantoms.bench import method_variants, run_benchmark, varied
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +94,11 @@ def test_each_method_runs_at_its_papers_and_one_tuned_setting():
     assert (sdedit.method, sdedit.steps, sdedit.strength, sdedit.guidance_scale) == ("sdedit", 75, 0.85, 7.5)
     assert (variants["sdedit-tuned"].strength, variants["sdedit-tuned"].guidance_scale) == (0.55, 4.0)
     assert {v.method for v in variants.values()} == {"prism", "sdedit", "guided"}
+
+
+def test_varied_options_name_each_variant_once():
+    variants = varied(EditParams(), ["inversion=null_text,direct", "blend_edit_maps=own,replaced"])
+    assert list(variants) == ["null_text", "direct", "replaced"]
+    assert variants["replaced"] == EditParams(blend_edit_maps="replaced")
+    with pytest.raises(ValueError, match="--vary inversion=fast"):
+        varied(EditParams(), ["inversion=fast"])
