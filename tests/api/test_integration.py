@@ -119,7 +119,8 @@ def test_prism_submit_from_the_readme(service, tmp_path):
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     assert summary["out"] == str(tmp_path / "o") and -1 <= summary["s_clip"] <= 1
-    assert (tmp_path / "o" / "result.json").exists() and "editing" in proc.stderr
+    # Polling may miss the short phases; the last one's end is always saved, so the bar must show it.
+    assert (tmp_path / "o" / "result.json").exists() and "scoring: 100%" in proc.stderr
 
 
 def test_client_waits_out_retry_after(monkeypatch):
