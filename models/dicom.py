@@ -68,6 +68,16 @@ def read_dicom(data: bytes, max_pixels: int) -> tuple[np.ndarray, DicomSource]:
         ds = dcmread(io.BytesIO(data))
     except (InvalidDicomError, EOFError, ValueError, KeyError, OSError) as exc:
         raise ImageError(f"not a readable DICOM file: {type(exc).__name__}") from exc
+    try:
+        return _read_frame(ds, max_pixels)
+    except ImageError:
+        raise
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
+        # pydicom parses values lazily: a malformed attribute (an IS of '1A', a short LUT) surfaces here.
+        raise ImageError(f"the DICOM file has an attribute with an invalid value ({type(exc).__name__})") from exc
+
+
+def _read_frame(ds: Dataset, max_pixels: int) -> tuple[np.ndarray, DicomSource]:
     sop = _sop_class(ds)
     if "PixelData" not in ds:
         if ds.get("SOPClassUID") and "Image" not in sop:
@@ -77,8 +87,10 @@ def read_dicom(data: bytes, max_pixels: int) -> tuple[np.ndarray, DicomSource]:
     if frames > 1:
         raise ImageError(f"multi-frame DICOM ({frames} frames) is not accepted; send one frame")
     photometric = str(ds.get("PhotometricInterpretation", ""))
+    if not photometric:
+        raise ImageError("the DICOM image has no PhotometricInterpretation")
     if int(ds.get("SamplesPerPixel", 1)) != 1 or photometric not in MONOCHROME:
-        raise ImageError(f"colour DICOM (PhotometricInterpretation {photometric or 'missing'}) is not accepted")
+        raise ImageError(f"colour DICOM (PhotometricInterpretation {photometric}) is not accepted")
     rows, columns = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
     if rows * columns > max_pixels:
         raise ImageError(f"image has {rows * columns} pixels; the limit is {max_pixels}", "too_large")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from models.dicom import DicomSource, is_dicom, read_dicom
 from models.errors import ImageError
@@ -48,6 +48,8 @@ def decode_image(data: bytes, max_pixels: int = 2**31) -> DecodedImage:
             img.load()
     except ImageError:
         raise
+    except UnidentifiedImageError as exc:
+        raise ImageError("not a PNG, JPEG or DICOM Part 10 file", "unsupported") from exc
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageError(f"cannot decode image: {exc}") from exc
     return to_grayscale(img)

@@ -7,8 +7,10 @@ from __future__ import annotations
 import io
 
 import numpy as np
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
+from pydicom.tag import Tag
 from pydicom.uid import (
     UID,
     BasicTextSRStorage,
@@ -71,6 +73,13 @@ def encode(ds: Dataset) -> bytes:
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
+
+
+def malformed_value() -> bytes:
+    """NumberOfFrames stored as the IS '1A': pydicom reads values lazily and fails on first use."""
+    ds, _ = radiograph()
+    ds[0x00280008] = RawDataElement(Tag(0x00280008), "IS", 2, b"1A", 0, False, True)
+    return encode(ds)
 
 
 def structured_report() -> bytes:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import warnings
 
 from service.cli import build, edit, keys, serving, submit
 
@@ -28,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def configure_logging(level: int, json_lines: bool) -> None:
     """One handler for everything (uvicorn's loggers propagate to it): each line carries the
-    request id of the HTTP request it belongs to (``-`` outside one), as text or as JSON."""
+    request id of the HTTP request it belongs to (``-`` outside one), as text or as JSON. pydicom
+    is silenced."""
     from asgi_correlation_id import CorrelationIdFilter
     from pythonjsonlogger.json import JsonFormatter
 
@@ -38,6 +40,9 @@ def configure_logging(level: int, json_lines: bool) -> None:
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(level)
+    # pydicom's warnings quote attribute values, which can be patient data: never let them out.
+    logging.getLogger("pydicom").disabled = True
+    warnings.filterwarnings("ignore", module="pydicom")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,7 @@ from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless, Secondary
 from models.dicom import IMAGE_COMMENTS, is_dicom, read_dicom, secondary_captures
 from models.errors import ImageError
 from models.geometry import decode_image
-from tests.dicom_files import STUDY, encode, jpeg_lossless, radiograph, structured_report
+from tests.dicom_files import STUDY, encode, jpeg_lossless, malformed_value, radiograph, structured_report
 
 LIMIT = 4096 * 4096
 
@@ -132,12 +132,20 @@ def _truncated() -> bytes:
     return encode(ds)[:-700]
 
 
+def _no_photometric() -> bytes:
+    ds, _ = radiograph()
+    del ds.PhotometricInterpretation
+    return encode(ds)
+
+
 REFUSALS = {
     "multi-frame": (_multi_frame, "invalid", "multi-frame"),
     "colour": (_colour, "invalid", "colour"),
     "no pixel data": (_no_pixels, "invalid", "no pixel data"),
     "structured report": (structured_report, "unsupported", "not an image"),
     "truncated": (_truncated, "invalid", "truncated or corrupt"),
+    "no photometric interpretation": (_no_photometric, "invalid", "no PhotometricInterpretation"),
+    "malformed attribute": (malformed_value, "invalid", "invalid value"),
 }
 
 
