@@ -53,7 +53,7 @@ def caption(labels: Mapping[str, float | int | None]) -> str:
 
 
 def _label(value: object, field: str, condition: str) -> int | None:
-    if value is None or value == "":
+    if value is None or (isinstance(value, str) and not value.strip()):
         return None
     try:
         number = float(value)

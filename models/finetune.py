@@ -36,7 +36,7 @@ import models.hf_offline  # noqa: F401  (before diffusers/transformers)
 from models.constants import TOKEN_WINDOW
 from models.ddim import make_scheduler
 from models.errors import InvalidInput, ModelLoadError
-from models.findings import CONDITIONS, caption
+from models.findings import CONDITIONS, caption, normalize_labels
 from models.geometry import DecodedImage, decode_image, to_model_input
 from models.loading import ModelBundle
 from models.params import EditParams, FinetuneConfig
@@ -52,15 +52,22 @@ class Example(BaseModel):
     caption: str
 
 
-def _label(value: str) -> float | None:
-    value = value.strip()
-    return None if value == "" else float(value)
+def _find_image(images: Path, written: str) -> Path | None:
+    """``written`` under ``images``, else its shorter tails: CheXpert's ``Path`` starts with the
+    dataset's own folder (``CheXpert-v1.0/train/patient…/study1/view1_frontal.jpg``), which
+    ``images`` may already be."""
+    parts = Path(written).parts
+    for start in range(len(parts)):
+        candidate = images.joinpath(*parts[start:])
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 def read_examples(images: Path, table: Path) -> list[Example]:
     """Images and captions from a CSV with a ``Path`` column and either the 14 CheXpert conditions
     (1, 0, -1 or blank; captioned by the template) or a ``caption`` column. A path is looked up
-    under ``images`` as written, then by its file name."""
+    under ``images`` as written, then without its leading folders, one at a time."""
     try:
         with table.open(newline="") as f:
             rows = list(csv.DictReader(f))
@@ -74,16 +81,14 @@ def read_examples(images: Path, table: Path) -> list[Example]:
         raise InvalidInput("labels", f"{table} has neither a 'caption' column nor the conditions {missing}")
     examples = []
     for n, row in enumerate(rows, start=2):
-        path = images / row["Path"]
-        if not path.is_file():
-            path = images / Path(row["Path"]).name
-        if not path.is_file():
+        path = _find_image(images, row["Path"] or "")
+        if path is None:
             raise InvalidInput("images", f"{table} line {n}: no image {row['Path']} under {images}")
         try:
-            text = row[CAPTION_COLUMN] if has_caption else caption({c: _label(row[c]) for c in CONDITIONS})
-        except ValueError as exc:
-            raise InvalidInput("labels", f"{table} line {n}: {exc}") from exc
-        examples.append(Example(path=path, caption=text))
+            labels = None if has_caption else normalize_labels({c: row[c] for c in CONDITIONS}, "labels")
+        except InvalidInput as exc:
+            raise InvalidInput("labels", f"{table} line {n}: {exc.message}") from exc
+        examples.append(Example(path=path, caption=row[CAPTION_COLUMN] if labels is None else caption(labels)))
     return examples
 
 

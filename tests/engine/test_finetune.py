@@ -23,12 +23,13 @@ ROWS = [
     ({}, "Normal chest X-ray with no significant findings"),
     ({"Pleural Effusion": "1", "Lung Opacity": "-1"}, "Chest X-ray showing Pleural Effusion"),
     ({"No Finding": "1.0"}, "Chest X-ray showing No Finding"),
-    ({"Pneumothorax": "0.0", "Atelectasis": ""}, "Normal chest X-ray with no significant findings"),
+    ({"Pneumothorax": "0.0", "Atelectasis": " "}, "Normal chest X-ray with no significant findings"),
 ]
 
 
 def write_dataset(folder, rows=ROWS):
-    """Phantom PNGs under folder/train/patientN/ and a CheXpert-format CSV naming them."""
+    """Phantom PNGs under folder/train/patientN/ and a CheXpert-format CSV naming them as CheXpert
+    does, from the dataset's own folder (which ``folder`` stands for)."""
     table = folder / "train.csv"
     with table.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CHEXPERT_COLUMNS)
@@ -39,7 +40,8 @@ def write_dataset(folder, rows=ROWS):
             (folder / path).parent.mkdir(parents=True, exist_ok=True)
             write_png(folder / path, render(anatomy, source))
             extra = {"Sex": "Female", "Age": "60", "Frontal/Lateral": "Frontal", "AP/PA": "AP"}
-            writer.writerow({"Path": path, **extra, **{c: labels.get(c, "") for c in CONDITIONS}})
+            written = f"CheXpert-v1.0/{path}"
+            writer.writerow({"Path": written, **extra, **{c: labels.get(c, "") for c in CONDITIONS}})
     return table
 
 
@@ -63,6 +65,12 @@ def test_a_bad_table_names_what_is_wrong(tmp_path):
         read_examples(tmp_path, table)
     table.write_text("Path,caption\nmissing.png,x\n")
     with pytest.raises(InvalidInput, match="^images: .*line 2: no image missing.png"):
+        read_examples(tmp_path, table)
+
+
+def test_a_value_that_is_not_a_label_names_its_line_and_condition(tmp_path):
+    table = write_dataset(tmp_path, [*ROWS[:2], ({"Edema": "2"}, "")])
+    with pytest.raises(InvalidInput, match="^labels: .*line 4: 'Edema': '2' is not a label"):
         read_examples(tmp_path, table)
 
 
