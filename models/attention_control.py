@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
-from models.params import BlendEditMaps
+from models.params import BlendEditMaps, EditParams
 
 
 @dataclass
@@ -94,7 +94,11 @@ class LocalBlend:
     """
 
     def __init__(
-        self, threshold: float, start: float, maps: BlendMaps = P2P_BLEND_MAPS, edit_maps: BlendEditMaps = "own"
+        self,
+        threshold: float,
+        start: float,
+        maps: BlendMaps = P2P_BLEND_MAPS,
+        edit_maps: BlendEditMaps = EditParams.model_fields["blend_edit_maps"].default,
     ) -> None:
         self.threshold = threshold
         self.start = start

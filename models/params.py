@@ -118,10 +118,10 @@ class EditOptions(BaseModel):
     blend_edit_maps: Annotated[
         BlendEditMaps,
         Field(
-            description="the edit branch's maps LocalBlend reads: own (its attention before prompt-to-prompt "
-            "changes it) or replaced (after Replace/Refine/Reweight, as the reference code and published PRISM)"
+            description="the edit branch's maps LocalBlend reads: replaced (after Replace/Refine/Reweight, as "
+            "the reference code and published PRISM) or own (its attention before prompt-to-prompt changes it)"
         ),
-    ] = "own"
+    ] = "replaced"
     seed: Annotated[
         int,
         Field(

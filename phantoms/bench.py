@@ -92,7 +92,7 @@ def method_variants(base: EditParams, methods: Sequence[str]) -> dict[str, EditP
 def varied(base: EditParams, varies: Sequence[str]) -> dict[str, EditParams]:
     """One variant per value of each ``OPTION=V1,V2``, named by the value; a variant equal to an
     earlier one runs once (``inversion=null_text,direct`` and ``blend_edit_maps=own,replaced`` make
-    three: the defaults, direct and replaced)."""
+    three: the defaults, direct and own)."""
     variants: dict[str, EditParams] = {}
     for vary in varies:
         option, _, values = vary.partition("=")
@@ -260,7 +260,7 @@ def markdown_table(results: dict) -> str:
         f"- {name}: method {p['method']}, {p['steps']} steps, guidance {p['guidance_scale']}"
         + (
             f", inversion {p['inversion']}, self_replace {p['self_replace_steps']}, null-text inner steps "
-            f"{p['null_text']['inner_steps']}"
+            f"{p['null_text']['inner_steps']}, LocalBlend maps {p['blend_edit_maps']}"
             if p["method"] == "prism"
             else f", strength {p['strength']}"
             if p["method"] == "sdedit"

@@ -98,7 +98,7 @@ def test_each_method_runs_at_its_papers_and_one_tuned_setting():
 
 def test_varied_options_name_each_variant_once():
     variants = varied(EditParams(), ["inversion=null_text,direct", "blend_edit_maps=own,replaced"])
-    assert list(variants) == ["null_text", "direct", "replaced"]
-    assert variants["replaced"] == EditParams(blend_edit_maps="replaced")
+    assert list(variants) == ["null_text", "direct", "own"]
+    assert variants["own"] == EditParams(blend_edit_maps="own")
     with pytest.raises(ValueError, match="--vary inversion=fast"):
         varied(EditParams(), ["inversion=fast"])
