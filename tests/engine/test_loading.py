@@ -88,3 +88,10 @@ def test_bad_blend_maps_file_is_a_clear_error(tiny_model_dir, tmp_path, text, me
     with pytest.raises(ModelLoadError, match=message) as err:
         load_bundle(copy)
     assert "local_blend.json" in str(err.value)
+
+
+def test_float16_applies_to_the_unet_only(tiny_model_dir):
+    """The VAE (whose decoder overflows in fp16), the text encoder and CLIP stay fp32."""
+    half = load_bundle(tiny_model_dir, device="cpu", dtype="float16")
+    assert half.unet.dtype == torch.float16 and half.dtype == torch.float16
+    assert {half.vae.dtype, half.text_encoder.dtype, half.clip.model.dtype} == {torch.float32}
