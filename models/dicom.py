@@ -14,6 +14,7 @@ the input's.
 
 from __future__ import annotations
 
+import copy
 import io
 from dataclasses import dataclass
 
@@ -35,6 +36,18 @@ IMAGE_COMMENTS = (
 )
 SERIES_NUMBER = 9000
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
+COPIED_ATTRIBUTES = (
+    "PatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+)
+"""The patient and study attributes highdicom copies from the input (besides StudyInstanceUID)."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +96,10 @@ def _read_frame(ds: Dataset, max_pixels: int) -> tuple[np.ndarray, DicomSource]:
         if ds.get("SOPClassUID") and "Image" not in sop:
             raise ImageError(f"the DICOM object is not an image (SOP class '{sop}')", "unsupported")
         raise ImageError(f"the DICOM file has no pixel data (SOP class '{sop}')")
+    if not ds.get("StudyInstanceUID"):
+        raise ImageError(
+            "the DICOM file has no StudyInstanceUID, and the counterfactual is written into the input's study"
+        )
     frames = int(ds.get("NumberOfFrames") or 1)
     if frames > 1:
         raise ImageError(f"multi-frame DICOM ({frames} frames) is not accepted; send one frame")
@@ -112,7 +129,35 @@ def _read_frame(ds: Dataset, max_pixels: int) -> tuple[np.ndarray, DicomSource]:
     if monochrome1:
         display = 1.0 - display
     display[_padding(raw, ds)] = 0.0
-    return display.astype(np.float32), DicomSource(ds, bits_stored, monochrome1)
+    return display.astype(np.float32), DicomSource(_copyable(ds), bits_stored, monochrome1)
+
+
+def _copies(ds: Dataset) -> bool:
+    """Whether highdicom accepts ``ds``'s patient and study attributes (tried on a 1-pixel image)."""
+    try:
+        _capture(DicomSource(ds, 8, False), hd.UID(), 1, np.zeros((1, 1), np.uint8), "")
+    except (ValueError, TypeError, AttributeError):
+        return False
+    return True
+
+
+def _copyable(ds: Dataset) -> Dataset:
+    """``ds``, or a copy without the patient/study attributes highdicom refuses to copy (a date
+    written 2020-01-01, a sex of 'U'): they are type 2, so the output carries them empty rather than
+    the job failing after its edit."""
+    if _copies(ds):
+        return ds
+    clean = copy.deepcopy(ds)
+    for name in COPIED_ATTRIBUTES:
+        if name in ds:
+            probe = Dataset()
+            probe.add(ds["StudyInstanceUID"])
+            probe.add(ds[name])
+            if not _copies(probe):
+                del clean[name]
+    if not _copies(clean):
+        raise ImageError("the DICOM file's patient or study attributes cannot be copied into the output")
+    return clean
 
 
 def _display(raw: np.ndarray, ds: Dataset) -> np.ndarray:

@@ -138,6 +138,12 @@ def _no_photometric() -> bytes:
     return encode(ds)
 
 
+def _no_study() -> bytes:
+    ds, _ = radiograph()
+    del ds.StudyInstanceUID
+    return encode(ds)
+
+
 REFUSALS = {
     "multi-frame": (_multi_frame, "invalid", "multi-frame"),
     "colour": (_colour, "invalid", "colour"),
@@ -146,6 +152,7 @@ REFUSALS = {
     "truncated": (_truncated, "invalid", "truncated or corrupt"),
     "no photometric interpretation": (_no_photometric, "invalid", "no PhotometricInterpretation"),
     "malformed attribute": (malformed_value, "invalid", "invalid value"),
+    "no study": (_no_study, "invalid", "no StudyInstanceUID"),
 }
 
 
@@ -195,3 +202,14 @@ def test_secondary_capture_round_trip(photometric, bits):
     assert (diff.pixel_array[..., 0] == 255).all()
     back, _ = read_dicom(files["counterfactual.dcm"], LIMIT)
     np.testing.assert_allclose(back, counterfactual, atol=1.0 / (2**bits - 1))
+
+
+def test_a_non_conformant_patient_attribute_is_left_empty_not_fatal():
+    """A date written 2020-01-01 and a sex of 'Q' are common in the wild; highdicom refuses to copy them."""
+    ds, _ = radiograph()
+    ds.StudyDate, ds.PatientSex = "2020-01-01", "Q"
+    pixels, source = read_dicom(encode(ds), LIMIT)
+    files = secondary_captures(source, pixels, np.zeros((*pixels.shape, 3), np.uint8), "edit")
+    out = dcmread(io.BytesIO(files["counterfactual.dcm"]))
+    assert out.StudyInstanceUID == STUDY and out.StudyDate == "" and out.PatientSex == ""
+    assert (out.PatientID, out.PatientName, out.AccessionNumber) == (ds.PatientID, ds.PatientName, ds.AccessionNumber)
