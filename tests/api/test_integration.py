@@ -16,7 +16,7 @@ from PIL import Image
 
 from service.client import PrismClient, PrismError
 from tests.helpers import EDIT, SOURCE, png_bytes, write_png, xray_like
-from tests.stack import ApiProcess, Cluster, poll, prism, service_env, submit
+from tests.stack import ApiProcess, Cluster, poll, prism, service_env, submit, wait_for
 
 
 def _generator() -> str:
@@ -178,9 +178,12 @@ def test_request_ids_are_returned_and_logged(service):
     assert mine.status_code == 200 and mine.headers["X-Request-ID"] == "3f1c2a9e8b7d4c6a9e0f1a2b3c4d5e6f"
     made = httpx.get(f"{service.url}/jobs/{'0' * 32}").headers["X-Request-ID"]
     assert len(made) == 32 and made != mine.headers["X-Request-ID"]
-    time.sleep(0.5)
-    log = service.log.read_text()
-    assert "[3f1c2a9e8b7d4c6a9e0f1a2b3c4d5e6f]" in log and f"[{made}]" in log
+    wait_for(
+        service.log.read_text,
+        lambda log: "[3f1c2a9e8b7d4c6a9e0f1a2b3c4d5e6f]" in log and f"[{made}]" in log,
+        "both request ids in the log",
+        stall_s=60,
+    )
 
 
 def test_json_logs_cors_and_livez(redis_server, tiny_model_dir, tmp_path):
@@ -197,8 +200,8 @@ def test_json_logs_cors_and_livez(redis_server, tiny_model_dir, tmp_path):
         assert httpx.get(f"{api.url}/livez", headers={"X-Request-ID": "a" * 32}).json() == {
             "status": "ok", "redis": None, "workers": None
         }  # fmt: skip
-        time.sleep(0.5)
-        records = [json.loads(line) for line in api.log.read_text().splitlines() if line.startswith("{")]
+        text = wait_for(api.log.read_text, lambda log: "a" * 32 in log, "the request id in the log", stall_s=60)
+        records = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
         assert any(r.get("correlation_id") == "a" * 32 and r["levelname"] == "INFO" for r in records)
     finally:
         api.stop()
