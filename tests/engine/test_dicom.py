@@ -2,6 +2,7 @@
 Secondary Capture in the same study), read back with pydicom."""
 
 import io
+from functools import partial
 
 import numpy as np
 import pytest
@@ -121,9 +122,9 @@ def _colour() -> bytes:
     return encode(ds)
 
 
-def _no_pixels() -> bytes:
+def _without(attribute: str) -> bytes:
     ds, _ = radiograph()
-    del ds.PixelData
+    delattr(ds, attribute)
     return encode(ds)
 
 
@@ -132,27 +133,19 @@ def _truncated() -> bytes:
     return encode(ds)[:-700]
 
 
-def _no_photometric() -> bytes:
-    ds, _ = radiograph()
-    del ds.PhotometricInterpretation
-    return encode(ds)
-
-
-def _no_study() -> bytes:
-    ds, _ = radiograph()
-    del ds.StudyInstanceUID
-    return encode(ds)
-
-
 REFUSALS = {
     "multi-frame": (_multi_frame, "invalid", "multi-frame"),
     "colour": (_colour, "invalid", "colour"),
-    "no pixel data": (_no_pixels, "invalid", "no pixel data"),
+    "no pixel data": (partial(_without, "PixelData"), "invalid", "no pixel data"),
     "structured report": (structured_report, "unsupported", "not an image"),
     "truncated": (_truncated, "invalid", "truncated or corrupt"),
-    "no photometric interpretation": (_no_photometric, "invalid", "no PhotometricInterpretation"),
+    "no photometric interpretation": (
+        partial(_without, "PhotometricInterpretation"),
+        "invalid",
+        "no PhotometricInterpretation",
+    ),
     "malformed attribute": (malformed_value, "invalid", "invalid value"),
-    "no study": (_no_study, "invalid", "no StudyInstanceUID"),
+    "no study": (partial(_without, "StudyInstanceUID"), "invalid", "no StudyInstanceUID"),
 }
 
 
