@@ -8,7 +8,8 @@ stay frozen unless ``train_text_encoder`` is set.
 
 Every piece of state a step depends on (weights, optimiser, learning-rate schedule, EMA, loss
 scaler, the noise generator, the data order) is in the checkpoint, so a resumed run continues
-bit-exactly; an interrupted run checkpoints before it stops.
+bit-exactly; an interrupted run checkpoints before it stops. The built-in phantom model's
+diffusion stage is trained by this class too (:mod:`phantoms.training`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
@@ -45,11 +46,16 @@ from models.pipeline import generate_counterfactual
 log = logging.getLogger("prism.finetune")
 CHECKPOINT = "checkpoint"
 CAPTION_COLUMN = "caption"
+LATENTS = "latents.pt"
+ENCODE_BATCH = 64
 
 
 class Example(BaseModel):
+    """One image and its caption wordings: a run draws one per use (several rows naming the
+    same image in a captions table give several wordings)."""
+
     path: Path
-    caption: str
+    captions: list[str] = Field(min_length=1)
 
 
 def _find_image(images: Path, written: str) -> Path | None:
@@ -67,7 +73,8 @@ def _find_image(images: Path, written: str) -> Path | None:
 def read_examples(images: Path, table: Path) -> list[Example]:
     """Images and captions from a CSV with a ``Path`` column and either the 14 CheXpert conditions
     (1, 0, -1 or blank; captioned by the template) or a ``caption`` column. A path is looked up
-    under ``images`` as written, then without its leading folders, one at a time."""
+    under ``images`` as written, then without its leading folders, one at a time. Rows naming the
+    same image add wordings to one example."""
     try:
         with table.open(newline="") as f:
             rows = list(csv.DictReader(f))
@@ -79,7 +86,7 @@ def read_examples(images: Path, table: Path) -> list[Example]:
     missing = [c for c in CONDITIONS if c not in rows[0]]
     if not has_caption and missing:
         raise InvalidInput("labels", f"{table} has neither a 'caption' column nor the conditions {missing}")
-    examples = []
+    examples: dict[Path, Example] = {}
     for n, row in enumerate(rows, start=2):
         path = _find_image(images, row["Path"] or "")
         if path is None:
@@ -88,8 +95,12 @@ def read_examples(images: Path, table: Path) -> list[Example]:
             labels = None if has_caption else normalize_labels({c: row[c] for c in CONDITIONS}, "labels")
         except InvalidInput as exc:
             raise InvalidInput("labels", f"{table} line {n}: {exc.message}") from exc
-        examples.append(Example(path=path, caption=row[CAPTION_COLUMN] if labels is None else caption(labels)))
-    return examples
+        text = row[CAPTION_COLUMN] if labels is None else caption(labels)
+        if path in examples:
+            examples[path].captions.append(text)
+        else:
+            examples[path] = Example(path=path, captions=[text])
+    return list(examples.values())
 
 
 def _math(config: dict) -> dict:
@@ -120,10 +131,10 @@ class Finetuner:
         self.unet.train().to(self.device)
         if config.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
-        params = list(self.unet.parameters())
+        self.params = list(self.unet.parameters())
         if config.train_text_encoder:
-            params += list(self.text_encoder.parameters())
-        self.optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=1e-2)
+            self.params += list(self.text_encoder.parameters())
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=1e-2)
         self.lr_schedule = get_scheduler(
             config.lr_schedule,
             self.optimizer,
@@ -135,11 +146,16 @@ class Finetuner:
         self.generator = torch.Generator().manual_seed(config.seed)
         self.step = 0
         self.losses: list[float] = []
+        self._epoch_order: tuple[int, np.ndarray] | None = None
+        self.cached_latents = self._encode_all() if config.cache_latents else None
         if (work / CHECKPOINT).is_dir():
             self._load(work / CHECKPOINT)
 
     def _order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.config.seed, epoch]).permutation(len(self.examples))
+        if self._epoch_order is None or self._epoch_order[0] != epoch:
+            order = np.random.default_rng([self.config.seed, epoch]).permutation(len(self.examples))
+            self._epoch_order = (epoch, order)
+        return self._epoch_order[1]
 
     def _batch_indices(self, micro: int) -> list[int]:
         """The examples of micro-batch ``micro`` (counted from the start of the run): a fixed
@@ -149,10 +165,39 @@ class Finetuner:
         return [int(self._order((first + k) // n)[(first + k) % n]) for k in range(size)]
 
     @torch.no_grad()
-    def _latents(self, indices: list[int]) -> torch.Tensor:
+    def _encode(self, indices: list[int]) -> torch.Tensor:
         images = torch.cat([self._image(i) for i in indices]).to(self.device)
         x = (images * 2 - 1).expand(-1, self.vae.config.in_channels, -1, -1)
         return self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor
+
+    def _encode_all(self) -> torch.Tensor:
+        """Every example's latent, in fixed chunks (so the same on every sitting), kept in
+        ``work/latents.pt`` for a resumed run."""
+        path, images = self.work / LATENTS, [str(e.path) for e in self.examples]
+        if path.exists():
+            saved = torch.load(path, weights_only=True)
+            if saved["images"] == images:
+                return saved["latents"].to(self.device)
+        chunks = range(0, len(self.examples), ENCODE_BATCH)
+        encoded = [
+            self._encode(list(range(i, min(i + ENCODE_BATCH, len(self.examples)))))
+            for i in tqdm(chunks, desc="encoding", unit="chunk")
+        ]
+        latents = torch.cat(encoded)
+        self.work.mkdir(parents=True, exist_ok=True)
+        torch.save({"images": images, "latents": latents.cpu()}, path)
+        return latents
+
+    def _latents(self, indices: list[int]) -> torch.Tensor:
+        if self.cached_latents is not None:
+            return self.cached_latents[indices]
+        return self._encode(indices)
+
+    def _caption(self, i: int) -> str:
+        wordings = self.examples[i].captions
+        if len(wordings) == 1:
+            return wordings[0]
+        return wordings[int(torch.randint(len(wordings), (1,), generator=self.generator))]
 
     def _image(self, i: int) -> torch.Tensor:
         pixels = decode_image(self.examples[i].path.read_bytes()).pixels
@@ -161,7 +206,7 @@ class Finetuner:
     def _loss(self, indices: list[int]) -> torch.Tensor:
         z0 = self._latents(indices)
         drop = torch.rand(len(indices), generator=self.generator) < self.config.caption_dropout
-        captions = ["" if d else self.examples[i].caption for i, d in zip(indices, drop.tolist(), strict=True)]
+        captions = ["" if d else self._caption(i) for i, d in zip(indices, drop.tolist(), strict=True)]
         t = torch.randint(0, len(self.alphas), (len(indices),), generator=self.generator).to(self.device)
         noise = torch.randn(z0.shape, generator=self.generator).to(self.device)
         a = self.alphas[t].view(-1, 1, 1, 1)
@@ -181,6 +226,9 @@ class Finetuner:
             loss = self._loss(self._batch_indices(self.step * accumulation + k)) / accumulation
             self.scaler.scale(loss).backward()
             total += float(loss.detach())
+        if self.config.max_grad_norm is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)

@@ -198,6 +198,10 @@ class FinetuneConfig(BaseModel):
     caption_dropout: Annotated[float, Field(ge=0, le=1, description="empty captions, for guidance")] = 0.1
     ema_decay: Annotated[float | None, Field(gt=0, lt=1, description="EMA of the UNet; None: off")] = None
     train_text_encoder: bool = False
+    max_grad_norm: Annotated[float | None, Field(gt=0, description="clip the gradient norm; None: off")] = 1.0
+    cache_latents: bool = Field(
+        False, description="encode every image once (the VAE is frozen) instead of at every step"
+    )
     checkpoint_every: Annotated[int, Field(ge=1)] = 500
     validate_every: Annotated[int, Field(ge=0, description="steps between validation edits; 0: never")] = 0
     seed: int = 0

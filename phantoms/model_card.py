@@ -6,7 +6,7 @@ from typing import Any
 
 STAGES = {
     "vae": "VAE (L1 + 1e-6 KL on 64x64 crops)",
-    "unet": "UNet + text encoder jointly (epsilon-MSE, 10 % empty captions)",
+    "unet": "UNet + text encoder by `prism finetune` (Algorithm 1: epsilon-MSE, 10 % empty captions)",
     "attention": "attention fine-tune of UNet + text encoder (epsilon-MSE + weight x region cross-entropy)",
     "clip": "CLIP scorer (multi-positive contrastive)",
     "classifier": "finding classifier (BCE)",
@@ -26,6 +26,20 @@ def _figure(value: Any, unit: str = "") -> str:
     if value is None:
         return "not recorded"
     return f"{value:,}{unit}" if isinstance(value, int) else f"{value}{unit}"
+
+
+def finetune_command(config: dict) -> str:
+    """The ``prism finetune`` command line that trains the diffusion stage (on the written phantoms)."""
+    flags = []
+    for name, value in config.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else f"--no-{name.replace('_', '-')}")
+        elif value is not None:
+            flags.append(f"{flag} {value}")
+    return "prism finetune --base WORK/base --images WORK/phantoms --labels WORK/phantoms/captions.csv " + " ".join(
+        flags
+    )
 
 
 def render_model_card(log: dict) -> str:
@@ -54,11 +68,18 @@ An SD v1.5-structured latent diffusion model at 128×128, grayscale, in the diff
 | `local_blend.json` | LocalBlend uses the 16×16 cross-attention maps without pooling | – |
 
 ## Training (`prism train-builtin`, seeded, resumable; `training.json` is this card's source)
+Trained on: {log.get("device", "not recorded")}.
 Data: {recipe["images"]:,} phantoms from `phantoms.render` (findings drawn independently with
-p = 0.5), captions from `phantoms.captions.training_caption` (half the explicit "with/without"
-form, a quarter the PRISM template, a quarter typed variants). The attention stage's region masks
-come from the first {recipe["region_images"]:,} training anatomies; its weight is
-{recipe["attention_weight"]}. AdamW, 100-step warm-up, cosine decay to 10 % of the peak rate.
+p = 0.5), written as PNGs with a `Path,caption` table (`phantoms.training.write_phantoms`: the
+explicit "with/without" form twice, the PRISM template once, one typed variant; a run draws one
+per use). The diffusion stage is PRISM's Algorithm 1 through the same code as any user's data:
+
+    {finetune_command(log.get("finetune", {}))}
+
+from a base of the trained VAE and a freshly initialised UNet and text encoder. The attention
+stage's region masks come from the first {recipe["region_images"]:,} training anatomies; its weight
+is {recipe["attention_weight"]}. The other stages: AdamW, 100-step warm-up, cosine decay to 10 % of
+the peak rate.
 
 | stage | what | steps | batch | peak lr | final loss (EMA) | time |
 | --- | --- | --- | --- | --- | --- | --- |

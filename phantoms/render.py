@@ -205,3 +205,18 @@ def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
         for dx in range(-radius, radius + 1):
             out |= np.roll(np.roll(mask, dy, 0), dx, 1)
     return out
+
+
+def training_phantom(seed: int, size: int = 128) -> tuple[np.ndarray, Findings]:
+    """Training anatomy ``seed`` (uint8) with each finding present with probability 1/2."""
+    rng = np.random.default_rng(10_000_000 + seed)
+    findings = Findings(*(bool(v) for v in rng.random(3) < 0.5))
+    return np.round(render(Anatomy.sample(seed, size), findings) * 255).astype(np.uint8), findings
+
+
+def region_fractions(seed: int, size: int = 128, side: int = 16) -> np.ndarray:
+    """Area fraction (3, side, side) of each finding's region of anatomy ``seed``, for the
+    attention supervision."""
+    anatomy = Anatomy.sample(seed, size)
+    masks = np.stack([region_mask(anatomy, name) for name in FINDINGS]).astype(np.float32)
+    return masks.reshape(len(FINDINGS), side, size // side, side, size // side).mean((2, 4)).astype(np.float16)

@@ -1,28 +1,38 @@
 """Train the built-in model on phantoms: VAE, text-conditioned UNet, CLIP scorer, classifier.
 
+The diffusion stage is PRISM's Algorithm 1 as any user runs it (:class:`models.finetune.Finetuner`,
+``prism finetune``): the phantoms are written as PNGs with a captions table, and the UNet and
+text encoder of a base directory (the trained VAE, the rest freshly initialised) are fine-tuned on
+them. The phantom-specific parts (VAE, attention supervision, CLIP scorer, classifier) are here.
+
 Seeded and resumable: each stage checkpoints to ``work`` and is skipped once its outputs exist,
 so ``prism train-builtin`` can be interrupted and run again. It writes every file of the shipped
 model (``models/assets/builtin``): the components in the diffusers/transformers layout that
-``load_bundle`` reads, ``local_blend.json``, ``training.json`` (the recipe it ran, per-stage
-seconds and final losses, held-out measurements) and a ``MODEL_CARD.md`` rendered from it.
-About 2.5 hours on 2 CPU cores at the default recipe.
+``load_bundle`` reads, ``local_blend.json``, ``training.json`` (the recipe it ran, the device,
+per-stage seconds and final losses, held-out measurements) and a ``MODEL_CARD.md`` rendered from it.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import math
+import multiprocessing
+import os
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
+from itertools import repeat
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from PIL import Image
 from transformers import CLIPModel, CLIPTextModel
 
 import models.hf_offline  # noqa: F401  (before diffusers/transformers)
@@ -30,14 +40,16 @@ from models.attention_control import ControlledAttnProcessor
 from models.classifier import FindingClassifier, builtin_classifier_config
 from models.constants import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD, TOKEN_WINDOW
 from models.ddim import make_scheduler
+from models.finetune import Finetuner, read_examples
 from models.loading import write_clip_preprocessor
+from models.params import FinetuneConfig
 from models.scoring import projected_features
 from models.tokenizer import ASSETS, clip_tokenizer
 from models.words import prompt_words, word_token_indices
 from phantoms import architecture
-from phantoms.captions import NAMES, training_caption
+from phantoms.captions import NAMES, explicit_caption, prism_caption, training_caption, typed_caption
 from phantoms.model_card import render_model_card
-from phantoms.render import FINDINGS, Anatomy, Findings, region_mask, render
+from phantoms.render import FINDINGS, Findings, region_fractions, training_phantom
 
 log = logging.getLogger("prism.train")
 SIZE = architecture.SIZE
@@ -79,27 +91,69 @@ class Recipe:
         return replace(self, **stages)
 
 
-def build_dataset(n: int, size: int = SIZE, seeds: range = TRAIN_SEEDS) -> tuple[np.ndarray, np.ndarray]:
+def _pool(workers: int) -> ProcessPoolExecutor:
+    """Rendering is per-seed numpy work: spawned processes import only :mod:`phantoms.render`."""
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+def build_dataset(
+    n: int, size: int = SIZE, seeds: range = TRAIN_SEEDS, workers: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
     """Images (n, size, size) uint8 and findings (n, 3) for the first n anatomies of ``seeds``."""
     images = np.empty((n, size, size), np.uint8)
     labels = np.empty((n, len(FINDINGS)), np.float32)
-    for i, seed in enumerate(seeds[:n]):
-        rng = np.random.default_rng(10_000_000 + seed)
-        findings = Findings(*(bool(v) for v in rng.random(3) < 0.5))
-        images[i] = np.round(render(Anatomy.sample(seed, size), findings) * 255)
-        labels[i] = findings.as_vector()
+    with _pool(workers) as pool:
+        for i, (image, findings) in enumerate(pool.map(training_phantom, seeds[:n], repeat(size), chunksize=64)):
+            images[i], labels[i] = image, findings.as_vector()
     return images, labels
 
 
-def build_regions(n: int, size: int = SIZE, side: int = 16) -> np.ndarray:
+def build_regions(n: int, size: int = SIZE, side: int = 16, workers: int = 1) -> np.ndarray:
     """Area fraction (n, 3, side, side) of each finding's region for training seeds 0..n-1."""
-    regions = np.empty((n, len(FINDINGS), side, side), np.float16)
-    for i in range(n):
-        anatomy = Anatomy.sample(i, size)
-        for f, name in enumerate(FINDINGS):
-            mask = region_mask(anatomy, name).astype(np.float32)
-            regions[i, f] = mask.reshape(side, size // side, side, size // side).mean((1, 3))
-    return regions
+    with _pool(workers) as pool:
+        return np.stack(list(pool.map(region_fractions, range(n), repeat(size), repeat(side), chunksize=16)))
+
+
+CAPTIONS = "captions.csv"
+
+
+def write_phantoms(images: np.ndarray, labels: np.ndarray, directory: Path) -> Path:
+    """The training set as ``prism finetune`` reads any data set: PNGs and a ``Path,caption`` table.
+
+    Four rows per image, so that a run's draw among them weighs the wordings as
+    :func:`phantoms.captions.training_caption` does: the explicit form twice, the PRISM template
+    once, one typed variant. The table is renamed into place last, so its presence means done.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(11)
+    table, partial = directory / CAPTIONS, directory / f"{CAPTIONS}.partial"
+    with partial.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["Path", "caption"])
+        for i, (image, row) in enumerate(zip(images, labels, strict=True)):
+            name = f"{i:06d}.png"
+            Image.fromarray(image).save(directory / name)
+            findings = _findings(row)
+            explicit = explicit_caption(findings)
+            for text in (explicit, explicit, prism_caption(findings), typed_caption(findings, rng)):
+                writer.writerow([name, text])
+    return partial.rename(table)
+
+
+def write_base(directory: Path, vae_dir: Path) -> Path:
+    """A diffusers SD directory to fine-tune from: the trained VAE, a freshly initialised UNet and
+    text encoder (seeded), the CLIP tokenizer and the DDIM scheduler; written aside, then renamed."""
+    if not directory.is_dir():
+        partial = directory.with_name(directory.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        torch.manual_seed(3)
+        architecture.unet().save_pretrained(partial / "unet")
+        architecture.text_encoder().save_pretrained(partial / "text_encoder")
+        _save_tokenizer(partial / "tokenizer")
+        make_scheduler().save_pretrained(partial / "scheduler")
+        shutil.copytree(vae_dir, partial / "vae")
+        partial.rename(directory)
+    return directory
 
 
 def _findings(row: np.ndarray) -> Findings:
@@ -117,7 +171,7 @@ class Stage:
         self.start = 0
         self.smoothed: float | None = None
         if self.path.exists():
-            state = torch.load(self.path, weights_only=True)
+            state = torch.load(self.path, weights_only=True, map_location="cpu")
             for key, module in modules.items():
                 module.load_state_dict(state[key])
             optimizer.load_state_dict(state["optimizer"])
@@ -147,9 +201,9 @@ def _batch(images: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarra
     return rng.integers(0, len(images), size)
 
 
-def train_vae(images: np.ndarray, work: Path, out: Path, recipe: StageRecipe) -> float:
+def train_vae(images: np.ndarray, work: Path, out: Path, recipe: StageRecipe, device: torch.device) -> float:
     torch.manual_seed(1)
-    vae = architecture.vae()
+    vae = architecture.vae().to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=recipe.lr, weight_decay=0.0)
     stage = Stage("vae", work, {"vae": vae}, opt, recipe)
     rng = np.random.default_rng(2)
@@ -157,7 +211,7 @@ def train_vae(images: np.ndarray, work: Path, out: Path, recipe: StageRecipe) ->
     def step_fn(step: int) -> float:
         idx = _batch(images, rng, recipe.batch)
         y0, x0 = rng.integers(0, SIZE - 64, 2)
-        x = torch.from_numpy(images[idx, y0 : y0 + 64, x0 : x0 + 64]).float()[:, None] / 127.5 - 1
+        x = torch.from_numpy(images[idx, y0 : y0 + 64, x0 : x0 + 64]).to(device).float()[:, None] / 127.5 - 1
         posterior = vae.encode(x).latent_dist
         rec = vae.decode(posterior.sample()).sample
         loss = F.l1_loss(rec, x) + 1e-6 * posterior.kl().mean()
@@ -169,21 +223,11 @@ def train_vae(images: np.ndarray, work: Path, out: Path, recipe: StageRecipe) ->
     loss = stage.run(step_fn)
     vae.eval()
     with torch.no_grad():
-        x = torch.from_numpy(images[:256]).float()[:, None] / 127.5 - 1
+        x = torch.from_numpy(images[:256]).to(device).float()[:, None] / 127.5 - 1
         std = torch.cat([vae.encode(b).latent_dist.mean for b in x.split(64)]).std().item()
     vae.register_to_config(scaling_factor=1.0 / std)
-    vae.save_pretrained(out / "vae")
+    vae.to("cpu").save_pretrained(out / "vae")
     return loss
-
-
-def encode_all(vae: AutoencoderKL, images: np.ndarray) -> torch.Tensor:
-    scale = vae.config.scaling_factor
-    with torch.no_grad():
-        chunks = []
-        for i in range(0, len(images), 128):
-            x = torch.from_numpy(images[i : i + 128]).float()[:, None] / 127.5 - 1
-            chunks.append(vae.encode(x).latent_dist.mean * scale)
-    return torch.cat(chunks)
 
 
 def _save_tokenizer(directory: Path) -> None:
@@ -207,41 +251,40 @@ def _noised_batch(
     """
     z0 = latents[idx]
     captions = ["" if rng.random() < 0.1 else training_caption(_findings(labels[i]), rng) for i in idx]
-    ids = _tokens(tokenizer, captions)
-    t = torch.from_numpy(rng.integers(0, 1000, len(idx)))
+    ids = _tokens(tokenizer, captions).to(z0.device)
+    t = torch.from_numpy(rng.integers(0, 1000, len(idx))).to(z0.device)
     noise = torch.randn_like(z0)
     a = alphas[t].view(-1, 1, 1, 1)
     return a.sqrt() * z0 + (1 - a).sqrt() * noise, t, noise, ids, captions
 
 
-def train_unet(latents: torch.Tensor, labels: np.ndarray, work: Path, out: Path, recipe: StageRecipe) -> float:
-    torch.manual_seed(3)
-    unet = architecture.unet()
-    text_encoder = architecture.text_encoder()
-    tokenizer = clip_tokenizer()
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=1e-2)
-    stage = Stage("unet", work, {"unet": unet, "text_encoder": text_encoder}, opt, recipe)
-    rng = np.random.default_rng(4)
-    alphas = make_scheduler().alphas_cumprod
+def diffusion_config(recipe: StageRecipe) -> FinetuneConfig:
+    """The ``prism finetune`` settings of the diffusion stage (the model card prints them as flags)."""
+    return FinetuneConfig(
+        steps=recipe.steps,
+        batch_size=recipe.batch,
+        learning_rate=recipe.lr,
+        lr_schedule="cosine",
+        warmup_steps=100,
+        caption_dropout=0.1,
+        train_text_encoder=True,
+        max_grad_norm=1.0,
+        cache_latents=True,
+        checkpoint_every=250,
+        seed=3,
+    )
 
-    def step_fn(step: int) -> float:
-        idx = _batch(latents, rng, recipe.batch)
-        zt, t, noise, ids, _ = _noised_batch(latents, labels, idx, rng, tokenizer, alphas)
-        pred = unet(zt, t, encoder_hidden_states=text_encoder(ids)[0]).sample
-        loss = F.mse_loss(pred, noise)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        return loss.item()
 
-    loss = stage.run(step_fn, every=250)
-    unet.save_pretrained(out / "unet")
-    text_encoder.save_pretrained(out / "text_encoder")
-    _save_tokenizer(out / "tokenizer")
-    make_scheduler().save_pretrained(out / "scheduler")
-    return loss
+def finetune_diffusion(
+    base: Path, phantoms: Path, work: Path, out: Path, recipe: StageRecipe, device: torch.device
+) -> Finetuner:
+    """Algorithm 1 on the phantoms: the same reader and trainer as ``prism finetune``; the
+    returned run holds the cached latents the attention stage reuses."""
+    run = Finetuner(base, read_examples(phantoms, phantoms / CAPTIONS), work, diffusion_config(recipe), str(device))
+    if run.step < run.config.steps:
+        run.run()
+    run.export(work / "out", full_model=True)
+    return run
 
 
 class _CrossAttentionRecorder:
@@ -262,37 +305,45 @@ class _CrossAttentionRecorder:
         return probs
 
 
-def _finding_tokens(tokenizer, caption: str) -> list[tuple[int, list[int]]]:
-    """(finding index, token positions) for each finding the caption names, with or without."""
-    words = set(prompt_words(caption))
-    named = []
-    for f, name in enumerate(FINDINGS):
-        finding_words = prompt_words(NAMES[name])
-        if all(w in words for w in finding_words):
-            named.append((f, word_token_indices(tokenizer, caption, finding_words, "caption")))
-    return named
+def finding_tokens(tokenizer, captions: list[str]) -> torch.Tensor:
+    """(B, 3, TOKEN_WINDOW) 0/1: the token positions of each finding's words in each caption
+    (all zeros where the caption does not name the finding, with or without)."""
+    tokens = torch.zeros(len(captions), len(FINDINGS), TOKEN_WINDOW)
+    for b, caption in enumerate(captions):
+        words = set(prompt_words(caption))
+        for f, name in enumerate(FINDINGS):
+            finding_words = prompt_words(NAMES[name])
+            if all(w in words for w in finding_words):
+                tokens[b, f, word_token_indices(tokenizer, caption, finding_words, "caption")] = 1
+    return tokens
 
 
-def attention_loss(maps: list[torch.Tensor], named: list[list[tuple[int, list[int]]]], regions: torch.Tensor):
-    """Cross-entropy of each named finding's region under its words' attention over the map.
+def attention_loss(maps: list[torch.Tensor], tokens: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each named finding's region under its words' attention over the map,
+    averaged over every (map, caption, named finding).
 
-    ``regions`` (B, 3, s, s) holds area fractions, pooled to each map's size and normalised to a
-    distribution. The loss is lowest when a finding's words attend evenly over its whole region and
-    nowhere else, as a large model learns from data; LocalBlend's masks then cover the finding.
+    ``maps`` are (B, pixels, TOKEN_WINDOW) head-averaged probabilities; ``tokens`` comes from
+    :func:`finding_tokens`; ``regions`` (B, 3, s, s) holds area fractions, pooled to each map's
+    size and normalised to a distribution. The loss is lowest when a finding's words attend evenly
+    over its whole region and nowhere else, as a large model learns from data; LocalBlend's masks
+    then cover the finding.
     """
+    named = tokens.amax(-1)
+    if not named.any():
+        return maps[0].sum() * 0
     terms = []
     for m in maps:
         side = int(round(m.shape[1] ** 0.5))
         target = F.adaptive_avg_pool2d(regions, side).flatten(2).to(m.dtype)
         target = target / target.sum(-1, keepdim=True).clamp_min(1e-6)
-        for b, pairs in enumerate(named):
-            for f, tokens in pairs:
-                a = m[b, :, tokens].sum(-1)
-                terms.append(-(target[b, f] * torch.log(a / a.sum() + 1e-8)).sum())
-    return torch.stack(terms).mean() if terms else maps[0].sum() * 0
+        a = torch.einsum("bqt,bft->bfq", m, tokens.to(m.dtype))
+        log_share = torch.log(a / a.sum(-1, keepdim=True).clamp_min(1e-30) + 1e-8)
+        terms.append((-(target * log_share).sum(-1) * named).sum())
+    return torch.stack(terms).sum() / (named.sum() * len(maps))
 
 
 def train_attention(
+    model: Path,
     latents: torch.Tensor,
     labels: np.ndarray,
     regions: np.ndarray,
@@ -301,10 +352,11 @@ def train_attention(
     recipe: StageRecipe,
     weight: float,
 ) -> float:
-    """Fine-tune the UNet and text encoder with ε-MSE plus ``weight * attention_loss``."""
+    """Fine-tune ``model``'s UNet and text encoder with ε-MSE plus ``weight * attention_loss``."""
     torch.manual_seed(9)
-    unet = UNet2DConditionModel.from_pretrained(out / "unet")
-    text_encoder = CLIPTextModel.from_pretrained(out / "text_encoder")
+    device = latents.device
+    unet = UNet2DConditionModel.from_pretrained(model / "unet").to(device)
+    text_encoder = CLIPTextModel.from_pretrained(model / "text_encoder").to(device)
     recorder = _CrossAttentionRecorder()
     default_processors = unet.attn_processors
     unet.set_attn_processor(ControlledAttnProcessor(recorder))
@@ -313,16 +365,16 @@ def train_attention(
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=1e-2)
     stage = Stage("attention", work, {"unet": unet, "text_encoder": text_encoder}, opt, recipe)
     rng = np.random.default_rng(10)
-    alphas = make_scheduler().alphas_cumprod
-    region_t = torch.from_numpy(regions).float()
+    alphas = make_scheduler().alphas_cumprod.to(device)
+    region_t = torch.from_numpy(regions).float().to(device)
 
     def step_fn(step: int) -> float:
         idx = _batch(regions, rng, recipe.batch)
         zt, t, noise, ids, captions = _noised_batch(latents, labels, idx, rng, tokenizer, alphas)
         recorder.maps.clear()
         pred = unet(zt, t, encoder_hidden_states=text_encoder(ids)[0]).sample
-        named = [_finding_tokens(tokenizer, c) for c in captions]
-        loss = F.mse_loss(pred, noise) + weight * attention_loss(recorder.maps, named, region_t[idx])
+        tokens = finding_tokens(tokenizer, captions).to(device)
+        loss = F.mse_loss(pred, noise) + weight * attention_loss(recorder.maps, tokens, region_t[idx])
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -331,15 +383,19 @@ def train_attention(
 
     loss = stage.run(step_fn, every=100)
     unet.set_attn_processor(default_processors)
-    unet.save_pretrained(out / "unet")
-    text_encoder.save_pretrained(out / "text_encoder")
+    unet.to("cpu").save_pretrained(out / "unet")
+    text_encoder.to("cpu").save_pretrained(out / "text_encoder")
+    _save_tokenizer(out / "tokenizer")
+    make_scheduler().save_pretrained(out / "scheduler")
     (out / "local_blend.json").write_text(json.dumps(asdict(architecture.BLEND_MAPS)))
     return loss
 
 
-def train_clip(images: np.ndarray, labels: np.ndarray, work: Path, out: Path, recipe: StageRecipe) -> float:
+def train_clip(
+    images: np.ndarray, labels: np.ndarray, work: Path, out: Path, recipe: StageRecipe, device: torch.device
+) -> float:
     torch.manual_seed(5)
-    model = architecture.clip()
+    model = architecture.clip().to(device)
     tokenizer = clip_tokenizer()
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=1e-2)
     stage = Stage("clip", work, {"clip": model}, opt, recipe)
@@ -349,15 +405,15 @@ def train_clip(images: np.ndarray, labels: np.ndarray, work: Path, out: Path, re
 
     def step_fn(step: int) -> float:
         idx = _batch(images, rng, recipe.batch)
-        x = torch.from_numpy(images[idx]).float()[:, None] / 255.0
+        x = torch.from_numpy(images[idx]).to(device).float()[:, None] / 255.0
         x = F.interpolate(x, size=(side, side), mode="bilinear", antialias=True).expand(-1, 3, -1, -1)
         captions = [training_caption(_findings(labels[i]), rng) for i in idx]
-        tok = tokenizer(captions, padding="max_length", max_length=TOKEN_WINDOW, return_tensors="pt")
+        tok = tokenizer(captions, padding="max_length", max_length=TOKEN_WINDOW, return_tensors="pt").to(device)
         img = F.normalize(projected_features(model.get_image_features(pixel_values=(x - mean) / std)), dim=-1)
         txt = model.get_text_features(input_ids=tok.input_ids, attention_mask=tok.attention_mask)
         txt = F.normalize(projected_features(txt), dim=-1)
         logits = model.logit_scale.exp().clamp(max=100) * img @ txt.T
-        lab = torch.from_numpy(labels[idx])
+        lab = torch.from_numpy(labels[idx]).to(device)
         same = (lab[:, None, :] == lab[None, :, :]).all(-1).float()
         target = same / same.sum(1, keepdim=True)
         loss = 0.5 * (-(target * logits.log_softmax(1)).sum(1).mean() - (target * logits.log_softmax(0)).sum(0).mean())
@@ -367,30 +423,32 @@ def train_clip(images: np.ndarray, labels: np.ndarray, work: Path, out: Path, re
         return loss.item()
 
     loss = stage.run(step_fn)
-    model.save_pretrained(out / "clip")
+    model.to("cpu").save_pretrained(out / "clip")
     _save_tokenizer(out / "clip")
     write_clip_preprocessor(out / "clip", side)
     return loss
 
 
-def train_classifier(images: np.ndarray, labels: np.ndarray, work: Path, out: Path, recipe: StageRecipe) -> float:
+def train_classifier(
+    images: np.ndarray, labels: np.ndarray, work: Path, out: Path, recipe: StageRecipe, device: torch.device
+) -> float:
     torch.manual_seed(7)
-    model = FindingClassifier(builtin_classifier_config()).train().requires_grad_(True)
+    model = FindingClassifier(builtin_classifier_config()).train().requires_grad_(True).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr)
     stage = Stage("classifier", work, {"classifier": model}, opt, recipe)
     rng = np.random.default_rng(8)
 
     def step_fn(step: int) -> float:
         idx = _batch(images, rng, recipe.batch)
-        x = torch.from_numpy(images[idx]).float()[:, None] / 255.0
-        loss = F.binary_cross_entropy_with_logits(model(x), torch.from_numpy(labels[idx]))
+        x = torch.from_numpy(images[idx]).to(device).float()[:, None] / 255.0
+        loss = F.binary_cross_entropy_with_logits(model(x), torch.from_numpy(labels[idx]).to(device))
         opt.zero_grad()
         loss.backward()
         opt.step()
         return loss.item()
 
     loss = stage.run(step_fn)
-    model.save(out / "classifier.safetensors")
+    model.to("cpu").save(out / "classifier.safetensors")
     return loss
 
 
@@ -432,8 +490,9 @@ class TrainingLog:
         result = fn()
         stage = self.data["stages"].setdefault(name, {})
         stage["seconds"] = round(stage.get("seconds", 0.0) + time.perf_counter() - start, 1)
-        if isinstance(result, float):
-            stage["final_loss"] = round(result, 5)
+        loss = float(np.mean(result.losses[-100:])) if isinstance(result, Finetuner) else result
+        if isinstance(loss, float):
+            stage["final_loss"] = round(loss, 5)
         self.save()
         return result
 
@@ -441,45 +500,55 @@ class TrainingLog:
         self.path.write_text(json.dumps(self.data, indent=2))
 
 
-def train_builtin(work: Path, out: Path, recipe: Recipe = Recipe()) -> None:
-    """Run every stage not yet done, then measure and write ``training.json`` and ``MODEL_CARD.md``."""
+def train_builtin(
+    work: Path, out: Path, recipe: Recipe = Recipe(), device: str = "cpu", workers: int | None = None
+) -> None:
+    """Run every stage not yet done, then measure and write ``training.json`` and ``MODEL_CARD.md``.
+
+    ``workers`` processes render the phantoms (default: one per core).
+    """
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     record = TrainingLog(work / "training.json", recipe)
+    record.data["finetune"] = diffusion_config(recipe.unet).model_dump(exclude={"validate_every"})
+    on = torch.device(device)
+    threads = f"cpu ({torch.get_num_threads()} threads)"
+    record.data["device"] = torch.cuda.get_device_name(on) if on.type == "cuda" else threads
+    workers = workers or os.cpu_count() or 1
 
     data = work / "data.npz"
     if not data.exists():
-        images, labels = record.timed("data", lambda: build_dataset(recipe.images))
+        images, labels = record.timed("data", lambda: build_dataset(recipe.images, workers=workers))
         np.savez(data, images=images, labels=labels)
     loaded = np.load(data)
     images, labels = loaded["images"], loaded["labels"]
 
-    if (out / "vae" / "config.json").exists():
-        vae = AutoencoderKL.from_pretrained(out / "vae")
-    else:
-        record.timed("vae", lambda: train_vae(images, work, out, recipe.vae))
-        vae = AutoencoderKL.from_pretrained(out / "vae")
-    latents_path = work / "latents.pt"
-    if not latents_path.exists():
-        torch.save(record.timed("latents", lambda: encode_all(vae.eval(), images)), latents_path)
-    latents = torch.load(latents_path, weights_only=True)
-    if not (out / "unet" / "config.json").exists():
-        record.timed("unet", lambda: train_unet(latents, labels, work, out, recipe.unet))
+    phantoms = work / "phantoms"
+    if not (phantoms / CAPTIONS).exists():
+        record.timed("captions", lambda: write_phantoms(images, labels, phantoms))
+    if not (out / "vae" / "config.json").exists():
+        record.timed("vae", lambda: train_vae(images, work, out, recipe.vae, on))
+    base = write_base(work / "base", out / "vae")
+    diffusion = work / "finetune"
+    run = record.timed("unet", lambda: finetune_diffusion(base, phantoms, diffusion, out, recipe.unet, on))
     if not (work / "attention.done").exists():
         regions_path = work / "regions.npy"
         if not regions_path.exists():
             n = min(recipe.region_images, len(images))
-            np.save(regions_path, record.timed("regions", lambda: build_regions(n)))
+            np.save(regions_path, record.timed("regions", lambda: build_regions(n, workers=workers)))
         regions = np.load(regions_path)
+        tuned = diffusion / "out" / "model"
+        latents = run.cached_latents
         weight = recipe.attention_weight
         record.timed(
-            "attention", lambda: train_attention(latents, labels, regions, work, out, recipe.attention, weight)
+            "attention",
+            lambda: train_attention(tuned, latents, labels, regions, work, out, recipe.attention, weight),
         )
         (work / "attention.done").touch()
     if not (out / "clip" / "config.json").exists():
-        record.timed("clip", lambda: train_clip(images, labels, work, out, recipe.clip))
+        record.timed("clip", lambda: train_clip(images, labels, work, out, recipe.clip, on))
     if not (out / "classifier.safetensors").exists():
-        record.timed("classifier", lambda: train_classifier(images, labels, work, out, recipe.classifier))
+        record.timed("classifier", lambda: train_classifier(images, labels, work, out, recipe.classifier, on))
     record.data["measured"] = measure(out)
     record.save()
     shutil.copy(record.path, out / "training.json")

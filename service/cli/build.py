@@ -29,7 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--images", type=int, help="training phantoms (default: the recipe's)")
     train.add_argument("--scale", type=float, default=1.0, help="multiply every stage's step count (quick checks)")
     train.add_argument("--batch", type=int, help="one batch size for every stage (quick checks)")
-    train.add_argument("--threads", type=int, default=2)
+    train.add_argument("--threads", type=int, default=2, help="torch threads on the CPU")
+    train.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    train.add_argument("--workers", type=int, help="processes rendering phantoms (default: one per core)")
     train.set_defaults(func=train_builtin, log_level=logging.INFO)
 
     tune = sub.add_parser("finetune", help="fine-tune a local SD model on X-rays and labels (PRISM's Algorithm 1)")
@@ -133,7 +135,7 @@ def train_builtin(args: argparse.Namespace) -> int:
         recipe = recipe.scaled(args.scale, args.batch)
     if args.images:
         recipe = replace(recipe, images=args.images)
-    train(Path(args.work), Path(args.out), recipe)
+    train(Path(args.work), Path(args.out), recipe, device=args.device, workers=args.workers)
     return 0
 
 

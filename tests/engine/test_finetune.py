@@ -47,15 +47,16 @@ def write_dataset(folder, rows=ROWS):
 
 def test_captions_follow_the_template_for_every_label_value(tmp_path):
     examples = read_examples(tmp_path, write_dataset(tmp_path))
-    assert [e.caption for e in examples] == [expected for _, expected in ROWS]
+    assert [e.captions for e in examples] == [[expected] for _, expected in ROWS]
 
 
-def test_a_captions_column_is_used_as_written(tmp_path):
+def test_a_captions_column_is_used_as_written_and_rows_of_one_image_are_its_wordings(tmp_path):
     write_dataset(tmp_path)
     table = tmp_path / "captions.csv"
-    table.write_text("Path,caption\nview1_frontal.png,a chest x-ray with a pacemaker\n")
+    rows = ["Path,caption", "view1_frontal.png,a chest x-ray with a pacemaker", 'view1_frontal.png,"cxr, pacer"']
+    table.write_text("\n".join(rows) + "\n")
     (example,) = read_examples(tmp_path / "train" / "patient0" / "study1", table)
-    assert example.caption == "a chest x-ray with a pacemaker"
+    assert example.captions == ["a chest x-ray with a pacemaker", "cxr, pacer"]
 
 
 def test_a_bad_table_names_what_is_wrong(tmp_path):
@@ -100,7 +101,9 @@ def test_the_loss_falls_and_prism_edit_runs_with_the_weights(tmp_path, tiny_mode
 
 def test_an_interrupted_run_resumes_bit_exactly(tmp_path, tiny_model_dir):
     examples = read_examples(tmp_path, write_dataset(tmp_path))
-    config = CONFIG.model_copy(update={"ema_decay": 0.9, "gradient_accumulation": 2, "validate_every": 1})
+    examples = [e.model_copy(update={"captions": [*e.captions, "chest x-ray"]}) for e in examples]
+    update = {"ema_decay": 0.9, "gradient_accumulation": 2, "validate_every": 1, "cache_latents": True}
+    config = CONFIG.model_copy(update=update)
     whole = Finetuner(tiny_model_dir, examples, tmp_path / "whole", config, "cpu").run()
 
     def interrupt_at_step_3(run: Finetuner) -> dict:
@@ -114,6 +117,16 @@ def test_an_interrupted_run_resumes_bit_exactly(tmp_path, tiny_model_dir):
     resumed = Finetuner(tiny_model_dir, examples, tmp_path / "parts", config, "cpu")
     assert resumed.step == 3
     assert resumed.run() == whole  # the same loss sequence, bit for bit
+
+
+def test_cached_latents_train_as_latents_encoded_at_every_step(tmp_path, tiny_model_dir):
+    examples = read_examples(tmp_path, write_dataset(tmp_path))
+    config = CONFIG.model_copy(update={"steps": 4})
+    encoded = Finetuner(tiny_model_dir, examples, tmp_path / "a", config, "cpu").run()
+    cached_config = config.model_copy(update={"cache_latents": True})
+    cached = Finetuner(tiny_model_dir, examples, tmp_path / "b", cached_config, "cpu")
+    assert cached.cached_latents.shape == (len(examples), 4, 8, 8)
+    assert cached.run() == pytest.approx(encoded, rel=1e-4)
 
 
 def test_a_work_directory_of_another_run_is_refused(tmp_path, tiny_model_dir):
