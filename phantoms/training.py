@@ -24,7 +24,7 @@ import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict
 from itertools import repeat
 from pathlib import Path
 
@@ -49,46 +49,13 @@ from models.words import prompt_words, word_token_indices
 from phantoms import architecture
 from phantoms.captions import NAMES, explicit_caption, prism_caption, training_caption, typed_caption
 from phantoms.model_card import render_model_card
+from phantoms.recipe import RECIPES, TRAIN_SEEDS, Recipe, StageRecipe
 from phantoms.render import FINDINGS, Findings, region_fractions, training_phantom
 
 log = logging.getLogger("prism.train")
 SIZE = architecture.SIZE
-TRAIN_SEEDS = range(0, 16000)
 EVAL_SEEDS = range(2_000_000, 2_000_064)
 """Held-out anatomies for the measurements written to training.json (the benchmark uses 1,000,000+)."""
-
-
-@dataclass(frozen=True)
-class StageRecipe:
-    steps: int
-    batch: int
-    lr: float
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """Steps, batch size and peak learning rate of each stage (AdamW, 100-step warm-up, cosine to 10 %)."""
-
-    images: int = len(TRAIN_SEEDS)
-    vae: StageRecipe = StageRecipe(1000, 32, 1e-3)
-    unet: StageRecipe = StageRecipe(1800, 24, 3e-4)
-    attention: StageRecipe = StageRecipe(2500, 24, 1e-4)
-    clip: StageRecipe = StageRecipe(900, 64, 5e-4)
-    classifier: StageRecipe = StageRecipe(600, 64, 2e-3)
-    attention_weight: float = 0.02
-    region_images: int = 6000
-
-    def scaled(self, factor: float, batch: int | None = None) -> Recipe:
-        """Every stage's steps times ``factor`` (at least 10), optionally with one batch size (quick checks)."""
-        stages = {
-            name: replace(
-                getattr(self, name),
-                steps=max(10, int(getattr(self, name).steps * factor)),
-                batch=batch or getattr(self, name).batch,
-            )
-            for name in ("vae", "unet", "attention", "clip", "classifier")
-        }
-        return replace(self, **stages)
 
 
 def _pool(workers: int) -> ProcessPoolExecutor:
@@ -191,7 +158,9 @@ class Stage:
             if (step + 1) % every == 0 or step + 1 == steps:
                 state = {k: m.state_dict() for k, m in self.modules.items()}
                 extra = {"optimizer": self.optimizer.state_dict(), "step": step + 1, "smoothed_loss": self.smoothed}
-                torch.save({**state, **extra}, self.path)
+                partial = self.path.with_suffix(".partial")
+                torch.save({**state, **extra}, partial)
+                partial.replace(self.path)
                 rate = (time.perf_counter() - t0) / (step + 1 - self.start)
                 log.info("%s: step %d/%d loss %.5f (%.2f s/step)", self.name, step + 1, steps, self.smoothed, rate)
         return float(self.smoothed)
@@ -501,7 +470,7 @@ class TrainingLog:
 
 
 def train_builtin(
-    work: Path, out: Path, recipe: Recipe = Recipe(), device: str = "cpu", workers: int | None = None
+    work: Path, out: Path, recipe: Recipe = RECIPES["cpu"], device: str = "cpu", workers: int | None = None
 ) -> None:
     """Run every stage not yet done, then measure and write ``training.json`` and ``MODEL_CARD.md``.
 
@@ -519,7 +488,8 @@ def train_builtin(
     data = work / "data.npz"
     if not data.exists():
         images, labels = record.timed("data", lambda: build_dataset(recipe.images, workers=workers))
-        np.savez(data, images=images, labels=labels)
+        np.savez(partial := work / "data.partial.npz", images=images, labels=labels)
+        partial.replace(data)
     loaded = np.load(data)
     images, labels = loaded["images"], loaded["labels"]
 
@@ -535,7 +505,9 @@ def train_builtin(
         regions_path = work / "regions.npy"
         if not regions_path.exists():
             n = min(recipe.region_images, len(images))
-            np.save(regions_path, record.timed("regions", lambda: build_regions(n, workers=workers)))
+            regions = record.timed("regions", lambda: build_regions(n, workers=workers))
+            np.save(partial := work / "regions.partial.npy", regions)
+            partial.replace(regions_path)
         regions = np.load(regions_path)
         tuned = diffusion / "out" / "model"
         latents = run.cached_latents

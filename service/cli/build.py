@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import get_args
 
 from models.params import DtypeName, EditOptions, EditParams, FinetuneConfig, NullTextSettings
+from phantoms.recipe import RECIPES
 from service.cli.edit import ALIASES
 from service.cli.options import add_model_flags, model_from_args
 
@@ -26,6 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     train.add_argument(
         "--out", default=".prism/builtin", help="where the model is written (ship it with --out models/assets/builtin)"
     )
+    train.add_argument("--recipe", choices=list(RECIPES), default="cpu", help="steps and batch sizes per stage")
     train.add_argument("--images", type=int, help="training phantoms (default: the recipe's)")
     train.add_argument("--scale", type=float, default=1.0, help="multiply every stage's step count (quick checks)")
     train.add_argument("--batch", type=int, help="one batch size for every stage (quick checks)")
@@ -68,6 +70,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--inception", help="a local TorchScript Inception-v3 file, to report FID proper")
     bench.add_argument("--model", help="model directory with classifier.safetensors (default: built-in)")
     bench.add_argument("--device", choices=["cpu", "cuda"])
+    bench.add_argument(
+        "--record-in-card",
+        action="store_true",
+        help="write the default variant's goal measures into the model's training.json and MODEL_CARD.md",
+    )
     bench.add_argument(
         "--inner-steps",
         type=int,
@@ -126,11 +133,11 @@ def make_tiny(args: argparse.Namespace) -> int:
 def train_builtin(args: argparse.Namespace) -> int:
     import torch
 
-    from phantoms.training import Recipe
+    from phantoms.training import RECIPES
     from phantoms.training import train_builtin as train
 
     torch.set_num_threads(args.threads)
-    recipe = Recipe()
+    recipe = RECIPES[args.recipe]
     if args.scale != 1.0 or args.batch:
         recipe = recipe.scaled(args.scale, args.batch)
     if args.images:
@@ -204,10 +211,20 @@ def bench_phantom(args: argparse.Namespace) -> int:
             print(f"prism bench-phantom: error: {exc}")
             return 2
     model_dir = Path(args.model) if args.model else builtin_model_dir()
+    if args.record_in_card and (args.methods or args.vary):
+        print("prism bench-phantom: error: --record-in-card records the default variant: drop --methods and --vary")
+        return 2
+    if args.record_in_card and not (model_dir / "training.json").exists():
+        print(f"prism bench-phantom: error: --record-in-card: {model_dir} has no training.json (not a trained model)")
+        return 2
     bundle = load_bundle(model_dir, device=args.device)
     classifier = FindingClassifier.load(model_dir / "classifier.safetensors")
     inception = Path(args.inception) if args.inception else None
-    run_benchmark(bundle, classifier, args.n, Path(args.out), variants, inception=inception)
+    report = run_benchmark(bundle, classifier, args.n, Path(args.out), variants, inception=inception)
+    if args.record_in_card:
+        from phantoms.model_card import record_benchmark
+
+        record_benchmark(model_dir, report)
     print((Path(args.out) / "results.md").read_text())
     return 0
 
