@@ -10,6 +10,8 @@ from dataclasses import dataclass, replace
 
 TRAIN_SEEDS = range(0, 32000)
 """Training anatomies; a recipe uses the first ``images`` of them."""
+STAGE_NAMES = ("vae", "unet", "attention", "clip", "classifier")
+"""The stages a recipe sizes, in training order."""
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,7 @@ class Recipe:
                 steps=max(10, int(getattr(self, name).steps * factor)),
                 batch=batch or getattr(self, name).batch,
             )
-            for name in ("vae", "unet", "attention", "clip", "classifier")
+            for name in STAGE_NAMES
         }
         return replace(self, **stages)
 

@@ -15,6 +15,7 @@ per-stage seconds and final losses, held-out measurements) and a ``MODEL_CARD.md
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import logging
 import math
@@ -123,6 +124,13 @@ def write_base(directory: Path, vae_dir: Path) -> Path:
     return directory
 
 
+def _save_aside(path: Path, save: Callable[[Path], object]) -> None:
+    """``save`` to a sibling name, then rename over ``path``: an interrupted sitting never leaves half a file."""
+    partial = path.with_name(f"partial.{path.name}")
+    save(partial)
+    partial.replace(path)
+
+
 def _findings(row: np.ndarray) -> Findings:
     return Findings(*(bool(v) for v in row))
 
@@ -158,9 +166,7 @@ class Stage:
             if (step + 1) % every == 0 or step + 1 == steps:
                 state = {k: m.state_dict() for k, m in self.modules.items()}
                 extra = {"optimizer": self.optimizer.state_dict(), "step": step + 1, "smoothed_loss": self.smoothed}
-                partial = self.path.with_suffix(".partial")
-                torch.save({**state, **extra}, partial)
-                partial.replace(self.path)
+                _save_aside(self.path, functools.partial(torch.save, {**state, **extra}))
                 rate = (time.perf_counter() - t0) / (step + 1 - self.start)
                 log.info("%s: step %d/%d loss %.5f (%.2f s/step)", self.name, step + 1, steps, self.smoothed, rate)
         return float(self.smoothed)
@@ -488,8 +494,7 @@ def train_builtin(
     data = work / "data.npz"
     if not data.exists():
         images, labels = record.timed("data", lambda: build_dataset(recipe.images, workers=workers))
-        np.savez(partial := work / "data.partial.npz", images=images, labels=labels)
-        partial.replace(data)
+        _save_aside(data, lambda aside: np.savez(aside, images=images, labels=labels))
     loaded = np.load(data)
     images, labels = loaded["images"], loaded["labels"]
 
@@ -503,12 +508,12 @@ def train_builtin(
     run = record.timed("unet", lambda: finetune_diffusion(base, phantoms, diffusion, out, recipe.unet, on))
     if not (work / "attention.done").exists():
         regions_path = work / "regions.npy"
-        if not regions_path.exists():
+        if regions_path.exists():
+            regions = np.load(regions_path)
+        else:
             n = min(recipe.region_images, len(images))
             regions = record.timed("regions", lambda: build_regions(n, workers=workers))
-            np.save(partial := work / "regions.partial.npy", regions)
-            partial.replace(regions_path)
-        regions = np.load(regions_path)
+            _save_aside(regions_path, lambda aside: np.save(aside, regions))
         tuned = diffusion / "out" / "model"
         latents = run.cached_latents
         weight = recipe.attention_weight

@@ -133,7 +133,6 @@ def make_tiny(args: argparse.Namespace) -> int:
 def train_builtin(args: argparse.Namespace) -> int:
     import torch
 
-    from phantoms.training import RECIPES
     from phantoms.training import train_builtin as train
 
     torch.set_num_threads(args.threads)

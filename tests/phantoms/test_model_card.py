@@ -3,13 +3,14 @@
 import json
 
 from phantoms.model_card import GOALS, record_benchmark
+from phantoms.recipe import STAGE_NAMES
 
 _STAGE = {"steps": 10, "batch": 4, "lr": 1e-3}
 _RECIPE = {
     "images": 40,
     "region_images": 40,
     "attention_weight": 0.02,
-    **{name: _STAGE for name in ("vae", "unet", "attention", "clip", "classifier")},
+    **{name: _STAGE for name in STAGE_NAMES},
 }
 
 
