@@ -12,15 +12,15 @@ windows end: the sweep 0.4..0.8 over 50 steps runs 140 candidate-steps instead o
 
 from __future__ import annotations
 
-from collections.abc import Hashable
-from dataclasses import dataclass
+from collections.abc import Hashable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
-from models.params import BlendEditMaps, EditParams
+from models.params import P2P_BLEND_THRESHOLD, BlendEditMaps, EditParams
 
 
 @dataclass
@@ -41,6 +41,7 @@ class CandidateControl:
     equalizer: torch.Tensor | None = None
     blend_source_tokens: list[int] | None = None
     blend_tokens: list[int] | None = None
+    blend_threshold: float = P2P_BLEND_THRESHOLD
 
     @property
     def blends(self) -> bool:
@@ -60,17 +61,28 @@ class CandidateControl:
 
 @dataclass(frozen=True)
 class BlendMaps:
-    """Which cross-attention maps LocalBlend builds its mask from, and how far it grows it.
+    """Which cross-attention maps LocalBlend builds its mask from, how far it grows it, and where
+    it cuts it.
 
     ``side`` is the side of the maps used; None takes a quarter of the latent's side, P2P's
     16x16 maps for a 64x64 latent. ``dilation`` is the max-pooling radius in map cells (P2P: 1).
-    Both are properties of a model's attention: a model whose finer maps already localise a
-    finding asks for them (see ``load_bundle``), so that thin structures do not grow a mask over
-    most of the image.
+    ``threshold`` cuts the normalised map; ``word_thresholds`` give blend words their own cut
+    (lower-case prompt words). All are properties of a model's attention (see ``load_bundle``): a
+    model whose finer maps already localise a finding asks for them, so that thin structures do not
+    grow a mask over most of the image, and a finding whose attention spreads past its region (a
+    large one, such as an effusion) asks for a higher cut than one that barely lights its map (a
+    thin wire).
     """
 
     side: int | None = None
     dilation: int = 1
+    threshold: float = P2P_BLEND_THRESHOLD
+    word_thresholds: Mapping[str, float] = field(default_factory=dict)
+
+    def threshold_for(self, words: Iterable[str]) -> float:
+        """The cut for a mask of ``words``: the lowest of theirs (the widest region, so no blended
+        finding is cut off), ``threshold`` for a word without its own."""
+        return min((self.word_thresholds.get(w, self.threshold) for w in words), default=self.threshold)
 
     def queries(self, latent_hw: tuple[int, int]) -> int:
         """Number of attention queries (pixels) of the maps to use."""
@@ -87,7 +99,8 @@ class LocalBlend:
 
     For each candidate the mask is the union of the source's map for its blend words and the
     candidate's map for its own, accumulated over steps, max-pooled over ``maps.dilation`` cells,
-    normalised, thresholded. The maps are those nearest in size to ``maps.side``.
+    normalised, cut at the candidate's ``blend_threshold``. The maps are those nearest in size to
+    ``maps.side``.
     Candidates without blend words are left unblended. ``edit_maps`` "replaced" reads a candidate's
     maps after prompt-to-prompt has replaced and reweighted them, as the reference code does (it
     stores a view its edit step then overwrites); "own" reads them before.
@@ -95,18 +108,18 @@ class LocalBlend:
 
     def __init__(
         self,
-        threshold: float,
         start: float,
         maps: BlendMaps = P2P_BLEND_MAPS,
         edit_maps: BlendEditMaps = EditParams.model_fields["blend_edit_maps"].default,
     ) -> None:
-        self.threshold = threshold
         self.start = start
         self.maps = maps
         self.edit_maps = edit_maps
 
-    def masks(self, maps: torch.Tensor, token_sets: list[list[int]], latent_hw: tuple[int, int]) -> torch.Tensor:
-        """Binary masks (N, 1, h, w) from accumulated maps (N, r, r, 77)."""
+    def masks(
+        self, maps: torch.Tensor, token_sets: list[list[int]], thresholds: list[float], latent_hw: tuple[int, int]
+    ) -> torch.Tensor:
+        """Binary masks (N, 1, h, w) from accumulated maps (N, r, r, 77), row n cut at ``thresholds[n]``."""
         weights = torch.zeros(len(token_sets), maps.shape[-1], device=maps.device, dtype=maps.dtype)
         for b, tokens in enumerate(token_sets):
             weights[b, tokens] = 1.0
@@ -115,15 +128,19 @@ class LocalBlend:
         m = F.max_pool2d(m, 2 * d + 1, stride=1, padding=d)
         m = F.interpolate(m, size=latent_hw)
         m = m / m.amax(dim=(2, 3), keepdim=True).clamp_min(1e-12)
-        return m > self.threshold
+        return m > torch.tensor(thresholds, device=m.device, dtype=m.dtype)[:, None, None, None]
 
     def mask(self, maps: torch.Tensor, candidates: list[CandidateControl], latent_hw: tuple[int, int]) -> torch.Tensor:
         """Boolean masks (K, 1, h, w): True where candidate k may differ from the source."""
         k = len(candidates)
+        thresholds = [c.blend_threshold for c in candidates]
         source = self.masks(
-            maps[:1].expand(k, *maps.shape[1:]), [c.blend_source_tokens or [] for c in candidates], latent_hw
+            maps[:1].expand(k, *maps.shape[1:]),
+            [c.blend_source_tokens or [] for c in candidates],
+            thresholds,
+            latent_hw,
         )
-        own = self.masks(maps[1:], [c.blend_tokens or [] for c in candidates], latent_hw)
+        own = self.masks(maps[1:], [c.blend_tokens or [] for c in candidates], thresholds, latent_hw)
         unblended = torch.tensor([not c.blends for c in candidates], device=maps.device)[:, None, None, None]
         return source | own | unblended
 

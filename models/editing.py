@@ -58,8 +58,16 @@ def edit_specs(params: EditParams, edit_prompt: str) -> list[EditSpec]:
     ]
 
 
-def candidate_control(tokenizer, source_prompt: str, spec: EditSpec) -> CandidateControl:
-    """Token mappings and weights of one candidate; raises :class:`InvalidInput` for bad words."""
+def candidate_control(
+    tokenizer,
+    source_prompt: str,
+    spec: EditSpec,
+    blend_threshold: float | None = None,
+    blend_maps: BlendMaps = P2P_BLEND_MAPS,
+) -> CandidateControl:
+    """Token mappings and weights of one candidate; raises :class:`InvalidInput` for bad words.
+
+    Its LocalBlend cut is ``blend_threshold`` when given, else the model's for its blend words."""
     words = edit_words(source_prompt, spec.edit_prompt, spec.reweight_words, spec.blend_words)
     same_length = len(source_prompt.split()) == len(spec.edit_prompt.split())
     control = CandidateControl(
@@ -81,6 +89,11 @@ def candidate_control(tokenizer, source_prompt: str, spec: EditSpec) -> Candidat
     if spec.local_blend:
         control.blend_source_tokens = word_token_indices(tokenizer, source_prompt, words.blend_source, "blend_words")
         control.blend_tokens = word_token_indices(tokenizer, spec.edit_prompt, words.blend_edit, "blend_words")
+        control.blend_threshold = (
+            blend_threshold
+            if blend_threshold is not None
+            else blend_maps.threshold_for(words.blend_source + words.blend_edit)
+        )
     return control
 
 
@@ -90,14 +103,16 @@ def build_control(
     specs: Sequence[EditSpec],
     num_steps: int,
     latent_hw: tuple[int, int],
-    blend_threshold: float,
+    blend_threshold: float | None = DEFAULTS.blend_threshold,
     blend_start: float = DEFAULTS.blend_start,
     blend_maps: BlendMaps = P2P_BLEND_MAPS,
     blend_edit_maps: BlendEditMaps = DEFAULTS.blend_edit_maps,
 ) -> PromptToPromptControl:
-    candidates = [candidate_control(tokenizer, source_prompt, spec) for spec in specs]
+    """The control of a batch of candidates; ``blend_threshold`` None cuts each candidate's mask
+    where ``blend_maps`` says for its blend words."""
+    candidates = [candidate_control(tokenizer, source_prompt, spec, blend_threshold, blend_maps) for spec in specs]
     blends = any(c.blends for c in candidates)
-    blend = LocalBlend(blend_threshold, blend_start, blend_maps, blend_edit_maps) if blends else None
+    blend = LocalBlend(blend_start, blend_maps, blend_edit_maps) if blends else None
     return PromptToPromptControl(candidates, num_steps, latent_hw, blend)
 
 

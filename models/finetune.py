@@ -34,6 +34,7 @@ from tqdm import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
 import models.hf_offline  # noqa: F401  (before diffusers/transformers)
+from models.atomic import write_aside
 from models.constants import TOKEN_WINDOW
 from models.ddim import make_scheduler
 from models.errors import InvalidInput, ModelLoadError
@@ -266,8 +267,9 @@ class Finetuner:
 
     def save_checkpoint(self) -> None:
         """Write the whole state to a fresh directory, then swap it in (a crash never leaves half)."""
-        tmp, final = self.work / f"{CHECKPOINT}.tmp", self.work / CHECKPOINT
-        shutil.rmtree(tmp, ignore_errors=True)
+        write_aside(self.work / CHECKPOINT, self._write_checkpoint)
+
+    def _write_checkpoint(self, tmp: Path) -> None:
         tmp.mkdir(parents=True)
         save_file(self.unet.state_dict(), str(tmp / "unet.safetensors"))
         if self.config.train_text_encoder:
@@ -283,8 +285,6 @@ class Finetuner:
             "config": self.config.model_dump(),
         }
         torch.save(state, tmp / "state.pt")
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
 
     def _load(self, checkpoint: Path) -> None:
         state = torch.load(checkpoint / "state.pt", weights_only=False)

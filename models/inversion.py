@@ -32,6 +32,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from models.atomic import write_aside
 from models.ddim import DDIMSampler
 from models.params import InversionMode, NullTextSettings
 
@@ -117,8 +118,8 @@ class InversionCache:
     """Inversions stored as safetensors files named by their key, in a directory that any number of
     workers on one host may share.
 
-    Writes are atomic (a private temporary file, then a rename). A hit refreshes the file's
-    modification time; after each write the least recently used files are deleted until the
+    Writes are atomic (:func:`models.atomic.write_aside`, private to each process). A hit refreshes
+    the file's modification time; after each write the least recently used files are deleted until the
     directory holds at most ``max_bytes`` (None: unbounded). A file deleted or damaged under a
     reader is a miss.
     """
@@ -141,9 +142,7 @@ class InversionCache:
         return inversion
 
     def put(self, inversion: Inversion) -> None:
-        tmp = self.directory / f".{inversion.key}.{os.getpid()}.tmp"
-        inversion.save(tmp)
-        tmp.replace(self._path(inversion.key))
+        write_aside(self._path(inversion.key), inversion.save, tag=f".{os.getpid()}")
         self.evict()
 
     def evict(self) -> None:
@@ -151,7 +150,7 @@ class InversionCache:
         if self.max_bytes is None:
             return
         entries = []
-        for path in self.directory.glob("*.safetensors"):
+        for path in self.directory.glob("[!.]*.safetensors"):  # not another writer's partial file
             try:
                 stat = path.stat()
             except FileNotFoundError:

@@ -6,8 +6,9 @@ Accepted layouts:
     its fine-tuned UNet), loaded over the base UNet;
   * a CLIP directory (transformers CLIPModel + tokenizer + preprocessor config) for scoring,
     by default ``<model_dir>/clip``;
-  * optionally ``local_blend.json`` in the model directory, ``{"side": 16, "dilation": 0}``: the
-    cross-attention maps LocalBlend should use for this model (``BlendMaps``; P2P's otherwise).
+  * optionally ``local_blend.json`` in the model directory, e.g. ``{"side": 16, "dilation": 0,
+    "threshold": 0.4, "word_thresholds": {"effusion": 0.6}}``: the cross-attention maps LocalBlend
+    should use for this model and where it cuts them (``BlendMaps``; P2P's for a key left out).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -31,6 +32,7 @@ from models.constants import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD, SD15_LATENT_SCALE
 from models.ddim import make_scheduler
 from models.errors import ModelLoadError
 from models.params import DtypeName
+from models.words import prompt_words
 
 REQUIRED_FILES = {
     "unet": ["config.json", "diffusion_pytorch_model.safetensors"],
@@ -101,22 +103,35 @@ def _is_count(value: object, least: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
+def _is_fraction(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < 1
+
+
 def _read_blend_maps(path: Path) -> BlendMaps:
-    """The model's ``local_blend.json``, checked; P2P's choice when there is none."""
+    """The model's ``local_blend.json``, checked; P2P's choice for what it leaves out."""
     if not path.exists():
         return P2P_BLEND_MAPS
     try:
         raw = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ModelLoadError(f"could not read {path}: {exc}") from exc
-    if not isinstance(raw, dict) or set(raw) - {"side", "dilation"}:
-        raise ModelLoadError(f"{path} must be an object with only 'side' and 'dilation'")
-    side, dilation = raw.get("side"), raw.get("dilation", 1)
-    if side is not None and not _is_count(side, 1):
+    keys = [f.name for f in fields(BlendMaps)]
+    if not isinstance(raw, dict) or set(raw) - set(keys):
+        raise ModelLoadError(f"{path} must be an object with only {', '.join(map(repr, keys))}")
+    blend = BlendMaps(**raw)
+    if blend.side is not None and not _is_count(blend.side, 1):
         raise ModelLoadError(f"{path}: 'side' must be a positive integer or null")
-    if not _is_count(dilation, 0):
+    if not _is_count(blend.dilation, 0):
         raise ModelLoadError(f"{path}: 'dilation' must be a non-negative integer")
-    return BlendMaps(side, dilation)
+    if not _is_fraction(blend.threshold):
+        raise ModelLoadError(f"{path}: 'threshold' must be a number between 0 and 1 (exclusive)")
+    words = blend.word_thresholds
+    if not isinstance(words, dict) or not all(_is_fraction(t) for t in words.values()):
+        raise ModelLoadError(f"{path}: 'word_thresholds' must map words to numbers between 0 and 1 (exclusive)")
+    for word in words:
+        if prompt_words(word) != [word]:
+            raise ModelLoadError(f"{path}: 'word_thresholds' key {word!r} is not one lower-case prompt word")
+    return blend
 
 
 def write_clip_preprocessor(directory: Path, image_size: int) -> None:

@@ -22,6 +22,8 @@ Method = Literal["prism", "sdedit", "guided"]
 BlendEditMaps = Literal["own", "replaced"]
 DtypeName = Literal["float32", "float16", "bfloat16"]
 """The UNet's precision; unset means fp16 on CUDA and fp32 on CPU."""
+P2P_BLEND_THRESHOLD = 0.3
+"""Prompt-to-prompt's LocalBlend threshold: the one a model without its own uses."""
 
 
 def split_list(value: Any) -> Any:
@@ -113,8 +115,14 @@ class EditOptions(BaseModel):
         Field(description="edit-prompt words to reweight; default: the words the edit prompt adds"),
     ] = None
     blend_threshold: Annotated[
-        float, Field(gt=0.0, lt=1.0, description="LocalBlend threshold on the normalised attention maps")
-    ] = 0.3
+        float | None,
+        Field(
+            gt=0.0,
+            lt=1.0,
+            description="LocalBlend threshold on the normalised attention maps; default: the model's "
+            f"(its local_blend.json), P2P's {P2P_BLEND_THRESHOLD} for a model without one",
+        ),
+    ] = None
     blend_edit_maps: Annotated[
         BlendEditMaps,
         Field(

@@ -20,9 +20,12 @@ TEXT_HIDDEN = 64
 CLIP_HIDDEN = 32
 CLIP_IMAGE_SIZE = 64
 VOCAB_SIZE = 49408
-BLEND_MAPS = BlendMaps(side=16, dilation=0)
+BLEND_MAPS = BlendMaps(side=16, dilation=0, word_thresholds={"pleural": 0.6, "effusion": 0.6, "cardiomegaly": 0.6})
 """LocalBlend uses the 16x16 cross-attention maps, unpooled (``local_blend.json``): P2P's choice
-(a quarter of the latent side, pooled over one cell) grows every cell a thin wire touches to 48 px."""
+(a quarter of the latent side, pooled over one cell) grows every cell a thin wire touches to 48 px.
+Effusion and cardiomegaly, large regions whose attention spreads past them, are cut at 0.6; the
+devices' thin wires keep P2P's 0.3, as a higher cut loses their flips (chosen on the validation phantoms:
+docs/bench/threshold-sweep.md)."""
 
 
 def vae() -> AutoencoderKL:

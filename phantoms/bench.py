@@ -35,6 +35,10 @@ from phantoms.captions import NAMES, explicit_caption
 from phantoms.render import FINDINGS, Anatomy, Findings, anatomy_mask, region_mask, render
 
 HELD_OUT_SEED = 1_000_000
+SPLITS = {"test": range(0, 500), "validation": range(500, 1000)}
+"""Phantom indices per task of each split. Results are reported on ``test`` (docs/bench, the model
+card); settings stored with a model, such as its LocalBlend thresholds, are chosen on ``validation``
+so that the reported numbers are not tuned on the cases they are measured on."""
 TASKS = {
     "remove_devices": ("support_devices", True),
     "add_devices": ("support_devices", False),
@@ -48,6 +52,8 @@ PHANTOM_MEASURES = ("identity_ratio", "outside_change", "outside_edit_change", "
 def bench_case(task: str, index: int, size: int = 128) -> tuple[Anatomy, Findings, Findings, str]:
     """Held-out anatomy, source findings, target findings and the toggled finding of one case."""
     finding, source_state = TASKS[task]
+    if not 0 <= index < 1000:
+        raise ValueError(f"phantom index must be 0 to 999, got {index}")
     seed = HELD_OUT_SEED + 1000 * list(TASKS).index(task) + index
     rng = np.random.default_rng(seed)
     others = {n: bool(rng.random() < 0.5) for n in FINDINGS if n != finding}
@@ -146,21 +152,30 @@ def _save(folder: Path, kind: str, name: str, pixels: np.ndarray) -> None:
     (folder / kind / f"{name}.png").write_bytes(encode_png(pixels, 16))
 
 
+def case_indices(n: int, split: str = "test") -> range:
+    """The first ``n`` phantom indices of a split (a case is named by its index, so two splits
+    never share a saved case)."""
+    indices = SPLITS[split]
+    if not 1 <= n <= len(indices):
+        raise ValueError(f"n must be 1 to {len(indices)} for the {split} split, got {n}")
+    return indices[:n]
+
+
 def generate_cases(
     bundle: ModelBundle,
     classifier: FindingClassifier,
-    n: int,
+    indices: Sequence[int],
     out: Path,
     variants: Mapping[str, EditParams],
     tasks: Sequence[str] = tuple(TASKS),
 ) -> None:
-    """Every variant on ``n`` held-out phantoms per task, each case saved under
+    """Every variant on the held-out phantoms ``indices`` of each task, each case saved under
     ``out/cases/{variant}/{task}`` as it finishes; cases already there are kept."""
     cache = InversionCache(out / "inversions")
     for name, params in variants.items():
         for task in tasks:
             folder = out / "cases" / name / task
-            for i in tqdm(range(n), desc=f"{name} {task}"):
+            for i in tqdm(indices, desc=f"{name} {task}"):
                 case = f"{i:03d}"
                 if (folder / "measures" / f"{case}.json").exists():
                     continue
@@ -182,18 +197,21 @@ def run_benchmark(
     tasks: Sequence[str] = tuple(TASKS),
     grid_rows: int = 3,
     inception: Path | None = None,
+    split: str = "test",
 ) -> dict:
-    """Generate the cases (resuming), evaluate each variant and task against the truth with
-    :func:`models.evaluation.evaluate`, and write results.json, results.md and grid.png."""
+    """Generate the first ``n`` cases of ``split`` (resuming), evaluate each variant and task
+    against the truth with :func:`models.evaluation.evaluate`, and write results.json, results.md
+    and grid.png."""
     out.mkdir(parents=True, exist_ok=True)
-    generate_cases(bundle, classifier, n, out, variants, tasks)
+    indices = case_indices(n, split)
+    generate_cases(bundle, classifier, indices, out, variants, tasks)
     scorer = ClipScorer(bundle.clip, bundle.device)
     results: dict[str, dict] = {}
     for name, params in variants.items():
         results[name] = {"parameters": params.model_dump(), "tasks": {}}
         for task in tasks:
             folder = out / "cases" / name / task
-            names = [f"{i:03d}" for i in range(n)]
+            names = [f"{i:03d}" for i in indices]
             rows = [json.loads((folder / "measures" / f"{c}.json").read_text()) for c in names]
             manifest = {c: {k: r[k] for k in CASE_FIELDS} for c, r in zip(names, rows, strict=True)}
             (folder / "cases.json").write_text(json.dumps(manifest, indent=1))
@@ -201,14 +219,14 @@ def run_benchmark(
             evaluation = evaluate(cases, scorer, classifier, inception, desc=f"evaluate {name} {task}")
             phantom = {m: float(np.mean([r[m] for r in rows])) for m in PHANTOM_MEASURES}
             results[name]["tasks"][task] = {**evaluation.summary.model_dump(), **phantom}
-    report = {"variants": results, "model": bundle.identity, "device": str(bundle.device)}
+    report = {"variants": results, "model": bundle.identity, "device": str(bundle.device), "split": split}
     (out / "results.json").write_text(json.dumps(report, indent=2))
     (out / "results.md").write_text(markdown_table(results))
-    _grid(out, list(variants), tasks, min(grid_rows, n)).save(out / "grid.png")
+    _grid(out, list(variants), tasks, indices[:grid_rows]).save(out / "grid.png")
     return report
 
 
-def _grid(out: Path, variants: list[str], tasks: Sequence[str], rows: int) -> Image.Image:
+def _grid(out: Path, variants: list[str], tasks: Sequence[str], rows: Sequence[int]) -> Image.Image:
     """Per case: input | truth | each variant's counterfactual | each variant's difference (grey = 0)."""
 
     def read(variant: str, task: str, kind: str, i: int) -> np.ndarray:
@@ -216,7 +234,7 @@ def _grid(out: Path, variants: list[str], tasks: Sequence[str], rows: int) -> Im
 
     lines = []
     for task in tasks:
-        for i in range(rows):
+        for i in rows:
             original, truth = read(variants[0], task, "input", i), read(variants[0], task, "truth", i)
             edits = [read(v, task, "counterfactual", i) for v in variants]
             diffs = [np.clip(0.5 + e - original, 0, 1) for e in edits]

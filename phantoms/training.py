@@ -37,6 +37,7 @@ from PIL import Image
 from transformers import CLIPModel, CLIPTextModel
 
 import models.hf_offline  # noqa: F401  (before diffusers/transformers)
+from models.atomic import write_aside
 from models.attention_control import ControlledAttnProcessor
 from models.classifier import FindingClassifier, builtin_classifier_config
 from models.constants import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD, TOKEN_WINDOW
@@ -94,41 +95,35 @@ def write_phantoms(images: np.ndarray, labels: np.ndarray, directory: Path) -> P
     """
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(11)
-    table, partial = directory / CAPTIONS, directory / f"{CAPTIONS}.partial"
-    with partial.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["Path", "caption"])
-        for i, (image, row) in enumerate(zip(images, labels, strict=True)):
-            name = f"{i:06d}.png"
-            Image.fromarray(image).save(directory / name)
-            findings = _findings(row)
-            explicit = explicit_caption(findings)
-            for text in (explicit, explicit, prism_caption(findings), typed_caption(findings, rng)):
-                writer.writerow([name, text])
-    return partial.rename(table)
+
+    def write(partial: Path) -> None:
+        with partial.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["Path", "caption"])
+            for i, (image, row) in enumerate(zip(images, labels, strict=True)):
+                name = f"{i:06d}.png"
+                Image.fromarray(image).save(directory / name)
+                findings = _findings(row)
+                explicit = explicit_caption(findings)
+                for text in (explicit, explicit, prism_caption(findings), typed_caption(findings, rng)):
+                    writer.writerow([name, text])
+
+    return write_aside(directory / CAPTIONS, write)
 
 
 def write_base(directory: Path, vae_dir: Path) -> Path:
     """A diffusers SD directory to fine-tune from: the trained VAE, a freshly initialised UNet and
     text encoder (seeded), the CLIP tokenizer and the DDIM scheduler; written aside, then renamed."""
-    if not directory.is_dir():
-        partial = directory.with_name(directory.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
+
+    def write(partial: Path) -> None:
         torch.manual_seed(3)
         architecture.unet().save_pretrained(partial / "unet")
         architecture.text_encoder().save_pretrained(partial / "text_encoder")
         _save_tokenizer(partial / "tokenizer")
         make_scheduler().save_pretrained(partial / "scheduler")
         shutil.copytree(vae_dir, partial / "vae")
-        partial.rename(directory)
-    return directory
 
-
-def _save_aside(path: Path, save: Callable[[Path], object]) -> None:
-    """``save`` to a sibling name, then rename over ``path``: an interrupted sitting never leaves half a file."""
-    partial = path.with_name(f"partial.{path.name}")
-    save(partial)
-    partial.replace(path)
+    return directory if directory.is_dir() else write_aside(directory, write)
 
 
 def _findings(row: np.ndarray) -> Findings:
@@ -166,7 +161,7 @@ class Stage:
             if (step + 1) % every == 0 or step + 1 == steps:
                 state = {k: m.state_dict() for k, m in self.modules.items()}
                 extra = {"optimizer": self.optimizer.state_dict(), "step": step + 1, "smoothed_loss": self.smoothed}
-                _save_aside(self.path, functools.partial(torch.save, {**state, **extra}))
+                write_aside(self.path, functools.partial(torch.save, {**state, **extra}))
                 rate = (time.perf_counter() - t0) / (step + 1 - self.start)
                 log.info("%s: step %d/%d loss %.5f (%.2f s/step)", self.name, step + 1, steps, self.smoothed, rate)
         return float(self.smoothed)
@@ -362,7 +357,6 @@ def train_attention(
     text_encoder.to("cpu").save_pretrained(out / "text_encoder")
     _save_tokenizer(out / "tokenizer")
     make_scheduler().save_pretrained(out / "scheduler")
-    (out / "local_blend.json").write_text(json.dumps(asdict(architecture.BLEND_MAPS)))
     return loss
 
 
@@ -494,7 +488,7 @@ def train_builtin(
     data = work / "data.npz"
     if not data.exists():
         images, labels = record.timed("data", lambda: build_dataset(recipe.images, workers=workers))
-        _save_aside(data, lambda aside: np.savez(aside, images=images, labels=labels))
+        write_aside(data, lambda aside: np.savez(aside, images=images, labels=labels))
     loaded = np.load(data)
     images, labels = loaded["images"], loaded["labels"]
 
@@ -513,7 +507,7 @@ def train_builtin(
         else:
             n = min(recipe.region_images, len(images))
             regions = record.timed("regions", lambda: build_regions(n, workers=workers))
-            _save_aside(regions_path, lambda aside: np.save(aside, regions))
+            write_aside(regions_path, lambda aside: np.save(aside, regions))
         tuned = diffusion / "out" / "model"
         latents = run.cached_latents
         weight = recipe.attention_weight
@@ -526,6 +520,8 @@ def train_builtin(
         record.timed("clip", lambda: train_clip(images, labels, work, out, recipe.clip, on))
     if not (out / "classifier.safetensors").exists():
         record.timed("classifier", lambda: train_classifier(images, labels, work, out, recipe.classifier, on))
+    record.data["local_blend"] = asdict(architecture.BLEND_MAPS)
+    (out / "local_blend.json").write_text(json.dumps(record.data["local_blend"]))
     record.data["measured"] = measure(out)
     record.save()
     shutil.copy(record.path, out / "training.json")

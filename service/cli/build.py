@@ -55,6 +55,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     bench = sub.add_parser("bench-phantom", help="measure edits against true counterfactuals on held-out phantoms")
     bench.add_argument("--n", type=int, default=50, help="phantoms per task")
+    bench.add_argument(
+        "--split",
+        choices=["test", "validation"],
+        default="test",
+        help="test: the cases results are reported on; validation: other phantoms, to choose settings on",
+    )
     bench.add_argument("--out", default="bench-out", help="results, grid, and each case's measures (to resume)")
     bench.add_argument(
         "--vary",
@@ -187,7 +193,7 @@ def bench_phantom(args: argparse.Namespace) -> int:
     from models.builtin import builtin_model_dir
     from models.classifier import FindingClassifier
     from models.loading import load_bundle
-    from phantoms.bench import METHOD_VARIANTS, method_variants, run_benchmark, varied
+    from phantoms.bench import METHOD_VARIANTS, case_indices, method_variants, run_benchmark, varied
 
     params = _params(args, "bench-phantom")
     if params is None:
@@ -213,13 +219,21 @@ def bench_phantom(args: argparse.Namespace) -> int:
     if args.record_in_card and (args.methods or args.vary):
         print("prism bench-phantom: error: --record-in-card records the default variant: drop --methods and --vary")
         return 2
+    if args.record_in_card and args.split != "test":
+        print("prism bench-phantom: error: --record-in-card records the test split: drop --split")
+        return 2
+    try:
+        case_indices(args.n, args.split)
+    except ValueError as exc:
+        print(f"prism bench-phantom: error: --n: {exc}")
+        return 2
     if args.record_in_card and not (model_dir / "training.json").exists():
         print(f"prism bench-phantom: error: --record-in-card: {model_dir} has no training.json (not a trained model)")
         return 2
     bundle = load_bundle(model_dir, device=args.device)
     classifier = FindingClassifier.load(model_dir / "classifier.safetensors")
     inception = Path(args.inception) if args.inception else None
-    report = run_benchmark(bundle, classifier, args.n, Path(args.out), variants, inception=inception)
+    report = run_benchmark(bundle, classifier, args.n, Path(args.out), variants, inception=inception, split=args.split)
     if args.record_in_card:
         from phantoms.model_card import record_benchmark
 

@@ -45,7 +45,8 @@ def schema_facts() -> dict[str, dict]:
     facts = {}
     for name in FIELDS:
         prop = properties[name]
-        bounds_from = prop.get("items", prop) if prop.get("type") == "array" else prop
+        typed = next((s for s in prop.get("anyOf", []) if s.get("type") != "null"), prop)  # optional fields
+        bounds_from = typed.get("items", typed) if typed.get("type") == "array" else typed
         facts[name] = {
             "default": format_default(prop.get("default")),
             **{keys[k]: float(v) for k, v in bounds_from.items() if k in keys},

@@ -42,7 +42,7 @@ def test_reweight_of_named_words_and_refine_mode():
 
 
 def test_local_blend_keeps_source_outside_mask():
-    blend = LocalBlend(threshold=0.3, start=0.0)
+    blend = LocalBlend(start=0.0)
     cand = CandidateControl(0.8, 0.5, blend_source_tokens=[3], blend_tokens=[4])
     maps = torch.zeros(2, 8, 8, 77)
     maps[0, 1:3, 1:3, 3] = 1.0  # the source attends to its blend word top-left
@@ -61,9 +61,7 @@ def test_dilation_grows_the_mask_by_whole_map_cells():
     cand = CandidateControl(0.8, 0.5, blend_source_tokens=[3], blend_tokens=[])
     maps = torch.zeros(2, 8, 8, 77)
     maps[0, 3, 3, 3] = 1.0
-    sizes = {
-        d: LocalBlend(0.3, 0.2, BlendMaps(dilation=d)).mask(maps, [cand], (16, 16)).sum().item() for d in (0, 1, 2)
-    }
+    sizes = {d: LocalBlend(0.2, BlendMaps(dilation=d)).mask(maps, [cand], (16, 16)).sum().item() for d in (0, 1, 2)}
     assert sizes == {0: 4, 1: 36, 2: 100}
 
 
@@ -71,7 +69,7 @@ def test_blend_maps_pick_the_side_a_model_asks_for():
     assert BlendMaps().queries((64, 64)) == 256
     assert BlendMaps().queries((32, 32)) == 64
     assert BlendMaps(side=16).queries((32, 32)) == 256
-    blend = LocalBlend(0.3, 0.0, BlendMaps(side=16, dilation=0))
+    blend = LocalBlend(0.0, BlendMaps(side=16, dilation=0))
     cand = CandidateControl(0.0, 0.0, blend_source_tokens=[3], blend_tokens=[])
     control = PromptToPromptControl([cand], num_steps=4, latent_hw=(32, 32), local_blend=blend)
     coarse = torch.zeros(4, 2, 64, 77)  # (uncond, uncond, source, candidate) x 2 heads
@@ -93,7 +91,7 @@ def test_local_blend_reads_the_edit_branch_before_or_after_replacement(edit_maps
     mapper = torch.eye(77)
     mapper[[3, 4]] = mapper[[4, 3]]  # source token 3 <-> edit token 4
     cand = CandidateControl(1.0, 0.0, mapper=mapper, blend_source_tokens=[], blend_tokens=[4])
-    blend = LocalBlend(0.3, 0.0, BlendMaps(side=16, dilation=0), edit_maps)
+    blend = LocalBlend(0.0, BlendMaps(side=16, dilation=0), edit_maps)
     control = PromptToPromptControl([cand], num_steps=4, latent_hw=(32, 32), local_blend=blend)
     probs = torch.zeros(4, 2, 256, 77)  # (uncond, uncond, source, candidate) x 2 heads
     probs[..., 0] = 1.0
@@ -110,8 +108,29 @@ def test_local_blend_reads_the_edit_branch_before_or_after_replacement(edit_maps
     assert torch.equal(changed, expected)
 
 
+def test_each_candidate_cuts_its_mask_at_its_own_threshold():
+    maps = torch.zeros(3, 8, 8, 77)
+    maps[0, :, :, 3] = torch.linspace(0.05, 1.0, 64).view(8, 8)  # the source word's map: a ramp to 1
+    wide, narrow = (CandidateControl(0.8, 0.5, blend_source_tokens=[3], blend_threshold=t) for t in (0.3, 0.7))
+    masks = LocalBlend(0.0, BlendMaps(dilation=0)).mask(maps, [wide, narrow], (8, 8))
+    ramp = maps[0, :, :, 3]
+    assert torch.equal(masks[0, 0], ramp > 0.3) and torch.equal(masks[1, 0], ramp > 0.7)
+    assert masks[0].sum().item() == 47 and masks[1].sum().item() == 20
+
+
+def test_a_model_s_word_thresholds_pick_each_candidate_s_cut():
+    blend = BlendMaps(threshold=0.4, word_thresholds={"effusion": 0.6, "devices": 0.2})
+    assert blend.threshold_for(["pleural", "effusion"]) == 0.4  # "pleural" has none: the lower cut wins
+    assert blend.threshold_for(["effusion"]) == 0.6 and blend.threshold_for([]) == 0.4
+    assert blend.threshold_for(["support", "devices"]) == 0.2
+    tok = clip_tokenizer()
+    for given, expected in ((None, 0.2), (0.5, 0.5)):
+        control = candidate_control(tok, SOURCE, EditSpec(EDIT, 0.5), given, blend)
+        assert control.blend_threshold == expected
+
+
 def test_candidate_without_blend_words_is_not_blended():
-    blend = LocalBlend(0.3, 0.2)
+    blend = LocalBlend(0.2)
     cand = CandidateControl(0.8, 0.5, blend_source_tokens=[], blend_tokens=[])
     x = torch.randn(2, 4, 8, 8)
     assert torch.equal(blend.apply(x, torch.rand(2, 4, 4, 77), [cand]), x)

@@ -71,15 +71,24 @@ def test_model_can_ask_for_its_blend_maps(tiny_model_dir, tmp_path):
     (copy / "local_blend.json").write_text('{"side": 16, "dilation": 0}')
     asked = load_bundle(copy)
     assert asked.blend_maps == BlendMaps(16, 0) and asked.identity != default.identity
+    (copy / "local_blend.json").write_text('{"threshold": 0.45, "word_thresholds": {"effusion": 0.6}}')
+    cut = load_bundle(copy)
+    assert cut.blend_maps == BlendMaps(None, 1, 0.45, {"effusion": 0.6}) and cut.identity != asked.identity
 
 
 @pytest.mark.parametrize(
     "text, message",
     [
         ("{", "could not read"),
-        ('{"side": 16, "radius": 1}', "only 'side' and 'dilation'"),
+        ("[16, 0]", "only 'side', 'dilation', 'threshold', 'word_thresholds'"),
+        ('{"side": 16, "radius": 1}', "only 'side', 'dilation'"),
         ('{"side": 0}', "'side' must be"),
         ('{"dilation": true}', "'dilation' must be"),
+        ('{"threshold": 1}', "'threshold' must be"),
+        ('{"threshold": "0.4"}', "'threshold' must be"),
+        ('{"word_thresholds": {"effusion": 0}}', "'word_thresholds' must map"),
+        ('{"word_thresholds": ["effusion"]}', "'word_thresholds' must map"),
+        ('{"word_thresholds": {"Pleural Effusion": 0.5}}', "key 'Pleural Effusion' is not one lower-case"),
     ],
 )
 def test_bad_blend_maps_file_is_a_clear_error(tiny_model_dir, tmp_path, text, message):

@@ -1,8 +1,11 @@
 """How the counterfactual is formed from the decoded edit: residual (default) and decoded."""
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 
+from models.attention_control import BlendMaps
 from models.geometry import DecodedImage
 from models.inversion import InversionCache
 from models.params import EditParams, NullTextSettings
@@ -37,6 +40,20 @@ def test_identity_edit_returns_the_input_exactly_in_residual_mode(bundle):
     cf = generate_counterfactual(bundle, image, SOURCE, SOURCE, params)
     np.testing.assert_array_equal(cf.counterfactual, image.pixels)
     assert np.abs(cf.difference).max() == 0.0
+
+
+def test_the_model_s_blend_thresholds_apply_unless_the_request_sets_one(bundle, tmp_path):
+    """The random tiny model attends almost uniformly: a cut near 1 leaves part of the latent as it was."""
+    image = DecodedImage(xray_like(64, 64, seed=6), 8)
+    cache = InversionCache(tmp_path)
+    params = EditParams(steps=6, self_replace_steps=(0.5,), null_text=NullTextSettings(inner_steps=2))
+    tight = replace(bundle, blend_maps=BlendMaps(word_thresholds={"support": 0.995, "devices": 0.995}))
+    models_cut = generate_counterfactual(tight, image, SOURCE, EDIT, params, cache=cache)
+    asked_cut = generate_counterfactual(bundle, image, SOURCE, EDIT, params.replace(blend_threshold=0.995), cache=cache)
+    overridden = generate_counterfactual(tight, image, SOURCE, EDIT, params.replace(blend_threshold=0.3), cache=cache)
+    assert 0.0 < models_cut.report.edited_fraction < 1.0
+    np.testing.assert_array_equal(models_cut.counterfactual, asked_cut.counterfactual)
+    assert overridden.report.edited_fraction == 1.0
 
 
 def test_edited_regions_are_where_a_candidate_latent_differs_from_the_source():

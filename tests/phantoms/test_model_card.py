@@ -51,3 +51,19 @@ def test_record_benchmark_writes_the_goals_into_training_json_and_the_card(tmp_p
     card = (tmp_path / "MODEL_CARD.md").read_text()
     assert "| remove_devices | 30 | 0.54 (≤ 0.5: **not met**) | 0.95 (≥ 0.9: met) |" in card
     assert "| add_devices | 30 | 0.99 (≤ 1: met) | 0.6 (≥ 0.9: **not met**) |" in card
+
+
+def test_the_card_states_the_local_blend_settings_the_model_carries(tmp_path) -> None:
+    blend = {"side": 16, "dilation": 0, "threshold": 0.4, "word_thresholds": {"effusion": 0.6}}
+    for recorded, line in (
+        (
+            blend,
+            "| LocalBlend uses the 16×16 cross-attention maps without pooling, cut at 0.4; "
+            "blend words with their own cut: 'effusion' 0.6 |",
+        ),
+        (None, "| `local_blend.json` | not recorded |"),
+    ):
+        log = {"recipe": _RECIPE, "stages": {}, "measured": {}, **({"local_blend": recorded} if recorded else {})}
+        (tmp_path / "training.json").write_text(json.dumps(log))
+        record_benchmark(tmp_path, _report(l1_remove=0.5, flip_add=0.9))
+        assert line in (tmp_path / "MODEL_CARD.md").read_text()
