@@ -1,6 +1,8 @@
 """The shipped phantom model: loads offline, edits towards the true counterfactual."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,7 +13,8 @@ from models.classifier import FindingClassifier
 from models.evaluation import load_cases
 from models.loading import load_bundle
 from models.params import EditParams, NullTextSettings
-from phantoms.bench import method_variants, run_benchmark, varied
+from phantoms.bench import bench_case, case_indices, method_variants, run_benchmark, varied
+from phantoms.render import render
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +32,6 @@ def test_shipped_weights_are_small_and_load_offline(builtin):
 def test_classifier_recognises_held_out_findings():
     import torch
 
-    from phantoms.bench import bench_case
-    from phantoms.render import render
-
     classifier = FindingClassifier.load(BUILTIN_DIR / "classifier.safetensors")
     images, labels = [], []
     for task in ("remove_devices", "add_devices", "remove_effusion", "remove_cardiomegaly"):
@@ -47,9 +47,7 @@ def test_classifier_recognises_held_out_findings():
 def test_residual_counterfactual_keeps_the_input_where_the_latent_was_not_edited(builtin):
     from models.geometry import DecodedImage
     from models.pipeline import generate_counterfactual
-    from phantoms.bench import bench_case
     from phantoms.captions import explicit_caption
-    from phantoms.render import render
 
     anatomy, source, target, _ = bench_case("remove_devices", 0, builtin.resolution)
     pixels = np.round(render(anatomy, source) * 255) / 255
@@ -102,3 +100,22 @@ def test_varied_options_name_each_variant_once():
     assert variants["own"] == EditParams(blend_edit_maps="own")
     with pytest.raises(ValueError, match="--vary inversion=fast"):
         varied(EditParams(), ["inversion=fast"])
+
+
+def test_the_validation_split_is_other_phantoms_than_the_test_split():
+    assert list(case_indices(3)) == [0, 1, 2] and list(case_indices(2, "validation")) == [500, 501]
+    for n, split in ((0, "test"), (501, "test"), (501, "validation")):
+        with pytest.raises(ValueError, match=f"n must be 1 to 500 for the {split} split"):
+            case_indices(n, split)
+    with pytest.raises(ValueError, match="phantom index must be 0 to 999"):
+        bench_case("remove_devices", 1000)
+    test = [render(*bench_case("remove_effusion", i)[:2]) for i in case_indices(5)]
+    validation = [render(*bench_case("remove_effusion", i)[:2]) for i in case_indices(5, "validation")]
+    assert min(np.abs(a - b).mean() for a in test for b in validation) > 0.01
+
+
+def test_record_in_card_refuses_the_validation_split(tmp_path):
+    args = ["bench-phantom", "--split", "validation", "--record-in-card", "--n", "2", "--out", str(tmp_path)]
+    proc = subprocess.run([sys.executable, "-m", "service.cli", *args], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "records the test split" in proc.stdout
+    assert not any(tmp_path.iterdir())
