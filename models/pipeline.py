@@ -186,6 +186,7 @@ class Edit:
     self_replace: list[float | None]
     inversion: InversionInfo | None = None
     anatomy_mask: bool = False
+    blend_threshold: float | None = None
 
 
 def generate_counterfactual(
@@ -273,7 +274,9 @@ def _prism(
         ),
     )
     info = InversionInfo(mode=inversion.mode, key=inversion.key, cached=cached, final_losses=inversion.losses[-3:])
-    return Edit(latents, [s.edit_prompt for s in specs], [s.self_replace_steps for s in specs], info)
+    blend_threshold = next((c.blend_threshold for c in control.candidates if c.blends), None)
+    prompts, self_replace = [s.edit_prompt for s in specs], [s.self_replace_steps for s in specs]
+    return Edit(latents, prompts, self_replace, info, blend_threshold=blend_threshold)
 
 
 def _one_candidate(
@@ -400,6 +403,7 @@ def _assemble(
         edit_prompt=edit.edit_prompts[best],
         inversion=edit.inversion,
         anatomy_mask=edit.anatomy_mask,
+        blend_threshold=edit.blend_threshold,
         edited_fraction=float(region.mean()),
         difference=DifferenceInfo(min=float(diff.min()), max=float(diff.max())),
         difference_png_scale=scale,

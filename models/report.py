@@ -95,6 +95,13 @@ class EditReport(Record):
     anatomy_mask: Annotated[bool, Field(description="guided: an anatomy mask was kept (no blending without one)")] = (
         False
     )
+    blend_threshold: Annotated[
+        float | None,
+        Field(
+            description="prism: where LocalBlend cut the mask, the request's blend_threshold or else the model's "
+            "for the blend words; null when nothing was blended"
+        ),
+    ] = None
     edited_fraction: Annotated[float, Field(description="fraction of the image where the edit changed the latent")]
     difference: DifferenceInfo
     difference_png_scale: Annotated[float, Field(description="|difference| drawn at full colour in difference.png")]

@@ -54,6 +54,7 @@ def test_the_model_s_blend_thresholds_apply_unless_the_request_sets_one(bundle, 
     assert 0.0 < models_cut.report.edited_fraction < 1.0
     np.testing.assert_array_equal(models_cut.counterfactual, asked_cut.counterfactual)
     assert overridden.report.edited_fraction == 1.0
+    assert (models_cut.report.blend_threshold, overridden.report.blend_threshold) == (0.995, 0.3)
 
 
 def test_edited_regions_are_where_a_candidate_latent_differs_from_the_source():
