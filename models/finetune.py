@@ -319,10 +319,20 @@ class Finetuner:
             model = out / "model"
             shutil.rmtree(model, ignore_errors=True)
             shutil.copytree(self.base, model)
-            unet.save_pretrained(model / "unet")
+            save_unet(unet, model / "unet")
             if self.config.train_text_encoder:
                 self.text_encoder.save_pretrained(model / "text_encoder")
         return out
+
+
+def save_unet(unet: UNet2DConditionModel, directory: Path) -> None:
+    """``save_pretrained`` without the ``_name_or_path`` diffusers records on loading: a model's
+    files, and so its hash, must not depend on the folder it was trained in."""
+    unet.save_pretrained(directory)
+    config_file = directory / "config.json"
+    config = json.loads(config_file.read_text())
+    config.pop("_name_or_path", None)
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def validation_edit(

@@ -42,7 +42,7 @@ from models.attention_control import ControlledAttnProcessor
 from models.classifier import FindingClassifier, builtin_classifier_config
 from models.constants import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD, TOKEN_WINDOW
 from models.ddim import make_scheduler
-from models.finetune import Finetuner, read_examples
+from models.finetune import Finetuner, read_examples, save_unet
 from models.loading import write_clip_preprocessor
 from models.params import FinetuneConfig
 from models.scoring import projected_features
@@ -353,7 +353,7 @@ def train_attention(
 
     loss = stage.run(step_fn, every=100)
     unet.set_attn_processor(default_processors)
-    unet.to("cpu").save_pretrained(out / "unet")
+    save_unet(unet.to("cpu"), out / "unet")
     text_encoder.to("cpu").save_pretrained(out / "text_encoder")
     _save_tokenizer(out / "tokenizer")
     make_scheduler().save_pretrained(out / "scheduler")

@@ -96,7 +96,10 @@ def test_the_loss_falls_and_prism_edit_runs_with_the_weights(tmp_path, tiny_mode
     )  # fmt: skip
     assert edit.returncode == 0, edit.stderr
     assert (tmp_path / "cf" / "counterfactual.png").exists()
-    assert (out / "model" / "unet" / "config.json").exists() and (out / "model" / "vae").is_dir()
+    assert (out / "model" / "vae").is_dir()
+    base_config = json.loads((tiny_model_dir / "unet" / "config.json").read_text())
+    config = json.loads((out / "model" / "unet" / "config.json").read_text())
+    assert "_name_or_path" not in config and config == {k: v for k, v in base_config.items() if k != "_name_or_path"}
 
 
 def test_an_interrupted_run_resumes_bit_exactly(tmp_path, tiny_model_dir):
