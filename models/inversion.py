@@ -18,11 +18,13 @@ The result is an :class:`Inversion`, cached and reused for every edit of the sam
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,10 +120,14 @@ class InversionCache:
     """Inversions stored as safetensors files named by their key, in a directory that any number of
     workers on one host may share.
 
-    Writes are atomic (:func:`models.atomic.write_aside`, private to each process). A hit refreshes
-    the file's modification time; after each write the least recently used files are deleted until the
-    directory holds at most ``max_bytes`` (None: unbounded). A file deleted or damaged under a
-    reader is a miss.
+    Writes are atomic (:func:`models.atomic.write_aside`, private to each process). A write or a
+    hit stamps the file's modification time; after each write the least recently used files are
+    deleted until the directory holds at most ``max_bytes`` (None: unbounded). A file deleted or
+    damaged under a reader is a miss.
+
+    The stamps are ``time.time_ns()``, not the file system's own: the kernel times a write and a
+    plain ``utime`` by its coarse clock (one tick is milliseconds), so a hit just after another
+    file's write could tie with it and lose its place.
     """
 
     def __init__(self, directory: Path, max_bytes: int | None = None) -> None:
@@ -136,13 +142,16 @@ class InversionCache:
         path = self._path(key)
         try:
             inversion = Inversion.load(path)
-            os.utime(path)
+            _stamp(path)
         except (FileNotFoundError, SafetensorError, KeyError, ValueError):
             return None
         return inversion
 
     def put(self, inversion: Inversion) -> None:
-        write_aside(self._path(inversion.key), inversion.save, tag=f".{os.getpid()}")
+        path = self._path(inversion.key)
+        write_aside(path, inversion.save, tag=f".{os.getpid()}")
+        with contextlib.suppress(FileNotFoundError):  # another worker has evicted it already
+            _stamp(path)
         self.evict()
 
     def evict(self) -> None:
@@ -155,13 +164,19 @@ class InversionCache:
                 stat = path.stat()
             except FileNotFoundError:
                 continue
-            entries.append((stat.st_mtime, stat.st_size, path))
+            entries.append((stat.st_mtime_ns, stat.st_size, path))
         total = sum(size for _, size, _ in entries)
         for _, size, path in sorted(entries):
             if total <= self.max_bytes:
                 break
             path.unlink(missing_ok=True)
             total -= size
+
+
+def _stamp(path: Path) -> None:
+    """Mark ``path`` as used now, at the clock's full resolution."""
+    now = time.time_ns()
+    os.utime(path, ns=(now, now))
 
 
 def _eps(unet, x: torch.Tensor, t: int, context: torch.Tensor) -> torch.Tensor:

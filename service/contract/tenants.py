@@ -75,19 +75,25 @@ def tenant_for(key: str | None, tenants: list[Tenant]) -> str | None:
 
 
 class TenantFile:
-    """The keys file, re-read when it changes, so new keys work without a restart."""
+    """The keys file, re-read when it changes, so new keys work without a restart.
+
+    A change is a new modification time, size or inode: the kernel stamps writes by a clock that
+    ticks every few milliseconds, so a key appended (the size grows) or a file replaced (a new
+    inode) in the same tick as the last read is still seen.
+    """
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
-        self._mtime: float | None = None
+        self._version: tuple[int, int, int] | None = None
         self._tenants: list[Tenant] = []
 
     def tenants(self) -> list[Tenant]:
         if self.path is None or not self.path.exists():
             return []
-        mtime = self.path.stat().st_mtime
-        if mtime != self._mtime:
-            self._tenants, self._mtime = read_tenants(self.path), mtime
+        stat = self.path.stat()
+        version = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        if version != self._version:
+            self._tenants, self._version = read_tenants(self.path), version
         return self._tenants
 
     def webhook_secret(self, name: str) -> str | None:

@@ -140,7 +140,8 @@ def test_cache_evicts_least_recently_used_and_survives_damaged_files(tmp_path):
     past = time.time() - 100
     os.utime(tmp_path / "a.safetensors", (past, past))
     bounded.put(_entry("b"))
-    assert bounded.get("a") is not None  # a hit makes "a" the most recently used
+    assert bounded.get("a") is not None  # a hit makes "a" the most recently used, even within a clock tick
+    assert (tmp_path / "a.safetensors").stat().st_mtime_ns > (tmp_path / "b.safetensors").stat().st_mtime_ns
     bounded.put(_entry("c"))
     assert sorted(p.stem for p in tmp_path.glob("*.safetensors")) == ["a", "c"]
     assert not list(tmp_path.glob(".*.tmp"))
