@@ -13,7 +13,7 @@ from models.classifier import FindingClassifier
 from models.evaluation import load_cases
 from models.loading import load_bundle
 from models.params import EditParams, NullTextSettings
-from phantoms.bench import bench_case, case_indices, method_variants, run_benchmark, varied
+from phantoms.bench import bench_case, case_indices, method_variants, run_benchmark, truth_latent_ratio, varied
 from phantoms.render import render
 
 
@@ -73,6 +73,8 @@ def test_device_removal_moves_towards_the_truth(builtin, tmp_path):
     assert result["outside_change"] < 0.02 and 0 <= result["flip_rate"] <= 1 and -1 <= result["s_clip"] <= 1
     assert json.loads((tmp_path / "results.json").read_text())["variants"]["paper"]["tasks"]["remove_devices"] == result
     assert "| paper | remove_devices | 3 |" in (tmp_path / "results.md").read_text()
+    references = [truth_latent_ratio(builtin, "remove_devices", i) for i in range(3)]
+    assert result["truth_latent_ratio"] == pytest.approx(np.mean(references))
     # input | truth | counterfactual | difference, three cases
     assert Image.open(tmp_path / "grid.png").size == (4 * 128, 3 * 128)
     # a second run resumes from the saved cases: nothing is recomputed
@@ -82,6 +84,15 @@ def test_device_removal_moves_towards_the_truth(builtin, tmp_path):
     cases = load_cases(tmp_path / "cases" / "paper" / "remove_devices")
     assert [c.name for c in cases] == ["000", "001", "002"]
     assert all(c.truth is not None and c.targets == {"Support Devices": 0} for c in cases)
+
+
+def test_the_vae_alone_keeps_a_perfect_lead_removal_far_from_the_truth(builtin):
+    """A lead's VAE round trip is a blurred lead: a removal that reached the truth's latent still
+    leaves its edges, while a large soft effusion survives the round trip far better."""
+    devices = np.mean([truth_latent_ratio(builtin, "remove_devices", i) for i in range(3)])
+    effusion = np.mean([truth_latent_ratio(builtin, "remove_effusion", i) for i in range(3)])
+    assert 0.3 < devices < 0.5, devices
+    assert 0.1 < effusion < devices - 0.1, effusion
 
 
 def test_each_method_runs_at_its_papers_and_one_tuned_setting():
