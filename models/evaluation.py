@@ -147,6 +147,12 @@ def _tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(image, np.float32))[None, None]
 
 
+def l1_ratio(image: np.ndarray, original: np.ndarray, truth: np.ndarray) -> float:
+    """L1(image, truth) / L1(original, truth): below 1, ``image`` is closer to the truth than the
+    original is (guarded against an original equal to its truth)."""
+    return float(np.abs(image - truth).mean()) / max(float(np.abs(original - truth).mean()), 1e-6)
+
+
 def ssim(a: np.ndarray, b: np.ndarray) -> float:
     return float(structural_similarity_index_measure(_tensor(a), _tensor(b), data_range=1.0))
 
@@ -267,7 +273,7 @@ def evaluate(
         l1_truth = ratio = ssim_truth = None
         if case.truth is not None:
             l1_truth = float(np.abs(case.counterfactual - case.truth).mean())
-            ratio = l1_truth / max(float(np.abs(case.input - case.truth).mean()), 1e-6)
+            ratio = l1_ratio(case.counterfactual, case.input, case.truth)
             ssim_truth = ssim(case.counterfactual, case.truth)
         flip = change = None
         if classifier is not None and case.targets:

@@ -24,7 +24,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from models.classifier import FindingClassifier
-from models.evaluation import evaluate, load_cases
+from models.evaluation import evaluate, l1_ratio, load_cases
 from models.geometry import DecodedImage, decode_image, encode_png
 from models.inversion import InversionCache
 from models.loading import ModelBundle
@@ -100,7 +100,7 @@ def truth_latent_ratio(bundle: ModelBundle, task: str, index: int) -> float:
     original, truth = render(anatomy, source), render(anatomy, target)
     region = region_mask(anatomy, finding)
     reached = np.clip(original + region * (_vae_roundtrip(bundle, truth) - _vae_roundtrip(bundle, original)), 0, 1)
-    return _l1(reached, truth) / max(_l1(original, truth), 1e-6)
+    return l1_ratio(reached, original, truth)
 
 
 def method_variants(base: EditParams, methods: Sequence[str]) -> dict[str, EditParams]:
