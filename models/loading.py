@@ -66,6 +66,10 @@ class ModelBundle:
     device: torch.device
     dtype: torch.dtype
     identity: str
+    """Fingerprint of everything loaded: the model a result came from."""
+    inversion_identity: str
+    """Fingerprint of what an inversion reads (UNet, text encoder, the VAE's encoder half), which keys
+    cached inversions: a new decoder, CLIP scorer or ``local_blend.json`` keeps them valid."""
     resolution: int
     blend_maps: BlendMaps = P2P_BLEND_MAPS
 
@@ -89,6 +93,21 @@ def _fingerprint(h: hashlib._Hash, path: Path) -> None:
         if size > 2 << 20:
             f.seek(-(1 << 20), os.SEEK_END)
             h.update(f.read())
+
+
+VAE_ENCODER_PREFIXES = ("encoder.", "quant_conv.")
+"""The VAE tensors an encoding reads."""
+
+
+def _encoder_fingerprint(h: hashlib._Hash, vae: AutoencoderKL) -> None:
+    """Hash the VAE's encoder half: its config (the latent scale with it) and the tensors an
+    encoding reads, from the loaded model, since one weights file holds the decoder too."""
+    config = {k: v for k, v in vae.config.items() if not k.startswith("_")}
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, tensor in vae.state_dict().items():
+        if name.startswith(VAE_ENCODER_PREFIXES):
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
 def _require_tokenizer(directory: Path) -> None:
@@ -193,7 +212,6 @@ def load_bundle(
 
     device_t, torch_dtype = resolve_device(device, dtype)
 
-    h = hashlib.sha256()
     try:
         unet = UNet2DConditionModel.from_pretrained(model_dir / "unet", local_files_only=True, torch_dtype=torch_dtype)
         if unet_weights is not None:
@@ -213,13 +231,19 @@ def load_bundle(
     scheduler_config = json.loads(scheduler_file.read_text()) if scheduler_file.exists() else None
     scheduler = make_scheduler(scheduler_config)
 
-    for sub in ("unet", "vae", "text_encoder"):
+    read = hashlib.sha256()
+    for sub in ("unet", "text_encoder"):
         for f in sorted((model_dir / sub).glob("*")):
-            _fingerprint(h, f)
+            _fingerprint(read, f)
+    if unet_weights is not None:
+        _fingerprint(read, Path(unet_weights))
+    _encoder_fingerprint(read, vae)
+    inversion_identity = read.hexdigest()[:16]
+    h = hashlib.sha256(inversion_identity.encode())
+    for f in sorted((model_dir / "vae").glob("*")):
+        _fingerprint(h, f)
     if blend_file.exists():
         _fingerprint(h, blend_file)
-    if unet_weights is not None:
-        _fingerprint(h, Path(unet_weights))
     for f in sorted(clip_path.glob("*")):
         if f.is_file():
             _fingerprint(h, f)
@@ -233,8 +257,9 @@ def load_bundle(
         mean=tuple(preprocess.get("image_mean", CLIP_IMAGE_MEAN)),
         std=tuple(preprocess.get("image_std", CLIP_IMAGE_STD)),
     )
+    identity = h.hexdigest()[:16]
     return assemble_bundle(
-        unet, vae, text_encoder, tokenizer, scheduler, clip, device_t, h.hexdigest()[:16], blend_maps
+        unet, vae, text_encoder, tokenizer, scheduler, clip, device_t, identity, blend_maps, inversion_identity
     )
 
 
@@ -248,8 +273,12 @@ def assemble_bundle(
     device: torch.device,
     identity: str,
     blend_maps: BlendMaps = P2P_BLEND_MAPS,
+    inversion_identity: str | None = None,
 ) -> ModelBundle:
-    """Frozen, in eval mode and on ``device``: the bundle a worker holds (the UNet keeps its dtype)."""
+    """Frozen, in eval mode and on ``device``: the bundle a worker holds (the UNet keeps its dtype).
+
+    ``inversion_identity`` defaults to ``identity`` (any change invalidates cached inversions).
+    """
     for module in (unet, vae, text_encoder, clip.model):
         module.requires_grad_(False)
         module.eval()
@@ -265,6 +294,7 @@ def assemble_bundle(
         device=device,
         dtype=unet.dtype,
         identity=identity,
+        inversion_identity=inversion_identity or identity,
         resolution=int(unet.config.sample_size) * vae_scale,
         blend_maps=blend_maps,
     )

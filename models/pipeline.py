@@ -134,7 +134,7 @@ def invert(
     key = inversion_key(
         image.numpy(),
         original_prompt,
-        f"{bundle.identity}:{bundle.dtype}",
+        f"{bundle.inversion_identity}:{bundle.dtype}",
         dict(bundle.scheduler.config) | {"fixed": PRISM_SCHEDULER_CONFIG},
         params.steps,
         params.guidance_scale,
@@ -169,7 +169,7 @@ def invert(
         key=key,
         mode=mode,
         latent_offsets=offsets,
-        settings={"steps": params.steps, "guidance_scale": params.guidance_scale, "model": bundle.identity},
+        settings={"steps": params.steps, "guidance_scale": params.guidance_scale, "model": bundle.inversion_identity},
         losses=losses,
     )
     if cache is not None:

@@ -9,6 +9,7 @@ from typing import Any
 
 STAGES = {
     "vae": "VAE (L1 + 1e-6 KL on 64x64 crops)",
+    "decoder": "VAE decoder alone, encoder frozen (L1 on whole images, posterior mean)",
     "unet": "UNet + text encoder by `prism finetune` (Algorithm 1: epsilon-MSE, 10 % empty captions)",
     "attention": "attention fine-tune of UNet + text encoder (epsilon-MSE + weight x region cross-entropy)",
     "clip": "CLIP scorer (multi-positive contrastive)",

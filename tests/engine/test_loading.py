@@ -2,6 +2,7 @@ import shutil
 
 import pytest
 import torch
+from diffusers import AutoencoderKL
 from safetensors.torch import save_file
 
 from models.attention_control import BlendMaps
@@ -41,7 +42,27 @@ def test_unet_state_dict_loads_over_base_and_changes_identity(tiny_model_dir, bu
     loaded = load_bundle(tiny_model_dir, unet_weights=weights)
     key = "conv_in.weight"
     assert torch.allclose(loaded.unet.state_dict()[key], state[key])
-    assert loaded.identity != bundle.identity
+    assert loaded.identity != bundle.identity and loaded.inversion_identity != bundle.inversion_identity
+
+
+def test_inversions_are_keyed_by_the_vae_encoder_not_its_decoder_or_the_blend_settings(tiny_model_dir, tmp_path):
+    copy = shutil.copytree(tiny_model_dir, tmp_path / "m")
+    before = load_bundle(copy)
+    vae = AutoencoderKL.from_pretrained(copy / "vae")
+    with torch.no_grad():
+        vae.decoder.conv_out.weight.add_(0.01)
+    vae.save_pretrained(copy / "vae")
+    (copy / "local_blend.json").write_text('{"side": 16, "dilation": 0}')
+    decoded = load_bundle(copy)
+    assert decoded.identity != before.identity and decoded.inversion_identity == before.inversion_identity
+    with torch.no_grad():
+        vae.encoder.conv_in.weight.add_(0.01)
+    vae.save_pretrained(copy / "vae")
+    encoded = load_bundle(copy)
+    assert encoded.inversion_identity not in (before.inversion_identity, before.identity)
+    vae.register_to_config(scaling_factor=0.2)
+    vae.save_pretrained(copy / "vae")
+    assert load_bundle(copy).inversion_identity != encoded.inversion_identity
 
 
 def test_mismatched_unet_weights_are_rejected(tiny_model_dir, tmp_path):

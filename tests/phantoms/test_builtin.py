@@ -86,13 +86,12 @@ def test_device_removal_moves_towards_the_truth(builtin, tmp_path):
     assert all(c.truth is not None and c.targets == {"Support Devices": 0} for c in cases)
 
 
-def test_the_vae_alone_keeps_a_perfect_lead_removal_far_from_the_truth(builtin):
-    """A lead's VAE round trip is a blurred lead: a removal that reached the truth's latent still
-    leaves its edges, while a large soft effusion survives the round trip far better."""
+def test_the_fine_tuned_decoder_lets_a_perfect_lead_removal_come_close_to_the_truth(builtin):
+    """A lead's round trip through the VAE stage's decoder was a blurred lead, so a removal that
+    reached the truth's latent still left its edges (L1 ratio 0.41 on the test cases); the decoder
+    stage keeps thin wires, but not exactly."""
     devices = np.mean([truth_latent_ratio(builtin, "remove_devices", i) for i in range(3)])
-    effusion = np.mean([truth_latent_ratio(builtin, "remove_effusion", i) for i in range(3)])
-    assert 0.3 < devices < 0.5, devices
-    assert 0.1 < effusion < devices - 0.1, effusion
+    assert 0.1 < devices < 0.3, devices
 
 
 def test_each_method_runs_at_its_papers_and_one_tuned_setting():

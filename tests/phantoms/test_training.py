@@ -4,13 +4,19 @@ import json
 import shlex
 import subprocess
 
+import numpy as np
 import pytest
+import torch
+from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
 from models.builtin import BUILTIN_DIR
-from models.loading import load_bundle
+from models.loading import VAE_ENCODER_PREFIXES, load_bundle
+from phantoms import architecture
 from phantoms.model_card import finetune_command
+from phantoms.recipe import StageRecipe
+from phantoms.training import train_decoder
 from tests.stack import prism
 
 VOLATILE = {"_name_or_path", "_diffusers_version", "transformers_version", "scaling_factor", "dtype"}
@@ -78,3 +84,35 @@ def test_the_diffusion_stage_is_prism_finetune_on_the_written_phantoms(rebuilt, 
     assert by_hand.keys() == by_train_builtin.keys()
     for name, weight in by_train_builtin.items():
         assert_close(by_hand[name], weight, msg=name)
+
+
+def test_the_decoder_stage_trains_the_decoder_alone(rebuilt, work):
+    """The latent space the UNet was trained on is the VAE stage's: its encoder is kept bit for bit."""
+    before = torch.load(work / "vae.ckpt", weights_only=True)["vae"]
+    after = AutoencoderKL.from_pretrained(rebuilt / "vae").state_dict()
+    assert before.keys() == after.keys()
+    encoder = [k for k in after if k.startswith(VAE_ENCODER_PREFIXES)]
+    assert len(encoder) > 10 and all(torch.equal(before[k], after[k]) for k in encoder)
+    changed = [k for k in after if not torch.equal(before[k], after[k])]
+    assert changed and all(k.startswith(("decoder.", "post_quant_conv.")) for k in changed)
+    log = json.loads((rebuilt / "training.json").read_text())
+    assert log["recipe"]["decoder"] == {"steps": 10, "batch": 4, "lr": 3e-4}
+    assert log["stages"]["decoder"]["final_loss"] > 0
+
+
+def test_the_decoder_stage_lowers_the_round_trip_error(work, tmp_path):
+    vae = architecture.vae()
+    vae.load_state_dict(torch.load(work / "vae.ckpt", weights_only=True)["vae"])
+    vae.save_pretrained(tmp_path / "out" / "vae")
+    images = np.load(work / "data.npz")["images"]
+    x = torch.from_numpy(images).float()[:, None] / 127.5 - 1
+
+    def round_trip_error() -> float:
+        model = AutoencoderKL.from_pretrained(tmp_path / "out" / "vae")
+        with torch.no_grad():
+            return float((model.decode(model.encode(x).latent_dist.mean).sample - x).abs().mean())
+
+    start = round_trip_error()
+    (tmp_path / "work").mkdir()
+    train_decoder(images, tmp_path / "work", tmp_path / "out", StageRecipe(150, 4, 2e-3), torch.device("cpu"))
+    assert round_trip_error() < 0.7 * start
