@@ -182,7 +182,11 @@ finding's region (`phantoms.render.region_mask`) at the 16×16 and 8×8 maps. Wh
 cell) grows each 16-px cell a thin wire touches to 48 px. Its cuts were chosen on validation
 phantoms, not on the benchmark's (`prism bench-phantom --split validation`,
 docs/bench/threshold-sweep.md): effusion and cardiomegaly attend past their regions and are
-closest to the truth cut at 0.6; the devices' thin wires lose their flips above 0.3.
+closest to the truth cut at 0.6; the devices' thin wires lose their flips above 0.3. Why the
+decoder stage: the VAE stage's decoder returned a 1-px lead as a faint wide band, so even a perfect
+edit left a bright core and a dark rim where a lead was removed (an L1 ratio of 0.41 at best on
+the benchmark's device removals, 0.22 after it). The encoder stays frozen, so the latent space the
+UNet learnt is unchanged (docs/bench/README.md).
 
 ## Measured on {_figure(measured.get("held_out_images"))} held-out phantoms
 - VAE round trip: mean |error| {_figure(measured.get("vae_roundtrip_l1"))} (intensities in [0, 1]).
