@@ -209,10 +209,10 @@ def train_decoder(images: np.ndarray, work: Path, out: Path, recipe: StageRecipe
     latent space, and every stage trained on it, is unchanged (the same idea as Stable Diffusion's
     fine-tuned ft-MSE decoder).
     """
-    trained_vae = AutoencoderKL.from_pretrained(out / "vae")
+    loaded = AutoencoderKL.from_pretrained(out / "vae")
     vae = architecture.vae()  # a fresh config: from_pretrained's records the local path it was read from
-    vae.load_state_dict(trained_vae.state_dict())
-    vae.register_to_config(scaling_factor=trained_vae.config.scaling_factor)
+    vae.load_state_dict(loaded.state_dict())
+    vae.register_to_config(scaling_factor=loaded.config.scaling_factor)
     vae.to(device).requires_grad_(False)
     trained = {"decoder": vae.decoder, "post_quant_conv": vae.post_quant_conv}
     for module in trained.values():
