@@ -71,32 +71,46 @@ def _find_image(images: Path, written: str) -> Path | None:
     return None
 
 
+def _columns(header: list[str]) -> dict[str, str]:
+    """The table's own spelling of each column this reader uses, matched as ``normalize_labels``
+    matches conditions: case and surrounding spaces ignored."""
+    wanted = {name.lower(): name for name in ("Path", CAPTION_COLUMN, *CONDITIONS)}
+    return {wanted[h.strip().lower()]: h for h in header if h and h.strip().lower() in wanted}
+
+
 def read_examples(images: Path, table: Path) -> list[Example]:
     """Images and captions from a CSV with a ``Path`` column and either the 14 CheXpert conditions
     (1, 0, -1 or blank; captioned by the template) or a ``caption`` column. A path is looked up
     under ``images`` as written, then without its leading folders, one at a time. Rows naming the
-    same image add wordings to one example."""
+    same image add wordings to one example. The table may start with a byte-order mark (a
+    spreadsheet's "CSV UTF-8"); column names are matched regardless of case."""
     try:
-        with table.open(newline="") as f:
-            rows = list(csv.DictReader(f))
+        with table.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            columns = _columns(reader.fieldnames or [])
+            rows = list(reader)
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise InvalidInput("labels", f"cannot read {table}: {exc}") from exc
-    if not rows or "Path" not in rows[0]:
+    if not rows or "Path" not in columns:
         raise InvalidInput("labels", f"{table} needs a 'Path' column and at least one row")
-    has_caption = CAPTION_COLUMN in rows[0]
-    missing = [c for c in CONDITIONS if c not in rows[0]]
+    has_caption = CAPTION_COLUMN in columns
+    missing = [c for c in CONDITIONS if c not in columns]
     if not has_caption and missing:
         raise InvalidInput("labels", f"{table} has neither a 'caption' column nor the conditions {missing}")
     examples: dict[Path, Example] = {}
     for n, row in enumerate(rows, start=2):
-        path = _find_image(images, row["Path"] or "")
+        path = _find_image(images, (row[columns["Path"]] or "").strip())
         if path is None:
-            raise InvalidInput("images", f"{table} line {n}: no image {row['Path']} under {images}")
-        try:
-            labels = None if has_caption else normalize_labels({c: row[c] for c in CONDITIONS}, "labels")
-        except InvalidInput as exc:
-            raise InvalidInput("labels", f"{table} line {n}: {exc.message}") from exc
-        text = row[CAPTION_COLUMN] if labels is None else caption(labels)
+            raise InvalidInput("images", f"{table} line {n}: no image {row[columns['Path']]} under {images}")
+        if has_caption:
+            text = (row[columns[CAPTION_COLUMN]] or "").strip()
+            if not text:
+                raise InvalidInput("labels", f"{table} line {n}: the caption is empty")
+        else:
+            try:
+                text = caption(normalize_labels({c: row[columns[c]] for c in CONDITIONS}, "labels"))
+            except InvalidInput as exc:
+                raise InvalidInput("labels", f"{table} line {n}: {exc.message}") from exc
         if path in examples:
             examples[path].captions.append(text)
         else:

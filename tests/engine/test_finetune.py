@@ -50,6 +50,15 @@ def test_captions_follow_the_template_for_every_label_value(tmp_path):
     assert [e.captions for e in examples] == [[expected] for _, expected in ROWS]
 
 
+def test_a_spreadsheet_export_with_a_byte_order_mark_and_other_header_case_reads_the_same(tmp_path):
+    table = write_dataset(tmp_path)
+    header, body = table.read_text().split("\n", 1)
+    exported = tmp_path / "exported.csv"
+    exported.write_bytes(("\ufeff" + ",".join(f" {h.lower()}" for h in header.split(",")) + "\n" + body).encode())
+    examples = read_examples(tmp_path, exported)
+    assert [e.captions for e in examples] == [[expected] for _, expected in ROWS]
+
+
 def test_a_captions_column_is_used_as_written_and_rows_of_one_image_are_its_wordings(tmp_path):
     write_dataset(tmp_path)
     table = tmp_path / "captions.csv"
@@ -66,6 +75,10 @@ def test_a_bad_table_names_what_is_wrong(tmp_path):
         read_examples(tmp_path, table)
     table.write_text("Path,caption\nmissing.png,x\n")
     with pytest.raises(InvalidInput, match="^images: .*line 2: no image missing.png"):
+        read_examples(tmp_path, table)
+    (tmp_path / "x.png").write_bytes(b"")
+    table.write_text("Path,caption\nx.png,a caption\nx.png,  \n")
+    with pytest.raises(InvalidInput, match="^labels: .*line 3: the caption is empty"):
         read_examples(tmp_path, table)
 
 
