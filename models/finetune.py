@@ -37,7 +37,7 @@ import models.hf_offline  # noqa: F401  (before diffusers/transformers)
 from models.atomic import write_aside
 from models.constants import TOKEN_WINDOW
 from models.ddim import make_scheduler
-from models.errors import InvalidInput, ModelLoadError
+from models.errors import ImageError, InvalidInput, ModelLoadError
 from models.findings import CONDITIONS, caption, normalize_labels
 from models.geometry import DecodedImage, decode_image, to_model_input
 from models.loading import ModelBundle
@@ -162,6 +162,8 @@ class Finetuner:
         self.step = 0
         self.losses: list[float] = []
         self._epoch_order: tuple[int, np.ndarray] | None = None
+        self._updating = False
+        self._stop_asked = False
         self.cached_latents = self._encode_all() if config.cache_latents else None
         if (work / CHECKPOINT).is_dir():
             self._load(work / CHECKPOINT)
@@ -215,7 +217,11 @@ class Finetuner:
         return wordings[int(torch.randint(len(wordings), (1,), generator=self.generator))]
 
     def _image(self, i: int) -> torch.Tensor:
-        pixels = decode_image(self.examples[i].path.read_bytes()).pixels
+        path = self.examples[i].path
+        try:
+            pixels = decode_image(path.read_bytes()).pixels
+        except (ImageError, OSError) as exc:
+            raise InvalidInput("images", f"{path}: {exc}") from exc
         return to_model_input(pixels, self.resolution)[0]
 
     def _loss(self, indices: list[int]) -> torch.Tensor:
@@ -235,24 +241,47 @@ class Finetuner:
         return F.mse_loss(pred.float(), noise)
 
     def train_step(self) -> float:
+        """One optimiser step, all or nothing: stopped while it computes gradients (Ctrl-C, a bad
+        image), it leaves the state as the last step left it, noise generator included, so the
+        checkpoint written on the way out resumes bit-exactly. A stop asked for (:meth:`request_stop`)
+        while it updates the weights waits until the step is whole."""
         accumulation = self.config.gradient_accumulation
+        rng = self.generator.get_state()
         total = 0.0
-        for k in range(accumulation):
-            loss = self._loss(self._batch_indices(self.step * accumulation + k)) / accumulation
-            self.scaler.scale(loss).backward()
-            total += float(loss.detach())
-        if self.config.max_grad_norm is not None:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.lr_schedule.step()
-        if self.ema is not None:
-            self.ema.step(self.unet.parameters())
-        self.step += 1
-        self.losses.append(total)
+        try:
+            for k in range(accumulation):
+                loss = self._loss(self._batch_indices(self.step * accumulation + k)) / accumulation
+                self.scaler.scale(loss).backward()
+                total += float(loss.detach())
+        except BaseException:
+            self.generator.set_state(rng)
+            self.optimizer.zero_grad(set_to_none=True)
+            raise
+        self._updating = True
+        try:
+            if self.config.max_grad_norm is not None:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.lr_schedule.step()
+            if self.ema is not None:
+                self.ema.step(self.unet.parameters())
+            self.step += 1
+            self.losses.append(total)
+        finally:
+            self._updating = False
+        if self._stop_asked:
+            raise KeyboardInterrupt
         return total
+
+    def request_stop(self) -> None:
+        """Stop the run at once, or, during a weight update, as soon as that step is whole (for a
+        signal handler: SIGINT and SIGTERM)."""
+        self._stop_asked = True
+        if not self._updating:
+            raise KeyboardInterrupt
 
     def run(self, validate: Callable[[Finetuner], dict] | None = None) -> list[float]:
         """Train to ``config.steps`` from wherever the checkpoint left off; checkpoint every

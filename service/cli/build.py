@@ -160,9 +160,6 @@ def finetune(args: argparse.Namespace) -> int:
     from models.loading import default_device, load_bundle
     from service.contract.jobs import JobRequest
 
-    def stop(*_: object) -> None:
-        raise KeyboardInterrupt
-
     try:
         config = model_from_args(FinetuneConfig, args)
         examples = read_examples(Path(args.images), Path(args.labels))
@@ -178,12 +175,16 @@ def finetune(args: argparse.Namespace) -> int:
     except (ValueError, ImageError, InvalidInput, ModelLoadError, OSError) as exc:
         print(f"prism finetune: error: {exc}")
         return 2
-    signal.signal(signal.SIGTERM, stop)
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop_signal, lambda *_: run.request_stop())
     try:
         losses = run.run(validate)
     except KeyboardInterrupt:
         print(f"prism finetune: stopped at step {run.step}; checkpoint in {args.work}, run again to resume")
         return 130
+    except InvalidInput as exc:
+        print(f"prism finetune: error: {exc}; checkpoint at step {run.step} in {args.work}")
+        return 2
     out = run.export(Path(args.out), args.full_model)
     print(json.dumps({"out": str(out), "steps": run.step, "first_loss": losses[0], "last_loss": losses[-1]}))
     return 0

@@ -135,6 +135,66 @@ def test_an_interrupted_run_resumes_bit_exactly(tmp_path, tiny_model_dir):
     assert resumed.run() == whole  # the same loss sequence, bit for bit
 
 
+def test_a_run_stopped_mid_step_loses_the_half_step_and_resumes_bit_exactly(tmp_path, tiny_model_dir):
+    """Ctrl-C in step 4's second micro-batch, after it drew its noise: the checkpoint is step 3's."""
+    examples = read_examples(tmp_path, write_dataset(tmp_path))
+    config = CONFIG.model_copy(update={"gradient_accumulation": 2})
+    whole = Finetuner(tiny_model_dir, examples, tmp_path / "whole", config, "cpu").run()
+    first = Finetuner(tiny_model_dir, examples, tmp_path / "parts", config, "cpu")
+    loss, calls = first._loss, []
+
+    def interrupted(indices: list[int]):
+        calls.append(indices)
+        value = loss(indices)
+        if len(calls) == 2 * 3 + 2:
+            raise KeyboardInterrupt
+        return value
+
+    first._loss = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        first.run()
+    resumed = Finetuner(tiny_model_dir, examples, tmp_path / "parts", config, "cpu")
+    assert resumed.step == 3
+    assert resumed.run() == whole
+
+
+def test_a_stop_asked_during_the_weight_update_waits_until_the_step_is_whole(tmp_path, tiny_model_dir):
+    examples = read_examples(tmp_path, write_dataset(tmp_path))
+    config = CONFIG.model_copy(update={"ema_decay": 0.9})
+    whole = Finetuner(tiny_model_dir, examples, tmp_path / "whole", config, "cpu").run()
+    first = Finetuner(tiny_model_dir, examples, tmp_path / "parts", config, "cpu")
+    ema_step = first.ema.step
+
+    def stop_during_update(parameters) -> None:
+        if first.step == 2:
+            first.request_stop()
+        ema_step(parameters)
+
+    first.ema.step = stop_during_update
+    with pytest.raises(KeyboardInterrupt):
+        first.run()
+    assert first.step == 3
+    resumed = Finetuner(tiny_model_dir, examples, tmp_path / "parts", config, "cpu")
+    assert resumed.step == 3
+    assert resumed.run() == whole
+
+
+def test_an_unreadable_image_stops_prism_finetune_with_its_path_and_a_checkpoint(tmp_path, tiny_model_dir):
+    table = write_dataset(tmp_path)
+    bad = tmp_path / "train" / "patient4" / "study1" / "view1_frontal.png"
+    bad.write_bytes(b"not an image")
+    result = subprocess.run(
+        [sys.executable, "-m", "service.cli", "finetune", "--base", str(tiny_model_dir), "--images", str(tmp_path),
+         "--labels", str(table), "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
+         "--steps", "8", "--batch-size", "2"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"prism finetune: error: images: {bad}: not a PNG, JPEG or DICOM" in result.stdout
+    assert "Traceback" not in result.stderr
+    assert (tmp_path / "work" / "checkpoint" / "state.pt").is_file()
+
+
 def test_cached_latents_train_as_latents_encoded_at_every_step(tmp_path, tiny_model_dir):
     examples = read_examples(tmp_path, write_dataset(tmp_path))
     config = CONFIG.model_copy(update={"steps": 4})
