@@ -162,7 +162,7 @@ class Finetuner:
         self.step = 0
         self.losses: list[float] = []
         self._epoch_order: tuple[int, np.ndarray] | None = None
-        self._updating = False
+        self._computing = False
         self._stop_asked = False
         self.cached_latents = self._encode_all() if config.cache_latents else None
         if (work / CHECKPOINT).is_dir():
@@ -243,11 +243,11 @@ class Finetuner:
     def train_step(self) -> float:
         """One optimiser step, all or nothing: stopped while it computes gradients (Ctrl-C, a bad
         image), it leaves the state as the last step left it, noise generator included, so the
-        checkpoint written on the way out resumes bit-exactly. A stop asked for (:meth:`request_stop`)
-        while it updates the weights waits until the step is whole."""
+        checkpoint written on the way out resumes bit-exactly."""
         accumulation = self.config.gradient_accumulation
         rng = self.generator.get_state()
         total = 0.0
+        self._computing = True
         try:
             for k in range(accumulation):
                 loss = self._loss(self._batch_indices(self.step * accumulation + k)) / accumulation
@@ -257,38 +257,34 @@ class Finetuner:
             self.generator.set_state(rng)
             self.optimizer.zero_grad(set_to_none=True)
             raise
-        self._updating = True
-        try:
-            if self.config.max_grad_norm is not None:
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.lr_schedule.step()
-            if self.ema is not None:
-                self.ema.step(self.unet.parameters())
-            self.step += 1
-            self.losses.append(total)
         finally:
-            self._updating = False
-        if self._stop_asked:
-            raise KeyboardInterrupt
+            self._computing = False
+        if self.config.max_grad_norm is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.lr_schedule.step()
+        if self.ema is not None:
+            self.ema.step(self.unet.parameters())
+        self.step += 1
+        self.losses.append(total)
         return total
 
     def request_stop(self) -> None:
-        """Stop the run at once, or, during a weight update, as soon as that step is whole (for a
-        signal handler: SIGINT and SIGTERM)."""
+        """Stop the run (for a SIGINT/SIGTERM handler): at once while a step computes gradients,
+        else once the step is whole, logged and, when due, validated and checkpointed."""
         self._stop_asked = True
-        if not self._updating:
+        if self._computing:
             raise KeyboardInterrupt
 
     def run(self, validate: Callable[[Finetuner], dict] | None = None) -> list[float]:
         """Train to ``config.steps`` from wherever the checkpoint left off; checkpoint every
-        ``checkpoint_every`` steps, at the end, and when interrupted (KeyboardInterrupt, SIGTERM
-        raised as one by the caller). Returns the losses of the whole run."""
+        ``checkpoint_every`` steps, at the end, and when stopped (KeyboardInterrupt, or
+        :meth:`request_stop` from a signal handler). Returns the losses of the whole run."""
         self.work.mkdir(parents=True, exist_ok=True)
-        log_file = (self.work / "finetune.log").open("a")
+        log_file = (self.work / "finetune.log").open("a", buffering=1)
         bar = tqdm(total=self.config.steps, initial=self.step, desc="finetune")
         try:
             while self.step < self.config.steps:
@@ -302,6 +298,8 @@ class Finetuner:
                 log_file.write(json.dumps(record) + "\n")
                 if self.step % self.config.checkpoint_every == 0:
                     self.save_checkpoint()
+                if self._stop_asked:
+                    raise KeyboardInterrupt
         finally:
             self.save_checkpoint()
             bar.close()

@@ -15,6 +15,7 @@ from models.params import FinetuneConfig
 from phantoms.bench import bench_case
 from phantoms.render import render
 from tests.helpers import write_png
+from tests.stack import wait_for
 
 CHEXPERT_COLUMNS = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *CONDITIONS]
 ROWS = [
@@ -177,6 +178,32 @@ def test_a_stop_asked_during_the_weight_update_waits_until_the_step_is_whole(tmp
     resumed = Finetuner(tiny_model_dir, examples, tmp_path / "parts", config, "cpu")
     assert resumed.step == 3
     assert resumed.run() == whole
+
+
+def test_sigterm_stops_prism_finetune_and_the_same_command_resumes_it_bit_exactly(tmp_path, tiny_model_dir):
+    table = write_dataset(tmp_path)
+
+    def command(work: str) -> list[str]:
+        return [sys.executable, "-m", "service.cli", "finetune", "--base", str(tiny_model_dir),
+                "--images", str(tmp_path), "--labels", str(table), "--work", str(tmp_path / work),
+                "--out", str(tmp_path / work / "out"), "--steps", "30", "--batch-size", "2",
+                "--gradient-accumulation", "2", "--ema-decay", "0.99", "--checkpoint-every", "1000"]  # fmt: skip
+
+    def losses(work: str) -> dict[int, float]:
+        lines = (tmp_path / work / "finetune.log").read_text().splitlines()
+        return {r["step"]: r["loss"] for r in map(json.loads, lines)}
+
+    assert subprocess.run(command("whole"), capture_output=True, timeout=600).returncode == 0
+    process = subprocess.Popen(command("parts"), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    log = tmp_path / "parts" / "finetune.log"
+    wait_for(lambda: len(log.read_text().splitlines()) if log.exists() else 0, lambda n: n >= 3, "training steps")
+    process.terminate()
+    stdout, _ = process.communicate(timeout=600)
+    assert process.returncode == 130, stdout
+    stopped_at = len(losses("parts"))
+    assert stopped_at < 30 and f"stopped at step {stopped_at}" in stdout
+    assert subprocess.run(command("parts"), capture_output=True, timeout=600).returncode == 0
+    assert losses("parts") == losses("whole") and len(losses("whole")) == 30
 
 
 def test_an_unreadable_image_stops_prism_finetune_with_its_path_and_a_checkpoint(tmp_path, tiny_model_dir):
