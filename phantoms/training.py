@@ -5,8 +5,9 @@ The diffusion stage is PRISM's Algorithm 1 as any user runs it (:class:`models.f
 text encoder of a base directory (the trained VAE, the rest freshly initialised) are fine-tuned on
 them. The phantom-specific parts (VAE, attention supervision, CLIP scorer, classifier) are here.
 
-Seeded and resumable: each stage checkpoints to ``work`` and is skipped once its outputs exist,
-so ``prism train-builtin`` can be interrupted and run again. It writes every file of the shipped
+Seeded and resumable: each stage checkpoints to ``work`` (weights, optimiser and random state,
+so the steps redone after a resume are the ones an uninterrupted run takes) and is skipped once
+its outputs exist, so ``prism train-builtin`` can be interrupted and run again. It writes every file of the shipped
 model (``models/assets/builtin``): the components in the diffusers/transformers layout that
 ``load_bundle`` reads, ``local_blend.json``, ``training.json`` (the recipe it ran, the device,
 per-stage seconds and final losses, held-out measurements) and a ``MODEL_CARD.md`` rendered from it.
@@ -131,12 +132,23 @@ def _findings(row: np.ndarray) -> Findings:
 
 
 class Stage:
-    """A resumable training loop: ``step_fn(step)`` returns the loss; checkpoints every ``every``."""
+    """A resumable training loop: ``step_fn(step)`` returns the loss; checkpoints every ``every``.
+
+    A checkpoint holds the modules, the optimiser and the random state the steps draw from
+    (``rng``, the stage's batches and captions, and torch's generators, for noise and latent
+    samples), so a resumed stage redoes the steps after it exactly as an uninterrupted one did.
+    """
 
     def __init__(
-        self, name: str, work: Path, modules: dict[str, torch.nn.Module], optimizer, recipe: StageRecipe
+        self,
+        name: str,
+        work: Path,
+        modules: dict[str, torch.nn.Module],
+        optimizer,
+        recipe: StageRecipe,
+        rng: np.random.Generator,
     ) -> None:
-        self.name, self.modules, self.optimizer, self.recipe = name, modules, optimizer, recipe
+        self.name, self.modules, self.optimizer, self.recipe, self.rng = name, modules, optimizer, recipe, rng
         self.path = work / f"{name}.ckpt"
         self.start = 0
         self.smoothed: float | None = None
@@ -146,7 +158,19 @@ class Stage:
                 module.load_state_dict(state[key])
             optimizer.load_state_dict(state["optimizer"])
             self.start, self.smoothed = state["step"], state.get("smoothed_loss")
+            if "numpy_rng" in state:
+                rng.bit_generator.state = state["numpy_rng"]
+                torch.set_rng_state(state["torch_rng"])
+                if state["cuda_rng"] and torch.cuda.is_available():
+                    torch.cuda.set_rng_state_all(state["cuda_rng"])
             log.info("%s: resuming at step %d", name, self.start)
+
+    def _random_state(self) -> dict:
+        return {
+            "numpy_rng": self.rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
 
     def run(self, step_fn: Callable[[int], float], every: int = 200) -> float:
         """Train to the recipe's step count; returns the final loss (exponential moving average)."""
@@ -161,7 +185,7 @@ class Stage:
             if (step + 1) % every == 0 or step + 1 == steps:
                 state = {k: m.state_dict() for k, m in self.modules.items()}
                 extra = {"optimizer": self.optimizer.state_dict(), "step": step + 1, "smoothed_loss": self.smoothed}
-                write_aside(self.path, functools.partial(torch.save, {**state, **extra}))
+                write_aside(self.path, functools.partial(torch.save, {**state, **extra, **self._random_state()}))
                 rate = (time.perf_counter() - t0) / (step + 1 - self.start)
                 log.info("%s: step %d/%d loss %.5f (%.2f s/step)", self.name, step + 1, steps, self.smoothed, rate)
         return float(self.smoothed)
@@ -175,8 +199,8 @@ def train_vae(images: np.ndarray, work: Path, out: Path, recipe: StageRecipe, de
     torch.manual_seed(1)
     vae = architecture.vae().to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=recipe.lr, weight_decay=0.0)
-    stage = Stage("vae", work, {"vae": vae}, opt, recipe)
     rng = np.random.default_rng(2)
+    stage = Stage("vae", work, {"vae": vae}, opt, recipe, rng)
 
     def step_fn(step: int) -> float:
         idx = _batch(images, rng, recipe.batch)
@@ -219,8 +243,8 @@ def train_decoder(images: np.ndarray, work: Path, out: Path, recipe: StageRecipe
         module.requires_grad_(True)
     params = [p for module in trained.values() for p in module.parameters()]
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
-    stage = Stage("decoder", work, trained, opt, recipe)
     rng = np.random.default_rng(6)
+    stage = Stage("decoder", work, trained, opt, recipe, rng)
 
     def step_fn(step: int) -> float:
         x = torch.from_numpy(images[_batch(images, rng, recipe.batch)]).to(device).float()[:, None] / 127.5 - 1
@@ -371,8 +395,8 @@ def train_attention(
     tokenizer = clip_tokenizer()
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=1e-2)
-    stage = Stage("attention", work, {"unet": unet, "text_encoder": text_encoder}, opt, recipe)
     rng = np.random.default_rng(10)
+    stage = Stage("attention", work, {"unet": unet, "text_encoder": text_encoder}, opt, recipe, rng)
     alphas = make_scheduler().alphas_cumprod.to(device)
     region_t = torch.from_numpy(regions).float().to(device)
 
@@ -405,8 +429,8 @@ def train_clip(
     model = architecture.clip().to(device)
     tokenizer = clip_tokenizer()
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=1e-2)
-    stage = Stage("clip", work, {"clip": model}, opt, recipe)
     rng = np.random.default_rng(6)
+    stage = Stage("clip", work, {"clip": model}, opt, recipe, rng)
     mean, std = CLIP_IMAGE_MEAN[0], CLIP_IMAGE_STD[0]
     side = architecture.CLIP_IMAGE_SIZE
 
@@ -442,8 +466,8 @@ def train_classifier(
     torch.manual_seed(7)
     model = FindingClassifier(builtin_classifier_config()).train().requires_grad_(True).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr)
-    stage = Stage("classifier", work, {"classifier": model}, opt, recipe)
     rng = np.random.default_rng(8)
+    stage = Stage("classifier", work, {"classifier": model}, opt, recipe, rng)
 
     def step_fn(step: int) -> float:
         idx = _batch(images, rng, recipe.batch)

@@ -16,7 +16,7 @@ from models.loading import VAE_ENCODER_PREFIXES, load_bundle
 from phantoms import architecture
 from phantoms.model_card import finetune_command
 from phantoms.recipe import StageRecipe
-from phantoms.training import train_decoder
+from phantoms.training import Stage, train_decoder
 from tests.stack import prism
 
 VOLATILE = {"_name_or_path", "_diffusers_version", "transformers_version", "scaling_factor", "dtype"}
@@ -116,3 +116,35 @@ def test_the_decoder_stage_lowers_the_round_trip_error(work, tmp_path):
     (tmp_path / "work").mkdir()
     train_decoder(images, tmp_path / "work", tmp_path / "out", StageRecipe(150, 4, 2e-3), torch.device("cpu"))
     assert round_trip_error() < 0.7 * start
+
+
+def _toy_stage(work, stop_at: int | None = None) -> tuple[float, torch.nn.Module]:
+    """Six steps whose batches come from the stage's numpy generator and torch's, as every
+    phantom stage's do; a new process's start (seeds, fresh weights) each call."""
+    work.mkdir(exist_ok=True)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    rng = np.random.default_rng(0)
+    stage = Stage("toy", work, {"model": model}, opt, StageRecipe(steps=6, batch=2, lr=0.1), rng)
+
+    def step_fn(step: int) -> float:
+        if step == stop_at:
+            raise KeyboardInterrupt
+        x = torch.from_numpy(rng.normal(size=(2, 4))).float() + torch.randn(2, 4)
+        loss = model(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    return stage.run(step_fn, every=2), model
+
+
+def test_a_stage_resumed_from_its_checkpoint_redoes_the_lost_steps_exactly(tmp_path):
+    whole_loss, whole = _toy_stage(tmp_path / "whole")
+    with pytest.raises(KeyboardInterrupt):
+        _toy_stage(tmp_path / "parts", stop_at=3)
+    resumed_loss, resumed = _toy_stage(tmp_path / "parts")
+    assert resumed_loss == whole_loss
+    assert_close(resumed.state_dict(), whole.state_dict(), rtol=0, atol=0)
