@@ -7,9 +7,9 @@ them. The phantom-specific parts (VAE, attention supervision, CLIP scorer, class
 
 Seeded and resumable: each stage checkpoints to ``work`` (weights, optimiser and random state,
 so the steps redone after a resume are the ones an uninterrupted run takes) and is skipped once
-its outputs exist, so ``prism train-builtin`` can be interrupted and run again. It writes every file of the shipped
-model (``models/assets/builtin``): the components in the diffusers/transformers layout that
-``load_bundle`` reads, ``local_blend.json``, ``training.json`` (the recipe it ran, the device,
+its outputs exist, so ``prism train-builtin`` can be interrupted and run again. It writes every
+file of the shipped model (``models/assets/builtin``): the components in the diffusers/transformers
+layout that ``load_bundle`` reads, ``local_blend.json``, ``training.json`` (the recipe it ran, the device,
 per-stage seconds and final losses, held-out measurements) and a ``MODEL_CARD.md`` rendered from it.
 """
 
