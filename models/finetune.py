@@ -43,6 +43,7 @@ from models.geometry import DecodedImage, decode_image, to_model_input
 from models.loading import ModelBundle
 from models.params import EditParams, FinetuneConfig
 from models.pipeline import generate_counterfactual
+from models.stopping import StopSwitch
 
 log = logging.getLogger("prism.finetune")
 CHECKPOINT = "checkpoint"
@@ -126,7 +127,15 @@ def _math(config: dict) -> dict:
 class Finetuner:
     """The models, optimiser and state of one run; :meth:`run` trains to ``config.steps``."""
 
-    def __init__(self, base: Path, examples: list[Example], work: Path, config: FinetuneConfig, device: str) -> None:
+    def __init__(
+        self,
+        base: Path,
+        examples: list[Example],
+        work: Path,
+        config: FinetuneConfig,
+        device: str,
+        stop: StopSwitch | None = None,
+    ) -> None:
         if not (base / "unet").is_dir():
             raise ModelLoadError(f"no diffusers model at {base} (needs unet/, vae/, text_encoder/, tokenizer/)")
         self.base, self.examples, self.work, self.config = base, examples, work, config
@@ -162,8 +171,7 @@ class Finetuner:
         self.step = 0
         self.losses: list[float] = []
         self._epoch_order: tuple[int, np.ndarray] | None = None
-        self._computing = False
-        self._stop_asked = False
+        self.stop = stop or StopSwitch()
         self.cached_latents = self._encode_all() if config.cache_latents else None
         if (work / CHECKPOINT).is_dir():
             self._load(work / CHECKPOINT)
@@ -247,18 +255,16 @@ class Finetuner:
         accumulation = self.config.gradient_accumulation
         rng = self.generator.get_state()
         total = 0.0
-        self._computing = True
         try:
-            for k in range(accumulation):
-                loss = self._loss(self._batch_indices(self.step * accumulation + k)) / accumulation
-                self.scaler.scale(loss).backward()
-                total += float(loss.detach())
+            with self.stop.interruptible():
+                for k in range(accumulation):
+                    loss = self._loss(self._batch_indices(self.step * accumulation + k)) / accumulation
+                    self.scaler.scale(loss).backward()
+                    total += float(loss.detach())
         except BaseException:
             self.generator.set_state(rng)
             self.optimizer.zero_grad(set_to_none=True)
             raise
-        finally:
-            self._computing = False
         if self.config.max_grad_norm is not None:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
@@ -272,17 +278,10 @@ class Finetuner:
         self.losses.append(total)
         return total
 
-    def request_stop(self) -> None:
-        """Stop the run (for a SIGINT/SIGTERM handler): at once while a step computes gradients,
-        else once the step is whole, logged and, when due, validated and checkpointed."""
-        self._stop_asked = True
-        if self._computing:
-            raise KeyboardInterrupt
-
     def run(self, validate: Callable[[Finetuner], dict] | None = None) -> list[float]:
         """Train to ``config.steps`` from wherever the checkpoint left off; checkpoint every
-        ``checkpoint_every`` steps, at the end, and when stopped (KeyboardInterrupt, or
-        :meth:`request_stop` from a signal handler). Returns the losses of the whole run."""
+        ``checkpoint_every`` steps, at the end, and when stopped (KeyboardInterrupt, or a request
+        to :attr:`stop` from a signal handler). Returns the losses of the whole run."""
         self.work.mkdir(parents=True, exist_ok=True)
         log_file = (self.work / "finetune.log").open("a", buffering=1)
         bar = tqdm(total=self.config.steps, initial=self.step, desc="finetune")
@@ -298,8 +297,7 @@ class Finetuner:
                 log_file.write(json.dumps(record) + "\n")
                 if self.step % self.config.checkpoint_every == 0:
                     self.save_checkpoint()
-                if self._stop_asked:
-                    raise KeyboardInterrupt
+                self.stop.check()
         finally:
             self.save_checkpoint()
             bar.close()

@@ -47,6 +47,7 @@ from models.finetune import Finetuner, read_examples, save_unet
 from models.loading import write_clip_preprocessor
 from models.params import FinetuneConfig
 from models.scoring import projected_features
+from models.stopping import StopSwitch
 from models.tokenizer import ASSETS, clip_tokenizer
 from models.words import prompt_words, word_token_indices
 from phantoms import architecture
@@ -137,6 +138,8 @@ class Stage:
     A checkpoint holds the modules, the optimiser and the random state the steps draw from
     (``rng``, the stage's batches and captions, and torch's generators, for noise and latent
     samples), so a resumed stage redoes the steps after it exactly as an uninterrupted one did.
+    A request to ``stop`` lets the step under way finish (each ``step_fn`` updates the weights
+    itself, so it is never cut short), then checkpoints and raises KeyboardInterrupt: no step is lost.
     """
 
     def __init__(
@@ -147,8 +150,10 @@ class Stage:
         optimizer,
         recipe: StageRecipe,
         rng: np.random.Generator,
+        stop: StopSwitch | None = None,
     ) -> None:
         self.name, self.modules, self.optimizer, self.recipe, self.rng = name, modules, optimizer, recipe, rng
+        self.stop = stop or StopSwitch()
         self.path = work / f"{name}.ckpt"
         self.start = 0
         self.smoothed: float | None = None
@@ -177,30 +182,44 @@ class Stage:
         steps, lr = self.recipe.steps, self.recipe.lr
         t0 = time.perf_counter()
         for step in range(self.start, steps):
+            if self.stop.asked:
+                self._save(step)
+                log.info("%s: stopped at step %d/%d", self.name, step, steps)
+                raise KeyboardInterrupt
             warm = min(1.0, (step + 1) / 100)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
             loss = step_fn(step)
             self.smoothed = loss if self.smoothed is None else 0.98 * self.smoothed + 0.02 * loss
             if (step + 1) % every == 0 or step + 1 == steps:
-                state = {k: m.state_dict() for k, m in self.modules.items()}
-                extra = {"optimizer": self.optimizer.state_dict(), "step": step + 1, "smoothed_loss": self.smoothed}
-                write_aside(self.path, functools.partial(torch.save, {**state, **extra, **self._random_state()}))
+                self._save(step + 1)
                 rate = (time.perf_counter() - t0) / (step + 1 - self.start)
                 log.info("%s: step %d/%d loss %.5f (%.2f s/step)", self.name, step + 1, steps, self.smoothed, rate)
         return float(self.smoothed)
+
+    def _save(self, step: int) -> None:
+        state = {k: m.state_dict() for k, m in self.modules.items()}
+        extra = {"optimizer": self.optimizer.state_dict(), "step": step, "smoothed_loss": self.smoothed}
+        write_aside(self.path, functools.partial(torch.save, {**state, **extra, **self._random_state()}))
 
 
 def _batch(images: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
     return rng.integers(0, len(images), size)
 
 
-def train_vae(images: np.ndarray, work: Path, out: Path, recipe: StageRecipe, device: torch.device) -> float:
+def train_vae(
+    images: np.ndarray,
+    work: Path,
+    out: Path,
+    recipe: StageRecipe,
+    device: torch.device,
+    stop: StopSwitch | None = None,
+) -> float:
     torch.manual_seed(1)
     vae = architecture.vae().to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=recipe.lr, weight_decay=0.0)
     rng = np.random.default_rng(2)
-    stage = Stage("vae", work, {"vae": vae}, opt, recipe, rng)
+    stage = Stage("vae", work, {"vae": vae}, opt, recipe, rng, stop)
 
     def step_fn(step: int) -> float:
         idx = _batch(images, rng, recipe.batch)
@@ -224,7 +243,14 @@ def train_vae(images: np.ndarray, work: Path, out: Path, recipe: StageRecipe, de
     return loss
 
 
-def train_decoder(images: np.ndarray, work: Path, out: Path, recipe: StageRecipe, device: torch.device) -> float:
+def train_decoder(
+    images: np.ndarray,
+    work: Path,
+    out: Path,
+    recipe: StageRecipe,
+    device: torch.device,
+    stop: StopSwitch | None = None,
+) -> float:
     """Fine-tune the VAE's decoder alone on whole images, decoding the posterior mean as an edit does.
 
     The VAE stage's decoder learns from sampled latents of 64x64 crops and stays blurred: a 1-px
@@ -244,7 +270,7 @@ def train_decoder(images: np.ndarray, work: Path, out: Path, recipe: StageRecipe
     params = [p for module in trained.values() for p in module.parameters()]
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
     rng = np.random.default_rng(6)
-    stage = Stage("decoder", work, trained, opt, recipe, rng)
+    stage = Stage("decoder", work, trained, opt, recipe, rng, stop)
 
     def step_fn(step: int) -> float:
         x = torch.from_numpy(images[_batch(images, rng, recipe.batch)]).to(device).float()[:, None] / 127.5 - 1
@@ -308,11 +334,18 @@ def diffusion_config(recipe: StageRecipe) -> FinetuneConfig:
 
 
 def finetune_diffusion(
-    base: Path, phantoms: Path, work: Path, out: Path, recipe: StageRecipe, device: torch.device
+    base: Path,
+    phantoms: Path,
+    work: Path,
+    out: Path,
+    recipe: StageRecipe,
+    device: torch.device,
+    stop: StopSwitch | None = None,
 ) -> Finetuner:
     """Algorithm 1 on the phantoms: the same reader and trainer as ``prism finetune``; the
     returned run holds the cached latents the attention stage reuses."""
-    run = Finetuner(base, read_examples(phantoms, phantoms / CAPTIONS), work, diffusion_config(recipe), str(device))
+    examples = read_examples(phantoms, phantoms / CAPTIONS)
+    run = Finetuner(base, examples, work, diffusion_config(recipe), str(device), stop)
     if run.step < run.config.steps:
         run.run()
     run.export(work / "out", full_model=True)
@@ -383,6 +416,7 @@ def train_attention(
     out: Path,
     recipe: StageRecipe,
     weight: float,
+    stop: StopSwitch | None = None,
 ) -> float:
     """Fine-tune ``model``'s UNet and text encoder with ε-MSE plus ``weight * attention_loss``."""
     torch.manual_seed(9)
@@ -396,7 +430,7 @@ def train_attention(
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=1e-2)
     rng = np.random.default_rng(10)
-    stage = Stage("attention", work, {"unet": unet, "text_encoder": text_encoder}, opt, recipe, rng)
+    stage = Stage("attention", work, {"unet": unet, "text_encoder": text_encoder}, opt, recipe, rng, stop)
     alphas = make_scheduler().alphas_cumprod.to(device)
     region_t = torch.from_numpy(regions).float().to(device)
 
@@ -423,14 +457,20 @@ def train_attention(
 
 
 def train_clip(
-    images: np.ndarray, labels: np.ndarray, work: Path, out: Path, recipe: StageRecipe, device: torch.device
+    images: np.ndarray,
+    labels: np.ndarray,
+    work: Path,
+    out: Path,
+    recipe: StageRecipe,
+    device: torch.device,
+    stop: StopSwitch | None = None,
 ) -> float:
     torch.manual_seed(5)
     model = architecture.clip().to(device)
     tokenizer = clip_tokenizer()
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=1e-2)
     rng = np.random.default_rng(6)
-    stage = Stage("clip", work, {"clip": model}, opt, recipe, rng)
+    stage = Stage("clip", work, {"clip": model}, opt, recipe, rng, stop)
     mean, std = CLIP_IMAGE_MEAN[0], CLIP_IMAGE_STD[0]
     side = architecture.CLIP_IMAGE_SIZE
 
@@ -461,13 +501,19 @@ def train_clip(
 
 
 def train_classifier(
-    images: np.ndarray, labels: np.ndarray, work: Path, out: Path, recipe: StageRecipe, device: torch.device
+    images: np.ndarray,
+    labels: np.ndarray,
+    work: Path,
+    out: Path,
+    recipe: StageRecipe,
+    device: torch.device,
+    stop: StopSwitch | None = None,
 ) -> float:
     torch.manual_seed(7)
     model = FindingClassifier(builtin_classifier_config()).train().requires_grad_(True).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr)
     rng = np.random.default_rng(8)
-    stage = Stage("classifier", work, {"classifier": model}, opt, recipe, rng)
+    stage = Stage("classifier", work, {"classifier": model}, opt, recipe, rng, stop)
 
     def step_fn(step: int) -> float:
         idx = _batch(images, rng, recipe.batch)
@@ -532,11 +578,17 @@ class TrainingLog:
 
 
 def train_builtin(
-    work: Path, out: Path, recipe: Recipe = RECIPES["cpu"], device: str = "cpu", workers: int | None = None
+    work: Path,
+    out: Path,
+    recipe: Recipe = RECIPES["cpu"],
+    device: str = "cpu",
+    workers: int | None = None,
+    stop: StopSwitch | None = None,
 ) -> None:
     """Run every stage not yet done, then measure and write ``training.json`` and ``MODEL_CARD.md``.
 
-    ``workers`` processes render the phantoms (default: one per core).
+    ``workers`` processes render the phantoms (default: one per core). A request to ``stop``
+    ends the stage under way at a whole step, checkpointed (KeyboardInterrupt).
     """
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -558,11 +610,11 @@ def train_builtin(
     if not (phantoms / CAPTIONS).exists():
         record.timed("captions", lambda: write_phantoms(images, labels, phantoms))
     if not (out / "vae" / "config.json").exists():
-        record.timed("vae", lambda: train_vae(images, work, out, recipe.vae, on))
-    record.timed("decoder", lambda: train_decoder(images, work, out, recipe.decoder, on))
+        record.timed("vae", lambda: train_vae(images, work, out, recipe.vae, on, stop))
+    record.timed("decoder", lambda: train_decoder(images, work, out, recipe.decoder, on, stop))
     base = write_base(work / "base", out / "vae")
     diffusion = work / "finetune"
-    run = record.timed("unet", lambda: finetune_diffusion(base, phantoms, diffusion, out, recipe.unet, on))
+    run = record.timed("unet", lambda: finetune_diffusion(base, phantoms, diffusion, out, recipe.unet, on, stop))
     if not (work / "attention.done").exists():
         regions_path = work / "regions.npy"
         if regions_path.exists():
@@ -576,13 +628,13 @@ def train_builtin(
         weight = recipe.attention_weight
         record.timed(
             "attention",
-            lambda: train_attention(tuned, latents, labels, regions, work, out, recipe.attention, weight),
+            lambda: train_attention(tuned, latents, labels, regions, work, out, recipe.attention, weight, stop),
         )
         (work / "attention.done").touch()
     if not (out / "clip" / "config.json").exists():
-        record.timed("clip", lambda: train_clip(images, labels, work, out, recipe.clip, on))
+        record.timed("clip", lambda: train_clip(images, labels, work, out, recipe.clip, on, stop))
     if not (out / "classifier.safetensors").exists():
-        record.timed("classifier", lambda: train_classifier(images, labels, work, out, recipe.classifier, on))
+        record.timed("classifier", lambda: train_classifier(images, labels, work, out, recipe.classifier, on, stop))
     record.data["local_blend"] = asdict(architecture.BLEND_MAPS)
     (out / "local_blend.json").write_text(json.dumps(record.data["local_blend"]))
     record.data["measured"] = measure(out)

@@ -139,6 +139,7 @@ def make_tiny(args: argparse.Namespace) -> int:
 def train_builtin(args: argparse.Namespace) -> int:
     import torch
 
+    from models.stopping import StopSwitch
     from phantoms.training import train_builtin as train
 
     torch.set_num_threads(args.threads)
@@ -147,13 +148,17 @@ def train_builtin(args: argparse.Namespace) -> int:
         recipe = recipe.scaled(args.scale, args.batch)
     if args.images:
         recipe = replace(recipe, images=args.images)
-    train(Path(args.work), Path(args.out), recipe, device=args.device, workers=args.workers)
+    stop = StopSwitch()
+    stop.handle_signals()
+    try:
+        train(Path(args.work), Path(args.out), recipe, device=args.device, workers=args.workers, stop=stop)
+    except KeyboardInterrupt:
+        print(f"prism train-builtin: stopped; checkpoints in {args.work}, run again to resume")
+        return 130
     return 0
 
 
 def finetune(args: argparse.Namespace) -> int:
-    import signal
-
     from models.errors import ImageError, InvalidInput, ModelLoadError
     from models.finetune import Finetuner, read_examples, validation_edit
     from models.geometry import decode_image
@@ -175,8 +180,7 @@ def finetune(args: argparse.Namespace) -> int:
     except (ValueError, ImageError, InvalidInput, ModelLoadError, OSError) as exc:
         print(f"prism finetune: error: {exc}")
         return 2
-    for stop_signal in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(stop_signal, lambda *_: run.request_stop())
+    run.stop.handle_signals()
     try:
         losses = run.run(validate)
     except KeyboardInterrupt:

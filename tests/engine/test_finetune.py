@@ -168,7 +168,7 @@ def test_a_stop_asked_during_the_weight_update_waits_until_the_step_is_whole(tmp
 
     def stop_during_update(parameters) -> None:
         if first.step == 2:
-            first.request_stop()
+            first.stop.request()
         ema_step(parameters)
 
     first.ema.step = stop_during_update

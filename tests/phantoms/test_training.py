@@ -13,12 +13,20 @@ from torch.testing import assert_close
 
 from models.builtin import BUILTIN_DIR
 from models.loading import VAE_ENCODER_PREFIXES, load_bundle
+from models.stopping import StopSwitch
 from phantoms import architecture
 from phantoms.model_card import finetune_command
 from phantoms.recipe import StageRecipe
 from phantoms.training import Stage, train_decoder
-from tests.stack import prism
+from tests.stack import prism, wait_for
 
+WEIGHTS = (
+    "vae/diffusion_pytorch_model.safetensors",
+    "unet/diffusion_pytorch_model.safetensors",
+    "text_encoder/model.safetensors",
+    "clip/model.safetensors",
+    "classifier.safetensors",
+)
 VOLATILE = {"_name_or_path", "_diffusers_version", "transformers_version", "scaling_factor", "dtype"}
 
 
@@ -30,12 +38,16 @@ def config(path):
     return {k: v for k, v in json.loads(path.read_text()).items() if k not in VOLATILE}
 
 
+def tiny_training(root) -> list[str]:
+    """The whole training at a tiny scale (40 phantoms, 10 steps of batch 4 per stage)."""
+    args = ["--work", str(root / "work"), "--out", str(root / "out"), "--images", "40", "--scale", "0.001"]
+    return prism("train-builtin", *args, "--batch", "4")
+
+
 @pytest.fixture(scope="module")
 def rebuilt(tmp_path_factory):
-    """The whole training at a tiny scale (40 phantoms, 10 steps of batch 4 per stage)."""
     root = tmp_path_factory.mktemp("train-builtin")
-    args = ["--work", str(root / "work"), "--out", str(root / "out"), "--images", "40", "--scale", "0.001"]
-    proc = subprocess.run(prism("train-builtin", *args, "--batch", "4"), capture_output=True, text=True)
+    proc = subprocess.run(tiny_training(root), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     return root / "out"
 
@@ -65,6 +77,23 @@ def test_the_card_shows_the_figures_of_its_own_log_and_the_model_loads(rebuilt):
     assert 0 <= log["measured"]["classifier_accuracy"] <= 1
     bundle = load_bundle(rebuilt, device="cpu")
     assert bundle.resolution == 128 and bundle.blend_maps.side == 16
+
+
+def test_sigterm_stops_train_builtin_and_the_same_command_resumes_it_exactly(rebuilt, tmp_path):
+    """SIGTERM during the diffusion stage (three of its ten steps logged): exit 130, then the same
+    command finishes the run with every stage's weights bit-equal to an uninterrupted run's."""
+    process = subprocess.Popen(tiny_training(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    log = tmp_path / "work" / "finetune" / "finetune.log"
+    wait_for(lambda: len(log.read_text().splitlines()) if log.exists() else 0, lambda n: n >= 3, "diffusion steps")
+    process.terminate()
+    stdout, _ = process.communicate(timeout=600)
+    assert process.returncode == 130, stdout
+    assert f"prism train-builtin: stopped; checkpoints in {tmp_path / 'work'}, run again to resume" in stdout
+    assert not (tmp_path / "out" / "classifier.safetensors").exists()
+    resumed = subprocess.run(tiny_training(tmp_path), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    for weights in WEIGHTS:
+        assert_close(load_file(tmp_path / "out" / weights), load_file(rebuilt / weights), rtol=0, atol=0)
 
 
 def test_the_diffusion_stage_is_prism_finetune_on_the_written_phantoms(rebuilt, work, tmp_path):
@@ -118,19 +147,23 @@ def test_the_decoder_stage_lowers_the_round_trip_error(work, tmp_path):
     assert round_trip_error() < 0.7 * start
 
 
-def _toy_stage(work, stop_at: int | None = None) -> tuple[float, torch.nn.Module]:
+def _toy_stage(work, interrupt_at: int | None = None, interrupt: str = "raised") -> tuple[float, torch.nn.Module]:
     """Six steps whose batches come from the stage's numpy generator and torch's, as every
-    phantom stage's do; a new process's start (seeds, fresh weights) each call."""
+    phantom stage's do; a new process's start (seeds, fresh weights) each call. At step
+    ``interrupt_at`` a KeyboardInterrupt is raised, or a stop requested as a signal handler does."""
     work.mkdir(exist_ok=True)
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)
     opt = torch.optim.AdamW(model.parameters(), lr=0.1)
     rng = np.random.default_rng(0)
-    stage = Stage("toy", work, {"model": model}, opt, StageRecipe(steps=6, batch=2, lr=0.1), rng)
+    stop = StopSwitch()
+    stage = Stage("toy", work, {"model": model}, opt, StageRecipe(steps=6, batch=2, lr=0.1), rng, stop)
 
     def step_fn(step: int) -> float:
-        if step == stop_at:
-            raise KeyboardInterrupt
+        if step == interrupt_at:
+            if interrupt == "raised":
+                raise KeyboardInterrupt
+            stop.request()
         x = torch.from_numpy(rng.normal(size=(2, 4))).float() + torch.randn(2, 4)
         loss = model(x).pow(2).mean()
         opt.zero_grad()
@@ -141,10 +174,19 @@ def _toy_stage(work, stop_at: int | None = None) -> tuple[float, torch.nn.Module
     return stage.run(step_fn, every=2), model
 
 
-def test_a_stage_resumed_from_its_checkpoint_redoes_the_lost_steps_exactly(tmp_path):
+@pytest.mark.parametrize(
+    ("interrupt", "resumes_at"),
+    [("raised", 2), ("requested", 4)],
+    ids=["ctrl-c-without-handler-loses-step-3", "stop-request-keeps-step-3"],
+)
+def test_a_stage_resumed_from_its_checkpoint_redoes_the_lost_steps_exactly(tmp_path, interrupt, resumes_at):
+    """Stopped during step 3 (checkpoints every 2): a bare KeyboardInterrupt loses the step and
+    resumes from step 2; a stop request lets step 3 finish and checkpoints step 4. Either way the
+    resumed stage ends bit-equal to an uninterrupted one."""
     whole_loss, whole = _toy_stage(tmp_path / "whole")
     with pytest.raises(KeyboardInterrupt):
-        _toy_stage(tmp_path / "parts", stop_at=3)
+        _toy_stage(tmp_path / "parts", interrupt_at=3, interrupt=interrupt)
+    assert torch.load(tmp_path / "parts" / "toy.ckpt", weights_only=True)["step"] == resumes_at
     resumed_loss, resumed = _toy_stage(tmp_path / "parts")
     assert resumed_loss == whole_loss
     assert_close(resumed.state_dict(), whole.state_dict(), rtol=0, atol=0)
