@@ -17,15 +17,16 @@ or ``.npy`` in [0, 1], matched by file stem) and an optional ``cases.json``:
 
 from __future__ import annotations
 
-import json
+import pickle
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from torch import nn
 from torchmetrics.functional.image import (
     multiscale_structural_similarity_index_measure,
@@ -36,7 +37,7 @@ from tqdm import tqdm
 
 from models.classifier import FindingClassifier
 from models.errors import InvalidInput
-from models.geometry import decode_image
+from models.geometry import read_image_file
 from models.scoring import ClipScorer, directional_similarity
 
 KINDS = ("input", "counterfactual", "truth")
@@ -98,10 +99,40 @@ class Evaluation(BaseModel):
     cases: list[CaseScores]
 
 
-def _read(path: Path) -> np.ndarray:
-    if path.suffix == ".npy":
-        return np.load(path).astype(np.float32)
-    return decode_image(path.read_bytes()).pixels.astype(np.float32)
+def _read(path: Path, kind: str) -> np.ndarray:
+    if path.suffix != ".npy":
+        return read_image_file(path, kind).pixels.astype(np.float32)
+    try:
+        array = np.load(path)
+    except (OSError, ValueError, pickle.UnpicklingError) as exc:
+        raise InvalidInput(kind, f"{path}: not a NumPy array file ({exc})") from exc
+    if array.ndim != 2 or not np.issubdtype(array.dtype, np.number):
+        raise InvalidInput(kind, f"{path}: a {array.dtype} array of shape {array.shape}; expected H x W intensities")
+    return array.astype(np.float32)
+
+
+class CaseRecord(BaseModel):
+    """One entry of ``cases.json``: what the edit asked for."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    original_prompt: str | None = None
+    edit_prompt: str | None = None
+    targets: dict[str, Annotated[int, Field(ge=0, le=1)]] = {}
+
+
+CASES_FILE = TypeAdapter(dict[str, CaseRecord])
+
+
+def _manifest(path: Path) -> dict[str, CaseRecord]:
+    if not path.exists():
+        return {}
+    try:
+        return CASES_FILE.validate_json(path.read_bytes())
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise InvalidInput("cases.json", f"{path}: {where + ': ' if where else ''}{first['msg']}") from exc
 
 
 def _find(folder: Path, stem: str) -> Path | None:
@@ -114,7 +145,7 @@ def load_cases(folder: str | Path, names: Sequence[str] | None = None) -> list[E
     for kind in KINDS[:2]:
         if not (folder / kind).is_dir():
             raise InvalidInput(kind, f"{folder / kind} is not a directory")
-    manifest = json.loads((folder / "cases.json").read_text()) if (folder / "cases.json").exists() else {}
+    manifest = _manifest(folder / "cases.json")
     if names is None:
         names = sorted(p.stem for p in (folder / "counterfactual").iterdir() if p.suffix.lower() in SUFFIXES)
     cases = []
@@ -122,20 +153,20 @@ def load_cases(folder: str | Path, names: Sequence[str] | None = None) -> list[E
         paths = {kind: _find(folder / kind, name) for kind in KINDS}
         if paths["input"] is None or paths["counterfactual"] is None:
             raise InvalidInput("input", f"case {name!r} has no input or no counterfactual in {folder}")
-        images = {kind: _read(p) if p else None for kind, p in paths.items()}
+        images = {kind: _read(p, kind) if p else None for kind, p in paths.items()}
         for kind, image in images.items():
             if image is not None and image.shape != images["input"].shape:
                 raise InvalidInput(kind, f"case {name!r}: {kind} is {image.shape}, input is {images['input'].shape}")
-        meta = manifest.get(name, {})
+        meta = manifest.get(name, CaseRecord())
         cases.append(
             EvalCase(
                 name,
                 images["input"],
                 images["counterfactual"],
                 images["truth"],
-                meta.get("original_prompt"),
-                meta.get("edit_prompt"),
-                {str(k): int(v) for k, v in meta.get("targets", {}).items()},
+                meta.original_prompt,
+                meta.edit_prompt,
+                meta.targets,
             )
         )
     if not cases:

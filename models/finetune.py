@@ -37,9 +37,9 @@ import models.hf_offline  # noqa: F401  (before diffusers/transformers)
 from models.atomic import write_aside
 from models.constants import TOKEN_WINDOW
 from models.ddim import make_scheduler
-from models.errors import ImageError, InvalidInput, ModelLoadError
+from models.errors import InvalidInput, ModelLoadError
 from models.findings import CONDITIONS, caption, normalize_labels
-from models.geometry import DecodedImage, decode_image, to_model_input
+from models.geometry import DecodedImage, read_image_file, to_model_input
 from models.loading import ModelBundle
 from models.params import EditParams, FinetuneConfig
 from models.pipeline import generate_counterfactual
@@ -225,11 +225,7 @@ class Finetuner:
         return wordings[int(torch.randint(len(wordings), (1,), generator=self.generator))]
 
     def _image(self, i: int) -> torch.Tensor:
-        path = self.examples[i].path
-        try:
-            pixels = decode_image(path.read_bytes()).pixels
-        except (ImageError, OSError) as exc:
-            raise InvalidInput("images", f"{path}: {exc}") from exc
+        pixels = read_image_file(self.examples[i].path, "images").pixels
         return to_model_input(pixels, self.resolution)[0]
 
     def _loss(self, indices: list[int]) -> torch.Tensor:

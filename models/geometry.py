@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from models.dicom import DicomSource, is_dicom, read_dicom
-from models.errors import ImageError
+from models.errors import ImageError, InvalidInput
 from models.report import Geometry, InputFormat
 
 
@@ -55,9 +56,21 @@ def decode_image(data: bytes, max_pixels: int = 2**31) -> DecodedImage:
     return to_grayscale(img)
 
 
-def read_keep_mask(data: bytes, max_pixels: int = 2**31) -> np.ndarray:
-    """An anatomy mask image (PNG or JPEG) as booleans: True (keep) wherever it is not black."""
-    return decode_image(data, max_pixels).pixels > 0
+def read_image_file(path: Path, field: str, max_pixels: int = 2**31) -> DecodedImage:
+    """:func:`decode_image` of a file. A missing, unreadable or undecodable file is InvalidInput
+    naming ``field`` (the option or column it came from) and the path, so that a command reading
+    many files, or two at once (an image and its mask), says which one failed."""
+    try:
+        return decode_image(path.read_bytes(), max_pixels)
+    except ImageError as exc:
+        raise InvalidInput(field, f"{path}: {exc}") from exc
+    except OSError as exc:
+        raise InvalidInput(field, f"{path}: {exc.strerror or exc}") from exc
+
+
+def keep_mask(image: DecodedImage) -> np.ndarray:
+    """An anatomy mask image as booleans: True (keep) wherever it is not black."""
+    return image.pixels > 0
 
 
 def to_grayscale(img: Image.Image) -> DecodedImage:

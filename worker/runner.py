@@ -17,7 +17,7 @@ from rq.timeouts import JobTimeoutException
 
 from models.classifier import FindingClassifier
 from models.errors import ImageError, InvalidInput
-from models.geometry import decode_image, read_keep_mask
+from models.geometry import decode_image, keep_mask
 from models.inversion import InversionCache
 from models.loading import ModelBundle
 from models.pipeline import generate_counterfactual
@@ -79,7 +79,7 @@ class JobRunner:
             raise JobFailed(JobError(code=ErrorCode.input_expired, message=message))
         original_prompt, edit_prompt, params = JobRequest.model_validate(request).resolved()
         image = decode_image(data, self.settings.max_image_pixels)
-        keep = None if mask is None else read_keep_mask(mask, self.settings.max_image_pixels)
+        keep = None if mask is None else keep_mask(decode_image(mask, self.settings.max_image_pixels))
         last_save = 0.0
 
         def progress(phase: str, step: int, total: int) -> None:

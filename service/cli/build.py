@@ -161,7 +161,7 @@ def train_builtin(args: argparse.Namespace) -> int:
 def finetune(args: argparse.Namespace) -> int:
     from models.errors import ImageError, InvalidInput, ModelLoadError
     from models.finetune import Finetuner, read_examples, validation_edit
-    from models.geometry import decode_image
+    from models.geometry import read_image_file
     from models.loading import default_device, load_bundle
     from service.contract.jobs import JobRequest
 
@@ -175,7 +175,7 @@ def finetune(args: argparse.Namespace) -> int:
             request = JobRequest(findings=args.validate_findings, edit=args.validate_edit)
             original, edited, params = request.resolved()
             bundle = load_bundle(args.base, clip_dir=args.clip_model, device=device)
-            image = decode_image(Path(args.validate_image).read_bytes())
+            image = read_image_file(Path(args.validate_image), "--validate-image")
             validate = validation_edit(bundle, image, original, edited, params, Path(args.work) / "validation")
     except (ValueError, ImageError, InvalidInput, ModelLoadError, OSError) as exc:
         print(f"prism finetune: error: {exc}")

@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
 
     from models.classifier import configured_classifier
     from models.errors import ImageError, InvalidInput, ModelLoadError
-    from models.geometry import decode_image, read_keep_mask
+    from models.geometry import keep_mask, read_image_file
     from models.inversion import InversionCache
     from models.loading import load_bundle
     from models.pipeline import generate_counterfactual
@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
             edit=args.edit,
         )
         original_prompt, edit_prompt, params = request.resolved()
-        image = decode_image(Path(args.image).read_bytes(), settings.max_image_pixels)
+        image = read_image_file(Path(args.image), "--image", settings.max_image_pixels)
         bundle = load_bundle(
             args.model or settings.model_dir,
             unet_weights=args.unet_weights or settings.unet_weights,
@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
             device=args.device or settings.device,
             dtype=args.dtype or settings.dtype,
         )
-        keep = read_keep_mask(Path(args.mask).read_bytes(), settings.max_image_pixels) if args.mask else None
+        keep = keep_mask(read_image_file(Path(args.mask), "--mask", settings.max_image_pixels)) if args.mask else None
         classifier = None
         if params.method == "guided":
             classifier = configured_classifier(args.classifier or settings.classifier, args.model or settings.model_dir)

@@ -100,3 +100,18 @@ def test_evaluate_writes_json_and_markdown(tmp_path):
 def test_evaluate_names_a_missing_folder(tmp_path):
     proc = _prism("evaluate", str(tmp_path / "nowhere"))
     assert proc.returncode == 2 and "input" in proc.stdout
+
+
+def test_edit_names_the_flag_and_file_it_cannot_read(tmp_path):
+    """Two image files at once: the message says whether the image or the mask failed."""
+    image = write_png(tmp_path / "x.png", xray_like(32, 32))
+    (tmp_path / "mask.png").write_bytes(b"not an image")
+    prompts = ["--original-prompt", "chest x-ray with support devices", "--edit-prompt", "chest x-ray"]
+    bad_mask = _prism(
+        "edit", "--image", str(image), "--mask", str(tmp_path / "mask.png"), *prompts, "--out", str(tmp_path / "o")
+    )
+    assert bad_mask.returncode == 2
+    assert f"prism edit: error: --mask: {tmp_path / 'mask.png'}: not a PNG, JPEG or DICOM" in bad_mask.stderr
+    missing = _prism("edit", "--image", str(tmp_path / "gone.png"), *prompts, "--out", str(tmp_path / "o"))
+    assert missing.returncode == 2
+    assert f"prism edit: error: --image: {tmp_path / 'gone.png'}: No such file or directory" in missing.stderr

@@ -161,3 +161,32 @@ def test_load_cases_names_what_is_wrong(tmp_path):
     np.save(tmp_path / "counterfactual" / "a.npy", np.zeros((8, 9), np.float32))
     with pytest.raises(InvalidInput, match="^counterfactual: case 'a'"):
         load_cases(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("file", "content", "message"),
+    [
+        ("counterfactual/a.png", b"not an image", "not a PNG, JPEG or DICOM"),
+        ("counterfactual/a.npy", b"not an array", "not a NumPy array file"),
+        ("counterfactual/a.npy", np.zeros((2, 8, 8)), "a float64 array of shape (2, 8, 8); expected H x W"),
+        ("cases.json", b'{"a": ', "Invalid JSON"),
+        ("cases.json", b"[1]", "Input should be an object"),
+        ("cases.json", b'{"a": {"target": {"Support Devices": 0}}}', "a.target: Extra inputs are not permitted"),
+        ("cases.json", b'{"a": {"targets": {"Support Devices": 2}}}', "a.targets.Support Devices: Input should be"),
+    ],
+    ids=["undecodable-image", "garbage-npy", "3d-npy", "truncated-json", "json-list", "misspelt-key", "target-2"],
+)
+def test_an_unusable_file_is_refused_naming_its_kind_and_path(tmp_path, file, content, message):
+    for kind in ("input", "counterfactual"):
+        (tmp_path / kind).mkdir()
+    (tmp_path / "input" / "a.png").write_bytes(encode_png(np.zeros((8, 8), np.float32), 8))
+    if not file.startswith("counterfactual"):
+        (tmp_path / "counterfactual" / "a.png").write_bytes(encode_png(np.zeros((8, 8), np.float32), 8))
+    if isinstance(content, bytes):
+        (tmp_path / file).write_bytes(content)
+    else:
+        np.save(tmp_path / file, content)
+    with pytest.raises(InvalidInput) as raised:
+        load_cases(tmp_path)
+    field = "cases.json" if file == "cases.json" else "counterfactual"
+    assert str(raised.value).startswith(f"{field}: {tmp_path / file}: {message}")

@@ -5,8 +5,16 @@ import pytest
 from PIL import Image
 
 from models.difference import difference, encode_rgb_png, render_difference
-from models.errors import ImageError
-from models.geometry import decode_image, encode_png, from_model_output, quantize, to_model_input
+from models.errors import ImageError, InvalidInput
+from models.geometry import (
+    decode_image,
+    encode_png,
+    from_model_output,
+    keep_mask,
+    quantize,
+    read_image_file,
+    to_model_input,
+)
 
 
 def _png(arr: np.ndarray, **kw) -> bytes:
@@ -48,6 +56,21 @@ def test_decode_rejects_other_formats():
         decode_image(buf.getvalue())
     with pytest.raises(ImageError):
         decode_image(b"not an image")
+
+
+def test_an_image_file_is_decoded_and_a_bad_one_named_by_field_and_path(tmp_path):
+    pixels = np.array([[0.0, 0.5], [1.0, 0.25]], np.float32)
+    (tmp_path / "mask.png").write_bytes(encode_png(pixels, 16))
+    decoded = read_image_file(tmp_path / "mask.png", "--mask")
+    np.testing.assert_allclose(decoded.pixels, pixels, atol=1 / 65535)
+    assert keep_mask(decoded).tolist() == [[False, True], [True, True]]
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(InvalidInput, match=f"^--mask: {tmp_path}/bad.png: not a PNG, JPEG or DICOM Part 10 file$"):
+        read_image_file(tmp_path / "bad.png", "--mask")
+    with pytest.raises(InvalidInput, match=f"^images: {tmp_path}/gone.png: No such file or directory$"):
+        read_image_file(tmp_path / "gone.png", "images")
+    with pytest.raises(InvalidInput, match="^--image: .*: Is a directory$"):
+        read_image_file(tmp_path, "--image")
 
 
 def test_png_roundtrip_keeps_bit_depth():
