@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from pydantic import ValidationError
 from tqdm import tqdm
 
 from models.classifier import FindingClassifier
@@ -118,12 +119,17 @@ def varied(base: EditParams, varies: Sequence[str]) -> dict[str, EditParams]:
     three: the defaults, direct and own)."""
     variants: dict[str, EditParams] = {}
     for vary in varies:
-        option, _, values = vary.partition("=")
+        option, equals, values = vary.partition("=")
+        if not equals or not option or not values:
+            raise ValueError(f"--vary {vary}: expected OPTION=V1,V2 (an edit option, e.g. blend_threshold=0.3,0.5)")
+        if option not in EditParams.model_fields:
+            raise ValueError(f"--vary {vary}: {option!r} is not an edit option; see prism bench-phantom --help")
         for value in values.split(","):
             try:
                 candidate = base.replace(**{option: value})
-            except ValueError as exc:
-                raise ValueError(f"--vary {vary}: {exc}") from exc
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                raise ValueError(f"--vary {vary}: {option}={value}: {first['msg']}") from exc
             if candidate not in variants.values():
                 variants[value] = candidate
     return variants

@@ -13,7 +13,7 @@ from typing import get_args
 from models.params import DtypeName, EditOptions, EditParams, FinetuneConfig, NullTextSettings
 from phantoms.recipe import RECIPES
 from service.cli.edit import ALIASES
-from service.cli.options import add_model_flags, model_from_args
+from service.cli.options import add_model_flags, model_from_args, positive
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,12 +28,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--out", default=".prism/builtin", help="where the model is written (ship it with --out models/assets/builtin)"
     )
     train.add_argument("--recipe", choices=list(RECIPES), default="cpu", help="steps and batch sizes per stage")
-    train.add_argument("--images", type=int, help="training phantoms (default: the recipe's)")
-    train.add_argument("--scale", type=float, default=1.0, help="multiply every stage's step count (quick checks)")
-    train.add_argument("--batch", type=int, help="one batch size for every stage (quick checks)")
-    train.add_argument("--threads", type=int, default=2, help="torch threads on the CPU")
+    train.add_argument("--images", type=positive(int), help="training phantoms (default: the recipe's)")
+    train.add_argument(
+        "--scale", type=positive(float), default=1.0, help="multiply every stage's step count (quick checks)"
+    )
+    train.add_argument("--batch", type=positive(int), help="one batch size for every stage (quick checks)")
+    train.add_argument("--threads", type=positive(int), default=2, help="torch threads on the CPU")
     train.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    train.add_argument("--workers", type=int, help="processes rendering phantoms (default: one per core)")
+    train.add_argument("--workers", type=positive(int), help="processes rendering phantoms (default: one per core)")
     train.set_defaults(func=train_builtin, log_level=logging.INFO)
 
     tune = sub.add_parser("finetune", help="fine-tune a local SD model on X-rays and labels (PRISM's Algorithm 1)")
@@ -112,7 +114,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     speed.add_argument("--device", choices=["cpu", "cuda"])
     speed.add_argument("--dtype", choices=get_args(DtypeName), help="the UNet's precision")
-    speed.add_argument("--repeats", type=int, default=3, help="timed runs per row, after one warm-up (median)")
+    speed.add_argument(
+        "--repeats", type=positive(int), default=3, help="timed runs per row, after one warm-up (median)"
+    )
     speed.add_argument("--out", default="speed-out", help="directory for results.json and results.md")
     speed.add_argument("--inner-steps", type=int, default=NullTextSettings().inner_steps, help="null-text inner steps")
     add_model_flags(speed.add_argument_group("edit options (as in the API)"), EditOptions, ALIASES)
@@ -123,16 +127,21 @@ def _params(args: argparse.Namespace, command: str) -> EditParams | None:
     """The edit options given as flags, with the null-text inner steps; None after printing why not."""
     try:
         options = model_from_args(EditOptions, args)
+        null_text = model_from_args(NullTextSettings, args)
     except ValueError as exc:
         print(f"prism {command}: error: {exc}")
         return None
-    return EditParams(**options.model_dump(), null_text=NullTextSettings(inner_steps=args.inner_steps))
+    return EditParams(**options.model_dump(), null_text=null_text)
 
 
 def make_tiny(args: argparse.Namespace) -> int:
     from models.tiny import make_tiny_model
 
-    print(make_tiny_model(args.directory, seed=args.seed))
+    try:
+        print(make_tiny_model(args.directory, seed=args.seed))
+    except OSError as exc:
+        print(f"prism make-tiny-model: error: {args.directory}: {exc.strerror or exc}")
+        return 2
     return 0
 
 
@@ -144,10 +153,14 @@ def train_builtin(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     recipe = RECIPES[args.recipe]
-    if args.scale != 1.0 or args.batch:
+    if args.scale != 1.0 or args.batch is not None:
         recipe = recipe.scaled(args.scale, args.batch)
-    if args.images:
-        recipe = replace(recipe, images=args.images)
+    if args.images is not None:
+        try:
+            recipe = replace(recipe, images=args.images)
+        except ValueError as exc:
+            print(f"prism train-builtin: error: --images: {exc}")
+            return 2
     stop = StopSwitch()
     stop.handle_signals()
     try:
@@ -197,6 +210,7 @@ def finetune(args: argparse.Namespace) -> int:
 def bench_phantom(args: argparse.Namespace) -> int:
     from models.builtin import builtin_model_dir
     from models.classifier import FindingClassifier
+    from models.errors import ModelLoadError
     from models.loading import load_bundle
     from phantoms.bench import METHOD_VARIANTS, case_indices, method_variants, run_benchmark, varied
 
@@ -235,8 +249,12 @@ def bench_phantom(args: argparse.Namespace) -> int:
     if args.record_in_card and not (model_dir / "training.json").exists():
         print(f"prism bench-phantom: error: --record-in-card: {model_dir} has no training.json (not a trained model)")
         return 2
-    bundle = load_bundle(model_dir, device=args.device)
-    classifier = FindingClassifier.load(model_dir / "classifier.safetensors")
+    try:
+        bundle = load_bundle(model_dir, device=args.device)
+        classifier = FindingClassifier.load(model_dir / "classifier.safetensors")
+    except (ModelLoadError, OSError) as exc:
+        print(f"prism bench-phantom: error: --model: {exc}")
+        return 2
     inception = Path(args.inception) if args.inception else None
     report = run_benchmark(bundle, classifier, args.n, Path(args.out), variants, inception=inception, split=args.split)
     if args.record_in_card:
@@ -275,6 +293,7 @@ def evaluate(args: argparse.Namespace) -> int:
 def bench_speed(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from models.errors import ModelLoadError
     from models.geometry import DecodedImage
     from models.loading import load_bundle
     from models.speed import bench_speed as measure
@@ -287,10 +306,14 @@ def bench_speed(args: argparse.Namespace) -> int:
     params = _params(args, "bench-speed")
     if params is None:
         return 2
-    if args.model == "full-size":
-        bundle = full_size_bundle(args.device or "cuda", args.dtype)
-    else:
-        bundle = load_bundle(None if args.model == "builtin" else args.model, device=args.device, dtype=args.dtype)
+    try:
+        if args.model == "full-size":
+            bundle = full_size_bundle(args.device or "cuda", args.dtype)
+        else:
+            bundle = load_bundle(None if args.model == "builtin" else args.model, device=args.device, dtype=args.dtype)
+    except (ModelLoadError, OSError) as exc:
+        print(f"prism bench-speed: error: --model: {exc}")
+        return 2
     if args.model == "builtin":
         anatomy, source, target, _ = bench_case("remove_devices", 0, bundle.resolution)
         image = DecodedImage(render(anatomy, source), 16)

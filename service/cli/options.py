@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import annotated_types
@@ -85,6 +85,26 @@ def add_model_flags(
         elif target is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         parser.add_argument("--" + name.replace("_", "-"), *aliases.get(name, ()), **kwargs)
+
+
+def positive(kind: Callable[[str], int | float]) -> Callable[[str], int | float]:
+    """An argparse ``type``: a number above zero (argparse names the flag when it is not)."""
+
+    def parse(text: str) -> int | float:
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+        return value
+
+    return parse
+
+
+def port(text: str) -> int:
+    """An argparse ``type``: a TCP port to listen on."""
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be 1 to 65535, got {text}")
+    return value
 
 
 def model_from_args(model: type[BaseModel], args: argparse.Namespace, **extra: Any) -> BaseModel:

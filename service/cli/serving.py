@@ -10,11 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from service.cli.options import port, positive
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     serve = sub.add_parser("serve", help="run the HTTP API (uvicorn)")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=port, default=8000)
     serve.set_defaults(func=run_api, log_level=logging.INFO)
 
     worker = sub.add_parser("worker", help="run a worker: load the model once, then serve jobs")
@@ -27,8 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     up = sub.add_parser("up", help="start redis (if PRISM_REDIS_URL is unset), workers, the webhook sender and the API")
     up.add_argument("--host", default="127.0.0.1")
-    up.add_argument("--port", type=int, default=8000)
-    up.add_argument("--workers", type=int, default=1)
+    up.add_argument("--port", type=port, default=8000)
+    up.add_argument("--workers", type=positive(int), default=1, help="GPU workers, each holding the model once")
     up.set_defaults(func=run_all, log_level=logging.INFO)
 
 

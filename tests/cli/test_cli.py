@@ -1,10 +1,13 @@
+import contextlib
 import json
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
+from service.cli import main
 from tests.helpers import write_png, xray_like
 
 
@@ -115,3 +118,34 @@ def test_edit_names_the_flag_and_file_it_cannot_read(tmp_path):
     missing = _prism("edit", "--image", str(tmp_path / "gone.png"), *prompts, "--out", str(tmp_path / "o"))
     assert missing.returncode == 2
     assert f"prism edit: error: --image: {tmp_path / 'gone.png'}: No such file or directory" in missing.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train-builtin", "--images", "0"], "argument --images: must be above 0, got 0"),
+        (["train-builtin", "--images", "99999"], "--images: images must be 1 to 32000"),
+        (["train-builtin", "--scale", "-1"], "argument --scale: must be above 0, got -1"),
+        (["train-builtin", "--batch", "0"], "argument --batch: must be above 0, got 0"),
+        (["bench-speed", "--repeats", "0"], "argument --repeats: must be above 0, got 0"),
+        (["bench-speed", "--model", "/nonexistent"], "--model: model directory not found: /nonexistent"),
+        (["bench-phantom", "--model", "/nonexistent"], "--model: model directory not found: /nonexistent"),
+        (["bench-phantom", "--inner-steps", "-3"], "--inner-steps: Input should be greater than or equal to 0"),
+        (["bench-phantom", "--vary", "steps"], "--vary steps: expected OPTION=V1,V2"),
+        (["bench-phantom", "--vary", "stepz=5"], "--vary stepz=5: 'stepz' is not an edit option"),
+        (["bench-phantom", "--vary", "steps=5,0"], "--vary steps=5,0: steps=0: Input should be greater than"),
+        (["make-tiny-model", "/proc/no/such/dir"], "/proc/no/such/dir: No such file or directory"),
+        (["serve", "--port", "99999"], "argument --port: must be 1 to 65535, got 99999"),
+        (["up", "--workers", "0"], "argument --workers: must be above 0, got 0"),
+    ],
+)
+def test_a_bad_flag_exits_2_naming_it_before_any_work(argv, message, tmp_path, monkeypatch, capsys):
+    """Nothing is trained, benchmarked or served: the run stops at the flag (before the fixes, a zero
+    batch or image count was silently ignored and training started, others ended in a traceback)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("service.cli.configure_logging", lambda *_: None)  # the root logger stays pytest's
+    with pytest.raises(SystemExit) if message.startswith("argument") else contextlib.nullcontext():
+        assert main(argv) == 2
+    out = capsys.readouterr()
+    assert message in out.out + out.err
+    assert list(tmp_path.iterdir()) == []
