@@ -193,7 +193,7 @@ class EditParams(EditOptions):
 class FinetuneConfig(BaseModel):
     """One fine-tuning run; every field is a ``prism finetune`` flag."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     steps: Annotated[int, Field(ge=1, description="optimiser steps")] = 1000
     batch_size: Annotated[int, Field(ge=1)] = 4

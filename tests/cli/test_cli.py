@@ -120,6 +120,9 @@ def test_edit_names_the_flag_and_file_it_cannot_read(tmp_path):
     assert f"prism edit: error: --image: {tmp_path / 'gone.png'}: No such file or directory" in missing.stderr
 
 
+FINETUNE = ["finetune", "--base", "base", "--images", "images", "--labels", "labels.csv"]
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -137,6 +140,8 @@ def test_edit_names_the_flag_and_file_it_cannot_read(tmp_path):
         (["make-tiny-model", "/proc/no/such/dir"], "/proc/no/such/dir: No such file or directory"),
         (["serve", "--port", "99999"], "argument --port: must be 1 to 65535, got 99999"),
         (["up", "--workers", "0"], "argument --workers: must be above 0, got 0"),
+        ([*FINETUNE, "--learning-rate", "inf"], "--learning-rate: Input should be a finite number"),
+        ([*FINETUNE, "--max-grad-norm", "nan"], "--max-grad-norm: Input should be a finite number"),
     ],
 )
 def test_a_bad_flag_exits_2_naming_it_before_any_work(argv, message, tmp_path, monkeypatch, capsys):
