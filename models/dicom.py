@@ -3,7 +3,7 @@
 In: one grayscale frame of an image SOP class, in any transfer syntax an installed decoder reads
 (pydicom's own, and pylibjpeg's JPEG, JPEG 2000 and RLE plugins), turned into display intensities
 in [0, 1] as a viewer would show it: the Modality LUT or rescale, then the first VOI LUT or
-window (else the image's own range), MONOCHROME1 inverted, padding pixels black.
+window (else, or for a window of width below 1, the image's own range), MONOCHROME1 inverted, padding pixels black.
 
 Out: a Secondary Capture (highdicom) in the input's study: the patient and study modules copied,
 a new series with its own UIDs, ImageType DERIVED\\SECONDARY, conversion type SYN (synthetic),
@@ -167,16 +167,28 @@ def _display(raw: np.ndarray, ds: Dataset) -> np.ndarray:
         depth = int(ds.VOILUTSequence[0].LUTDescriptor[2])
         low, high = 0.0, float(2**depth - 1)
         shown = apply_voi(np.round(values).astype(np.int64), ds).astype(np.float64)
-    elif "WindowCenter" in ds and "WindowWidth" in ds:
-        with np.errstate(over="ignore"):
-            low, high = apply_windowing(np.array([-1e30, 1e30]), ds)
-        shown = apply_windowing(values.astype(np.float64), ds)
+    elif (window := _window(values, ds)) is not None:
+        low, high, shown = window
     else:
         low, high = float(values.min()), float(values.max())
         shown = values.astype(np.float64)
     if high <= low:
         return np.zeros(raw.shape, np.float64)
     return np.clip((shown - low) / (high - low), 0.0, 1.0)
+
+
+def _window(values: np.ndarray, ds: Dataset) -> tuple[float, float, np.ndarray] | None:
+    """The first window applied to ``values``, with its output range; None when there is none a
+    viewer could apply (absent, or a width below the standard's minimum of 1, as some modalities
+    write), so the image shows at its own range rather than being refused for a display hint."""
+    if "WindowCenter" not in ds or "WindowWidth" not in ds:
+        return None
+    try:
+        with np.errstate(over="ignore"):
+            low, high = apply_windowing(np.array([-1e30, 1e30]), ds)
+        return float(low), float(high), apply_windowing(values.astype(np.float64), ds)
+    except ValueError:
+        return None
 
 
 def _padding(raw: np.ndarray, ds: Dataset) -> np.ndarray:

@@ -50,6 +50,16 @@ def test_twelve_bits_with_rescale_and_window():
     assert (pixels == 0).any() and (pixels == 1).any()  # the window clips both ends here
 
 
+@pytest.mark.parametrize("width", ["0", "-5", "0.5"])
+def test_a_window_no_viewer_can_apply_shows_the_image_at_its_own_range(width):
+    """PS3.3 C.11.2.1.2.1 asks for a width of at least 1; a file with less is shown as if it had no
+    window (its own range), not refused."""
+    ds, stored = radiograph(bits_stored=12)
+    ds.WindowCenter, ds.WindowWidth = "2048", width
+    pixels, _ = read_dicom(encode(ds), LIMIT)
+    np.testing.assert_allclose(pixels, _own_range(stored), atol=1e-6)
+
+
 def test_signed_pixels_with_rescale():
     ds, stored = radiograph(bits_stored=12, signed=True)
     ds.RescaleSlope, ds.RescaleIntercept = 1, 1024
