@@ -28,6 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import httpx
     from tqdm import tqdm
 
     from service.client import PrismClient, PrismError
@@ -66,6 +67,9 @@ def run(args: argparse.Namespace) -> int:
             prism.download_all(status, args.out)
     except (PrismError, OSError) as exc:
         print(f"prism submit: error: {exc}", file=sys.stderr)
+        return 2
+    except httpx.HTTPError as exc:
+        print(f"prism submit: error: --url: cannot reach the service at {args.url}: {exc}", file=sys.stderr)
         return 2
     result = status["result"]
     print(json.dumps({"id": job.id, "out": args.out, "s_clip": result["s_clip"], "passed": result["passed"]}))

@@ -154,3 +154,13 @@ def test_a_bad_flag_exits_2_naming_it_before_any_work(argv, message, tmp_path, m
     out = capsys.readouterr()
     assert message in out.out + out.err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:1", "127.0.0.1:8000"], ids=["nothing-listening", "no-scheme"])
+def test_submit_names_a_service_it_cannot_reach(url, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("service.cli.configure_logging", lambda *_: None)
+    image = write_png(tmp_path / "x.png", xray_like(32, 32))
+    argv = ["submit", "--url", url, "--image", str(image), "--out", str(tmp_path / "o"), "--findings", "Edema=1"]
+    assert main([*argv, "--edit", "Edema=0"]) == 2
+    assert f"prism submit: error: --url: cannot reach the service at {url}: " in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
