@@ -28,6 +28,9 @@ def add_key(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"prism keys add: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        print(f"prism keys add: --file: {path}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     print(f"added key {args.name!r} to {path}; the key and its webhook signing secret are shown once.")
     print(f"webhook secret: {secret}")
     print(key)

@@ -140,6 +140,7 @@ FINETUNE = ["finetune", "--base", "base", "--images", "images", "--labels", "lab
         (["make-tiny-model", "/proc/no/such/dir"], "/proc/no/such/dir: No such file or directory"),
         (["serve", "--port", "99999"], "argument --port: must be 1 to 65535, got 99999"),
         (["up", "--workers", "0"], "argument --workers: must be above 0, got 0"),
+        (["keys", "add", "reader", "--file", "/proc/no/such/keys"], "--file: /proc/no/such/keys: No such file"),
         ([*FINETUNE, "--learning-rate", "inf"], "--learning-rate: Input should be a finite number"),
         ([*FINETUNE, "--max-grad-norm", "nan"], "--max-grad-norm: Input should be a finite number"),
     ],
