@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import warnings
 
 from service.cli import build, edit, keys, serving, submit
@@ -46,8 +47,16 @@ def configure_logging(level: int, json_lines: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pydantic import ValidationError
+
     from service.contract.settings import get_settings
 
     args = build_parser().parse_args(argv)
-    configure_logging(getattr(args, "log_level", logging.WARNING), get_settings().log_format == "json")
+    try:
+        settings = get_settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        print(f"prism: error: PRISM_{str(first['loc'][0]).upper()}: {first['msg']}", file=sys.stderr)
+        return 2
+    configure_logging(getattr(args, "log_level", logging.WARNING), settings.log_format == "json")
     return args.func(args)

@@ -44,10 +44,15 @@ def run_api(args: argparse.Namespace) -> int:
 
 
 def run_worker(args: argparse.Namespace) -> int:
+    from models.errors import ModelLoadError
     from service.contract.settings import get_settings
     from worker.main import run_worker as serve_jobs
 
-    serve_jobs(get_settings(), burst=args.burst)
+    try:
+        serve_jobs(get_settings(), burst=args.burst)
+    except ModelLoadError as exc:
+        print(f"prism worker: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

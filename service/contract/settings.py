@@ -14,12 +14,18 @@ from models.params import DtypeName
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PRISM_", extra="ignore")
 
-    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis holding the queue, inputs and outputs")
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        pattern=r"^(redis|rediss|unix)://",
+        description="Redis holding the queue, inputs and outputs (redis://, rediss:// or unix://)",
+    )
     queue_name: str = "prism"
     model_dir: str | None = Field(None, description="diffusers SD directory; unset: the built-in model")
     unet_weights: str | None = Field(None, description="fine-tuned UNet .safetensors loaded over model_dir")
     clip_model: str | None = Field(None, description="CLIP directory for scoring; unset: MODEL_DIR/clip")
-    device: str | None = Field(None, description="cpu or cuda; unset: cuda when available")
+    device: str | None = Field(
+        None, pattern=r"^(cpu|cuda(:\d+)?)$", description="cpu, cuda or cuda:N; unset: cuda when available"
+    )
     dtype: DtypeName | None = Field(None, description="the UNet's precision; unset: float16 on CUDA, float32 on CPU")
     classifier: str | None = Field(
         None, description="finding classifier (.safetensors with its .json) for the guided method; unset: MODEL_DIR's"

@@ -1,5 +1,6 @@
 import contextlib
 import json
+import os
 import subprocess
 import sys
 
@@ -8,6 +9,7 @@ import pytest
 from PIL import Image
 
 from service.cli import main
+from service.contract.settings import Settings, get_settings
 from tests.helpers import write_png, xray_like
 
 
@@ -165,3 +167,37 @@ def test_submit_names_a_service_it_cannot_reach(url, tmp_path, monkeypatch, caps
     assert main([*argv, "--edit", "Edema=0"]) == 2
     assert f"prism submit: error: --url: cannot reach the service at {url}: " in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("PRISM_DEVICE", "tpu", "prism: error: PRISM_DEVICE: String should match pattern"),
+        ("PRISM_REDIS_URL", "localhost:6379", "prism: error: PRISM_REDIS_URL: String should match pattern"),
+        ("PRISM_MAX_QUEUE_DEPTH", "0", "prism: error: PRISM_MAX_QUEUE_DEPTH: Input should be greater than"),
+    ],
+)
+def test_a_setting_the_service_cannot_use_stops_every_command_naming_it(variable, value, message, monkeypatch, capsys):
+    monkeypatch.setenv(variable, value)
+    get_settings.cache_clear()
+    try:
+        assert main(["keys", "add", "reader"]) == 2
+    finally:
+        get_settings.cache_clear()
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("variable", "value"), [("PRISM_DEVICE", "cuda:1"), ("PRISM_REDIS_URL", "unix:///tmp/r.sock")])
+def test_the_settings_other_forms_are_accepted(variable, value, monkeypatch):
+    monkeypatch.setenv(variable, value)
+    assert getattr(Settings(), variable.removeprefix("PRISM_").lower()) == value
+
+
+def test_a_worker_without_its_model_exits_2_naming_the_directory(tmp_path):
+    env = {**os.environ, "PRISM_MODEL_DIR": str(tmp_path / "missing"), "PRISM_REDIS_URL": "redis://127.0.0.1:1/0"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "service.cli", "worker"], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 2
+    assert f"prism worker: error: model directory not found: {tmp_path / 'missing'}" in proc.stderr
+    assert "Traceback" not in proc.stderr
