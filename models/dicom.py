@@ -3,7 +3,8 @@
 In: one grayscale frame of an image SOP class, in any transfer syntax an installed decoder reads
 (pydicom's own, and pylibjpeg's JPEG, JPEG 2000 and RLE plugins), turned into display intensities
 in [0, 1] as a viewer would show it: the Modality LUT or rescale, then the first VOI LUT or
-window (else, or for a window of width below 1, the image's own range), MONOCHROME1 inverted, padding pixels black.
+window (else, or for a window of width below 1, the image's own range), MONOCHROME1 inverted,
+padding pixels black.
 
 Out: a Secondary Capture (highdicom) in the input's study: the patient and study modules copied,
 a new series with its own UIDs, ImageType DERIVED\\SECONDARY, conversion type SYN (synthetic),
