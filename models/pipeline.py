@@ -1,6 +1,6 @@
 """The whole PRISM counterfactual: invert, edit (batched sweep), score, map back to the input.
 
-Plain arrays in; plain arrays and a typed :class:`~models.report.EditReport` out; no HTTP, no queue.
+Plain arrays in; plain arrays and a typed :class:`~models.request.report.EditReport` out; no HTTP, no queue.
 """
 
 from __future__ import annotations
@@ -14,16 +14,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.classifier import FindingClassifier
-from models.constants import TOKEN_WINDOW
-from models.ddim import PRISM_SCHEDULER_CONFIG, DDIMSampler
-from models.dicom import DicomSource, secondary_captures
-from models.difference import difference, encode_rgb_png, render_difference
-from models.editing import build_control, denoise, edit_specs
-from models.errors import InvalidInput
-from models.geometry import DecodedImage, encode_png, from_model_output, quantize, to_model_input
-from models.guided import guided_edit
-from models.inversion import (
+from models.diffusion.components import ModelBundle
+from models.diffusion.ddim import PRISM_SCHEDULER_CONFIG, DDIMSampler
+from models.diffusion.editing import build_control, denoise, edit_specs
+from models.diffusion.inversion import (
     Inversion,
     InversionCache,
     ProgressCallback,
@@ -32,12 +26,26 @@ from models.inversion import (
     inversion_key,
     null_text_optimize,
 )
-from models.loading import ModelBundle
-from models.params import EditParams
-from models.report import CandidateScores, DifferenceInfo, EditReport, EditScores, Geometry, InversionInfo, ModelInfo
-from models.scoring import ClipScorer, score_candidates
-from models.sdedit import sdedit
-from models.validation import validate_request
+from models.imaging.dicom import DicomSource, secondary_captures
+from models.imaging.difference import difference, encode_rgb_png, render_difference
+from models.imaging.geometry import DecodedImage, encode_png, from_model_output, quantize, to_model_input
+from models.methods.guided import guided_edit
+from models.methods.sdedit import sdedit
+from models.request.constants import TOKEN_WINDOW
+from models.request.errors import InvalidInput
+from models.request.params import EditParams
+from models.request.report import (
+    CandidateScores,
+    DifferenceInfo,
+    EditReport,
+    EditScores,
+    Geometry,
+    InversionInfo,
+    ModelInfo,
+)
+from models.request.validation import validate_request
+from models.scoring.classifier import FindingClassifier
+from models.scoring.clip import ClipScorer, score_candidates
 
 SCORE_REFERENCE = "reconstruction"
 

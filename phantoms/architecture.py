@@ -1,7 +1,7 @@
 """The built-in model's components: an SD v1.5-structured latent diffusion model at 128 px, grayscale.
 
 Declared here, once, for training; ``models/assets/builtin/*/config.json`` are what these write.
-(The random test models of ``models.tiny`` have their own, smaller configs.)
+(The random test models of ``models.weights.tiny`` have their own, smaller configs.)
 """
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from __future__ import annotations
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig
 
-import models.hf_offline  # noqa: F401  (before diffusers/transformers)
-from models.attention_control import BlendMaps
-from models.constants import TOKEN_WINDOW
+import models.weights.offline  # noqa: F401  (before diffusers/transformers)
+from models.diffusion.attention_control import BlendMaps
+from models.request.constants import TOKEN_WINDOW
 
 SIZE = 128
 """Phantom side in pixels; the latent is SIZE / 4 = 32."""

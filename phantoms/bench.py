@@ -8,7 +8,7 @@ the same anatomy rendered with the finding toggled.
 Several named variants (edit parameters, methods) run on the same cases, side by side. Each case
 is saved as it finishes, in the folder layout ``prism evaluate`` reads (``input/``, ``truth/``,
 ``counterfactual/``, ``cases.json``), so an interrupted run resumes where it stopped and every
-variant is measured by the same evaluation (:mod:`models.evaluation`) against the truth.
+variant is measured by the same evaluation (:mod:`models.evaluation.quality`) against the truth.
 """
 
 from __future__ import annotations
@@ -24,14 +24,14 @@ from PIL import Image
 from pydantic import ValidationError
 from tqdm import tqdm
 
-from models.classifier import FindingClassifier
-from models.evaluation import evaluate, l1_ratio, load_cases
-from models.geometry import DecodedImage, decode_image, encode_png
-from models.inversion import InversionCache
-from models.loading import ModelBundle
-from models.params import EditParams
+from models.diffusion.components import ModelBundle
+from models.diffusion.inversion import InversionCache
+from models.evaluation.quality import evaluate, l1_ratio, load_cases
+from models.imaging.geometry import DecodedImage, decode_image, encode_png
 from models.pipeline import Counterfactual, decode_latents, encode_latent, generate_counterfactual
-from models.scoring import ClipScorer
+from models.request.params import EditParams
+from models.scoring.classifier import FindingClassifier
+from models.scoring.clip import ClipScorer
 from phantoms.captions import NAMES, explicit_caption
 from phantoms.render import FINDINGS, Anatomy, Findings, anatomy_mask, region_mask, render
 
@@ -223,7 +223,7 @@ def run_benchmark(
     split: str = "test",
 ) -> dict:
     """Generate the first ``n`` cases of ``split`` (resuming), evaluate each variant and task
-    against the truth with :func:`models.evaluation.evaluate`, and write results.json, results.md
+    against the truth with :func:`models.evaluation.quality.evaluate`, and write results.json, results.md
     and grid.png."""
     out.mkdir(parents=True, exist_ok=True)
     indices = case_indices(n, split)

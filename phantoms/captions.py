@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from models.findings import caption
+from models.request.findings import caption
 from phantoms.render import FINDINGS, Findings
 
 NAMES = {"cardiomegaly": "Cardiomegaly", "pleural_effusion": "Pleural Effusion", "support_devices": "Support Devices"}

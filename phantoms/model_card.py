@@ -22,7 +22,7 @@ PARTS = (
     ("`unet/`", "UNet2DConditionModel, latent 32×32, cross-attention at 16×16 and 8×8", "unet"),
     ("`text_encoder/`, `tokenizer/`", "CLIP text transformer (2 layers), the real CLIP BPE vocabulary", "text_encoder"),
     ("`clip/`", "CLIPModel (vision 64 px), the S_CLIP scorer", "clip"),
-    ("`classifier.safetensors`, `.json`", "`models.classifier` small CNN (the three findings)", "classifier"),
+    ("`classifier.safetensors`, `.json`", "`models.scoring.classifier` small CNN (the three findings)", "classifier"),
 )
 
 
@@ -147,7 +147,7 @@ def render_model_card(log: dict) -> str:
 
 ## What it is
 An SD v1.5-structured latent diffusion model at 128×128, grayscale, in the diffusers layout that
-`models.loading.load_bundle` reads for real weights (architecture: `phantoms/architecture.py`):
+`models.diffusion.components.load_bundle` reads for real weights (architecture: `phantoms/architecture.py`):
 
 | part | what | parameters |
 | --- | --- | --- |

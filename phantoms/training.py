@@ -1,6 +1,6 @@
 """Train the built-in model on phantoms: VAE, text-conditioned UNet, CLIP scorer, classifier.
 
-The diffusion stage is PRISM's Algorithm 1 as any user runs it (:class:`models.finetune.Finetuner`,
+The diffusion stage is PRISM's Algorithm 1 as any user runs it (:class:`models.training.finetune.Finetuner`,
 ``prism finetune``): the phantoms are written as PNGs with a captions table, and the UNet and
 text encoder of a base directory (the trained VAE, the rest freshly initialised) are fine-tuned on
 them. The phantom-specific parts (VAE, attention supervision, CLIP scorer, classifier) are here.
@@ -37,19 +37,19 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from PIL import Image
 from transformers import CLIPModel, CLIPTextModel
 
-import models.hf_offline  # noqa: F401  (before diffusers/transformers)
-from models.atomic import write_aside
-from models.attention_control import ControlledAttnProcessor
-from models.classifier import FindingClassifier, builtin_classifier_config
-from models.constants import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD, TOKEN_WINDOW
-from models.ddim import make_scheduler
-from models.finetune import Finetuner, read_examples, save_unet
-from models.loading import write_clip_preprocessor
-from models.params import FinetuneConfig
-from models.scoring import projected_features
-from models.stopping import StopSwitch
-from models.tokenizer import ASSETS, clip_tokenizer
-from models.words import prompt_words, word_token_indices
+import models.weights.offline  # noqa: F401  (before diffusers/transformers)
+from models.diffusion.attention_control import ControlledAttnProcessor
+from models.diffusion.components import write_clip_preprocessor
+from models.diffusion.ddim import make_scheduler
+from models.request.constants import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD, TOKEN_WINDOW
+from models.request.params import FinetuneConfig
+from models.request.tokenizer import ASSETS, clip_tokenizer
+from models.request.words import prompt_words, word_token_indices
+from models.scoring.classifier import FindingClassifier, builtin_classifier_config
+from models.scoring.clip import projected_features
+from models.training.atomic import write_aside
+from models.training.finetune import Finetuner, read_examples, save_unet
+from models.training.stopping import StopSwitch
 from phantoms import architecture
 from phantoms.captions import NAMES, explicit_caption, prism_caption, training_caption, typed_caption
 from phantoms.model_card import render_model_card

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from models.loading import ModelBundle, load_bundle
-from models.tiny import make_tiny_model
+from models.diffusion.components import ModelBundle, load_bundle
+from models.weights.tiny import make_tiny_model
 
 
 @pytest.fixture(scope="session")
@@ -22,7 +22,7 @@ def bundle(tiny_model_dir: Path) -> ModelBundle:
 
 @pytest.fixture(scope="session")
 def redis_server():
-    from service.cli.local_redis import LocalRedis
+    from cli.local_redis import LocalRedis
 
     with LocalRedis() as server:
         yield server
@@ -31,7 +31,7 @@ def redis_server():
 @pytest.fixture(scope="session")
 def builtin_service(tmp_path_factory):
     """A stack serving the built-in phantom model (with its classifier): real edits, slower jobs."""
-    from models.builtin import BUILTIN_DIR
+    from models.weights.builtin import BUILTIN_DIR
     from tests.stack import Cluster
 
     with Cluster(tmp_path_factory.mktemp("builtin-stack"), BUILTIN_DIR, workers=1) as cluster:

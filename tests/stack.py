@@ -16,7 +16,7 @@ from typing import TypeVar
 
 import httpx
 
-from service.cli.local_redis import LocalRedis, free_port
+from cli.local_redis import LocalRedis, free_port
 from tests.helpers import EDIT, SOURCE, png_bytes, xray_like
 
 STALL_S = 300.0
@@ -55,7 +55,7 @@ def service_env(redis_url: str, model_dir: Path, **extra: str) -> dict[str, str]
 
 
 def prism(*args: str) -> list[str]:
-    return [sys.executable, "-m", "service.cli", *args]
+    return [sys.executable, "-m", "cli", *args]
 
 
 def start_worker(env: dict[str, str], log: Path, command: str = "worker") -> subprocess.Popen:

@@ -23,8 +23,8 @@ from rq import SimpleWorker
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from models.classifier import configured_classifier
-from models.loading import load_bundle
+from models.diffusion.components import load_bundle
+from models.scoring.classifier import configured_classifier
 from service.contract import metrics
 from service.contract.jobs import ErrorCode, job_queue, read_failure, record_failure
 from service.contract.keys import alive_key

@@ -15,12 +15,12 @@ from pydantic import ValidationError
 from rq.job import Job
 from rq.timeouts import JobTimeoutException
 
-from models.classifier import FindingClassifier
-from models.errors import ImageError, InvalidInput
-from models.geometry import decode_image, keep_mask
-from models.inversion import InversionCache
-from models.loading import ModelBundle
+from models.diffusion.components import ModelBundle
+from models.diffusion.inversion import InversionCache
+from models.imaging.geometry import decode_image, keep_mask
 from models.pipeline import generate_counterfactual
+from models.request.errors import ImageError, InvalidInput
+from models.scoring.classifier import FindingClassifier
 from service.contract import metrics
 from service.contract.jobs import ErrorCode, JobError, JobRequest, Progress, save_progress
 from service.contract.keys import cancel_key, output_key

@@ -16,7 +16,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from models.errors import InvalidInput
+from models.request.errors import InvalidInput
 from service.api.uploads import UploadRejected
 
 

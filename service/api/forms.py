@@ -1,7 +1,7 @@
 """The multipart form of ``POST /counterfactual``: the job request's fields plus the image.
 
 Its fields, defaults, bounds and descriptions are :class:`~service.contract.jobs.JobRequest`'s
-(the engine's :class:`~models.params.EditOptions` and the prompts): declared once. Unknown
+(the engine's :class:`~models.request.params.EditOptions` and the prompts): declared once. Unknown
 fields are refused with a 422 naming them.
 """
 

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 
-from models.report import EditReport
+from models.request.report import EditReport
 from service.contract.jobs import JobError, Progress
 
 JobState = Literal["queued", "running", "succeeded", "failed", "canceled"]

@@ -13,7 +13,7 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job
 from rq.job import JobStatus as RQStatus
 
-from models.report import EditReport
+from models.request.report import EditReport
 from service.api.errors import IdempotencyConflict, NotCancelable, QueueFull
 from service.api.schemas import JobLinks, JobResult, JobState, JobStatus, Prompts
 from service.contract.jobs import (

@@ -2,7 +2,7 @@
 
 The content decides the format, not the client's filename or Content-Type: only PNG, JPEG and
 DICOM Part 10 files are opened, the pixel count is capped before decoding, and a truncated file
-is rejected. A DICOM file is decoded here in full (:func:`models.dicom.read_dicom`), so a file
+is rejected. A DICOM file is decoded here in full (:func:`models.imaging.dicom.read_dicom`), so a file
 the worker could not read is refused with a 4xx naming why, before anything is enqueued.
 """
 
@@ -16,8 +16,8 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image
 
-from models.dicom import is_dicom, read_dicom
-from models.errors import ImageError
+from models.imaging.dicom import is_dicom, read_dicom
+from models.request.errors import ImageError
 
 SIGNATURES = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG"}
 STATUS = {"invalid": 422, "unsupported": 415, "too_large": 413}

@@ -3,5 +3,5 @@
 ``jobs`` (what a job carries, how it is enqueued, how it ends), ``keys`` (Redis key names),
 ``settings`` (configuration both sides read) and ``recovery`` (re-queueing the jobs of dead
 workers, run by both sides). The result a job returns is the engine's
-:class:`~models.report.EditReport`.
+:class:`~models.request.report.EditReport`.
 """

@@ -3,7 +3,7 @@
 A job's arguments are JSON (never pickle) and name the Redis key of the uploaded image rather
 than carrying its bytes. A job ends one of three ways, each read back one way:
 
-* succeeded: the job's return value is the engine's :class:`~models.report.EditReport`;
+* succeeded: the job's return value is the engine's :class:`~models.request.report.EditReport`;
 * failed: ``meta["error"]`` holds a :class:`JobError`, written by the worker or by the recovery sweep;
 * canceled: RQ's own canceled (still queued) or stopped (was running) state.
 """
@@ -19,9 +19,9 @@ from rq import Queue
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from models.errors import InvalidInput
-from models.findings import Condition, findings_prompts, parse_labels
-from models.params import CommaList, EditOptions, EditParams
+from models.request.errors import InvalidInput
+from models.request.findings import Condition, findings_prompts, parse_labels
+from models.request.params import CommaList, EditOptions, EditParams
 from service.contract.keys import input_key, mask_key
 from service.contract.settings import Settings
 
@@ -100,7 +100,7 @@ class JobRequest(EditOptions):
     def resolved(self) -> tuple[str, str, EditParams]:
         """The original and edit prompts and the engine's parameters. Findings become prompts by
         PRISM's caption template; LocalBlend follows, and the guided method's classifier targets,
-        the conditions the edit changes, unless given. Raises :class:`~models.errors.InvalidInput`
+        the conditions the edit changes, unless given. Raises :class:`~models.request.errors.InvalidInput`
         naming the field."""
         original, edited, params = self._prompts()
         if params.method == "guided" and not params.classifier_targets:

@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from models.params import DtypeName
+from models.request.params import DtypeName
 
 
 class Settings(BaseSettings):

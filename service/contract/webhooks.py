@@ -22,7 +22,7 @@ from redis import Redis
 from rq import Queue, Retry
 from rq.serializers import JSONSerializer
 
-from models.errors import InvalidInput
+from models.request.errors import InvalidInput
 from service.contract.jobs import EventName
 from service.contract.settings import Settings
 

@@ -11,7 +11,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
-from models.dicom import read_dicom
+from models.imaging.dicom import read_dicom
 from tests.dicom_files import STUDY, encode, jpeg_lossless, radiograph, structured_report
 from tests.engine.test_dicom import REFUSALS, _voi_lut
 from tests.stack import poll, submit

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 from redis import Redis
 
-from models.report import EditReport
-from service.cli.local_redis import free_port
+from models.request.report import EditReport
+from cli.local_redis import free_port
 from tests.helpers import png_bytes, xray_like
 from tests.stack import ApiProcess, poll, service_env, submit
 
@@ -128,7 +128,7 @@ def test_health_ready_and_docs(service):
 
 
 def test_api_process_never_imports_torch():
-    code = "import sys, service.api.app, service.cli; service.api.app.create_app(); assert 'torch' not in sys.modules"
+    code = "import sys, service.api.app, cli; service.api.app.create_app(); assert 'torch' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.cli import main
+from cli import main
 from service.contract.settings import Settings, get_settings
 from tests.helpers import write_png, xray_like
 
 
 def _prism(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "service.cli", *args], capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, timeout=600)
 
 
 def test_make_tiny_model_then_edit_writes_all_five_files(tmp_path):
@@ -151,7 +151,7 @@ def test_a_bad_flag_exits_2_naming_it_before_any_work(argv, message, tmp_path, m
     """Nothing is trained, benchmarked or served: the run stops at the flag (before the fixes, a zero
     batch or image count was silently ignored and training started, others ended in a traceback)."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("service.cli.configure_logging", lambda *_: None)  # the root logger stays pytest's
+    monkeypatch.setattr("cli.configure_logging", lambda *_: None)  # the root logger stays pytest's
     with pytest.raises(SystemExit) if message.startswith("argument") else contextlib.nullcontext():
         assert main(argv) == 2
     out = capsys.readouterr()
@@ -161,7 +161,7 @@ def test_a_bad_flag_exits_2_naming_it_before_any_work(argv, message, tmp_path, m
 
 @pytest.mark.parametrize("url", ["http://127.0.0.1:1", "127.0.0.1:8000"], ids=["nothing-listening", "no-scheme"])
 def test_submit_names_a_service_it_cannot_reach(url, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("service.cli.configure_logging", lambda *_: None)
+    monkeypatch.setattr("cli.configure_logging", lambda *_: None)
     image = write_png(tmp_path / "x.png", xray_like(32, 32))
     argv = ["submit", "--url", url, "--image", str(image), "--out", str(tmp_path / "o"), "--findings", "Edema=1"]
     assert main([*argv, "--edit", "Edema=0"]) == 2
@@ -196,7 +196,7 @@ def test_the_settings_other_forms_are_accepted(variable, value, monkeypatch):
 def test_a_worker_without_its_model_exits_2_naming_the_directory(tmp_path):
     env = {**os.environ, "PRISM_MODEL_DIR": str(tmp_path / "missing"), "PRISM_REDIS_URL": "redis://127.0.0.1:1/0"}
     proc = subprocess.run(
-        [sys.executable, "-m", "service.cli", "worker"], env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "cli", "worker"], env=env, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 2
     assert f"prism worker: error: model directory not found: {tmp_path / 'missing'}" in proc.stderr

@@ -5,9 +5,9 @@ import sys
 
 SCRIPT = """
 import logging
-from service.cli import configure_logging
-from models.dicom import read_dicom
-from models.errors import ImageError
+from cli import configure_logging
+from models.imaging.dicom import read_dicom
+from models.request.errors import ImageError
 from tests.dicom_files import malformed_value
 configure_logging(logging.DEBUG, json_lines=False)
 try:

@@ -6,9 +6,9 @@ import subprocess
 import annotated_types
 import pytest
 
-from models.params import EditOptions, EditParams
+from models.request.params import EditOptions, EditParams
 from service.api.app import create_app
-from service.cli.options import format_default
+from cli.options import format_default
 from tests.stack import prism
 
 FIELDS = list(EditOptions.model_fields)

@@ -7,7 +7,7 @@ import pytest
 from pydantic import ValidationError
 from redis import Redis
 
-from models.params import EditOptions, EditParams
+from models.request.params import EditOptions, EditParams
 from service.contract.jobs import (
     TASK,
     ErrorCode,

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.builtin import BUILTIN_DIR, builtin_model_dir
-from models.classifier import FindingClassifier
-from models.evaluation import load_cases
-from models.loading import load_bundle
-from models.params import EditParams, NullTextSettings
+from models.diffusion.components import load_bundle
+from models.evaluation.quality import load_cases
+from models.request.params import EditParams, NullTextSettings
+from models.scoring.classifier import FindingClassifier
+from models.weights.builtin import BUILTIN_DIR, builtin_model_dir
 from phantoms.bench import bench_case, case_indices, method_variants, run_benchmark, truth_latent_ratio, varied
 from phantoms.render import render
 
@@ -45,7 +45,7 @@ def test_classifier_recognises_held_out_findings():
 
 
 def test_residual_counterfactual_keeps_the_input_where_the_latent_was_not_edited(builtin):
-    from models.geometry import DecodedImage
+    from models.imaging.geometry import DecodedImage
     from models.pipeline import generate_counterfactual
     from phantoms.captions import explicit_caption
 
@@ -126,6 +126,6 @@ def test_the_validation_split_is_other_phantoms_than_the_test_split():
 
 def test_record_in_card_refuses_the_validation_split(tmp_path):
     args = ["bench-phantom", "--split", "validation", "--record-in-card", "--n", "2", "--out", str(tmp_path)]
-    proc = subprocess.run([sys.executable, "-m", "service.cli", *args], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2 and "records the test split" in proc.stdout
     assert not any(tmp_path.iterdir())

@@ -11,9 +11,9 @@ from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
-from models.builtin import BUILTIN_DIR
-from models.loading import VAE_ENCODER_PREFIXES, load_bundle
-from models.stopping import StopSwitch
+from models.diffusion.components import VAE_ENCODER_PREFIXES, load_bundle
+from models.training.stopping import StopSwitch
+from models.weights.builtin import BUILTIN_DIR
 from phantoms import architecture
 from phantoms.model_card import finetune_command
 from phantoms.recipe import StageRecipe

@@ -4,7 +4,7 @@ import pytest
 from pydantic import ValidationError
 from rq.timeouts import JobTimeoutException
 
-from models.errors import ImageError, InvalidInput
+from models.request.errors import ImageError, InvalidInput
 from service.contract.jobs import ErrorCode, JobError, JobRequest
 from worker.runner import JobFailed, failure_of
 

@@ -7,9 +7,9 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Form, Header, Request
 from fastapi.responses import JSONResponse
 
-from models.errors import InvalidInput
-from models.tokenizer import clip_tokenizer
-from models.validation import validate_request
+from models.request.errors import InvalidInput
+from models.request.tokenizer import clip_tokenizer
+from models.request.validation import validate_request
 from service.api.deps import SettingsDep, Store, Tenant, rate_limit, require_utf8_form
 from service.api.docs import RETRY_AFTER, error_responses
 from service.api.errors import retry_after

@@ -9,8 +9,8 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, File, Request, UploadFile
 from fastapi.responses import FileResponse, Response
 
-from models.findings import CONDITIONS
-from models.params import EditParams
+from models.request.findings import CONDITIONS
+from models.request.params import EditParams
 from service.api.deps import SettingsDep, rate_limit
 from service.api.docs import error_responses
 from service.api.schemas import ServiceInfo

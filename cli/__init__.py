@@ -1,0 +1,62 @@
+"""The ``prism`` command: the composition root. Nothing imports it.
+
+One module per command group: ``edit`` (the engine on one image), ``submit`` (one image through a
+running service), ``serving`` (API, workers, all of it), ``keys`` (API keys), ``build`` (test
+models, the built-in model, benchmarks). Heavy
+imports happen inside each command, so ``prism serve`` never loads torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+
+from cli import build, edit, keys, serving, submit
+
+GROUPS = (edit, submit, serving, keys, build)
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(correlation_id)s] %(message)s"
+JSON_FIELDS = "%(asctime)s %(levelname)s %(name)s %(correlation_id)s %(message)s"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prism", description="PRISM counterfactual chest X-ray generation")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for group in GROUPS:
+        group.register(sub)
+    return parser
+
+
+def configure_logging(level: int, json_lines: bool) -> None:
+    """One handler for everything (uvicorn's loggers propagate to it): each line carries the
+    request id of the HTTP request it belongs to (``-`` outside one), as text or as JSON. pydicom
+    is silenced."""
+    from asgi_correlation_id import CorrelationIdFilter
+    from pythonjsonlogger.json import JsonFormatter
+
+    handler = logging.StreamHandler()
+    handler.addFilter(CorrelationIdFilter(default_value="-"))
+    handler.setFormatter(JsonFormatter(JSON_FIELDS) if json_lines else logging.Formatter(TEXT_FORMAT))
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(level)
+    # pydicom's warnings quote attribute values, which can be patient data: never let them out.
+    logging.getLogger("pydicom").disabled = True
+    warnings.filterwarnings("ignore", module="pydicom")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pydantic import ValidationError
+
+    from service.contract.settings import get_settings
+
+    args = build_parser().parse_args(argv)
+    try:
+        settings = get_settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        print(f"prism: error: PRISM_{str(first['loc'][0]).upper()}: {first['msg']}", file=sys.stderr)
+        return 2
+    configure_logging(getattr(args, "log_level", logging.WARNING), settings.log_format == "json")
+    return args.func(args)

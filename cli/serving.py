@@ -1,0 +1,99 @@
+"""``prism serve`` (the API), ``prism worker`` (one worker) and ``prism up`` (Redis, workers, API)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from cli.options import port, positive
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    serve = sub.add_parser("serve", help="run the HTTP API (uvicorn)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=port, default=8000)
+    serve.set_defaults(func=run_api, log_level=logging.INFO)
+
+    worker = sub.add_parser("worker", help="run a worker: load the model once, then serve jobs")
+    worker.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    worker.set_defaults(func=run_worker, log_level=logging.INFO)
+
+    hooks = sub.add_parser("webhook-worker", help="deliver webhooks (its own process: receivers never hold a GPU)")
+    hooks.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    hooks.set_defaults(func=run_webhooks, log_level=logging.INFO)
+
+    up = sub.add_parser("up", help="start redis (if PRISM_REDIS_URL is unset), workers, the webhook sender and the API")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=port, default=8000)
+    up.add_argument("--workers", type=positive(int), default=1, help="GPU workers, each holding the model once")
+    up.set_defaults(func=run_all, log_level=logging.INFO)
+
+
+def run_api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.api.app import create_app
+
+    uvicorn.run(create_app(), host=args.host, port=args.port, log_level="info", log_config=None)
+    return 0
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    from models.request.errors import ModelLoadError
+    from service.contract.settings import get_settings
+    from worker.main import run_worker as serve_jobs
+
+    try:
+        serve_jobs(get_settings(), burst=args.burst)
+    except ModelLoadError as exc:
+        print(f"prism worker: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run_webhooks(args: argparse.Namespace) -> int:
+    from service.contract.settings import get_settings
+    from worker.webhooks import run_webhook_worker
+
+    run_webhook_worker(get_settings(), burst=args.burst)
+    return 0
+
+
+def run_all(args: argparse.Namespace) -> int:
+    """Redis (unless PRISM_REDIS_URL is set), N workers and the API; all stopped on exit."""
+    from cli.local_redis import LocalRedis
+    from service.contract.settings import get_settings
+
+    env = dict(os.environ)
+    local = None
+    if not env.get("PRISM_REDIS_URL"):
+        local = LocalRedis(Path(get_settings().home).expanduser() / "redis").start()
+        env["PRISM_REDIS_URL"] = local.url
+        print(f"started redis-server at {local.url}", file=sys.stderr)
+    prism = [sys.executable, "-m", "cli"]
+    children = [subprocess.Popen([*prism, "worker"], env=env) for _ in range(args.workers)]
+    children.append(subprocess.Popen([*prism, "webhook-worker"], env=env))
+    api = subprocess.Popen([*prism, "serve", "--host", args.host, "--port", str(args.port)], env=env)
+    children.append(api)
+    print(f"PRISM API docs: http://{args.host}:{args.port}/docs", file=sys.stderr, flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: api.terminate())
+    try:
+        api.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for child in children:
+            child.terminate()
+        for child in children:
+            try:
+                child.wait(30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        if local:
+            local.stop()
+    return 0

@@ -1,0 +1,76 @@
+"""``prism submit``: one counterfactual through a running service, with the Python client."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from models.request.params import EditOptions
+from cli.edit import ALIASES
+from cli.options import add_model_flags, model_from_args
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    submit = sub.add_parser("submit", help="submit an image to a running service, wait, download the results")
+    submit.add_argument("--url", default="http://127.0.0.1:8000", help="the service (default: %(default)s)")
+    submit.add_argument("--api-key", help="X-API-Key (default: $PRISM_API_KEY)")
+    submit.add_argument("--image", required=True, help="PNG, JPEG or DICOM")
+    submit.add_argument("--original-prompt")
+    submit.add_argument("--edit-prompt")
+    submit.add_argument("--findings", help="CheXpert labels: JSON, or pairs such as 'Support Devices=1; Edema=0'")
+    submit.add_argument("--edit", help="with --findings: the labels to change")
+    submit.add_argument("--webhook", help="URL that receives the job's events")
+    submit.add_argument("--out", required=True, help="directory for the result files")
+    add_model_flags(submit.add_argument_group("edit options (as in the API)"), EditOptions, ALIASES)
+    submit.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import httpx
+    from tqdm import tqdm
+
+    from service.client import PrismClient, PrismError
+
+    try:
+        options = model_from_args(EditOptions, args).model_dump(exclude_unset=True)
+    except ValueError as exc:
+        print(f"prism submit: error: {exc}", file=sys.stderr)
+        return 2
+    api_key = args.api_key or os.environ.get("PRISM_API_KEY")
+    bar = tqdm(total=1, file=sys.stderr, desc="queued")
+
+    def progress(status: dict) -> None:
+        phase, step, total = status["progress"]["phase"], status["progress"]["step"], status["progress"]["total"]
+        bar.set_description(phase or status["status"])
+        bar.total = max(total, 1)
+        bar.n = step
+        bar.refresh()
+
+    try:
+        with PrismClient(args.url, api_key=api_key) as prism:
+            job = prism.submit(
+                args.image,
+                original_prompt=args.original_prompt,
+                edit_prompt=args.edit_prompt,
+                findings=args.findings,
+                edit=args.edit,
+                webhook=args.webhook,
+                **options,
+            )
+            status = prism.wait(job.id, on_progress=progress)
+            bar.close()
+            if status["status"] != "succeeded":
+                print(f"prism submit: job {job.id} {status['status']}: {status.get('error')}", file=sys.stderr)
+                return 1
+            prism.download_all(status, args.out)
+    except (PrismError, OSError) as exc:
+        print(f"prism submit: error: {exc}", file=sys.stderr)
+        return 2
+    except httpx.HTTPError as exc:
+        print(f"prism submit: error: --url: cannot reach the service at {args.url}: {exc}", file=sys.stderr)
+        return 2
+    result = status["result"]
+    print(json.dumps({"id": job.id, "out": args.out, "s_clip": result["s_clip"], "passed": result["passed"]}))
+    return 0

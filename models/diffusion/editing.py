@@ -1,0 +1,169 @@
+"""Prompt-to-prompt editing: one batched denoising pass for a source and K edit candidates.
+
+Each candidate is an (edit prompt, self_replace_steps) pair, so several edit prompts and the
+PRISM sweep of self_replace_steps share the source branch and one UNet call per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+
+from models.diffusion.attention_control import (
+    P2P_BLEND_MAPS,
+    BlendMaps,
+    CandidateControl,
+    ControlledAttnProcessor,
+    LocalBlend,
+    PromptToPromptControl,
+)
+from models.diffusion.ddim import DDIMSampler
+from models.diffusion.inversion import ProgressCallback
+from models.diffusion.token_maps import refinement_mapper, replacement_mapper
+from models.request.constants import TOKEN_WINDOW
+from models.request.params import BlendEditMaps, EditParams
+from models.request.words import edit_words, word_token_indices
+
+DEFAULTS = EditParams()
+
+
+@dataclass(frozen=True)
+class EditSpec:
+    """One edit candidate. ``None`` word lists default to the words that differ between prompts."""
+
+    edit_prompt: str
+    self_replace_steps: float
+    cross_replace_steps: float = DEFAULTS.cross_replace_steps
+    edit_word_weight: float = DEFAULTS.edit_word_weight
+    reweight_words: tuple[str, ...] | None = None
+    blend_words: tuple[str, ...] | None = None
+    local_blend: bool = DEFAULTS.local_blend
+
+
+def edit_specs(params: EditParams, edit_prompt: str) -> list[EditSpec]:
+    """One candidate per self_replace value of the PRISM sweep."""
+    return [
+        EditSpec(
+            edit_prompt=edit_prompt,
+            self_replace_steps=v,
+            cross_replace_steps=params.cross_replace_steps,
+            edit_word_weight=params.edit_word_weight,
+            reweight_words=params.reweight_words,
+            blend_words=params.blend_words,
+            local_blend=params.local_blend,
+        )
+        for v in params.self_replace_steps
+    ]
+
+
+def candidate_control(
+    tokenizer,
+    source_prompt: str,
+    spec: EditSpec,
+    blend_threshold: float | None = None,
+    blend_maps: BlendMaps = P2P_BLEND_MAPS,
+) -> CandidateControl:
+    """Token mappings and weights of one candidate; raises :class:`InvalidInput` for bad words.
+
+    Its LocalBlend cut is ``blend_threshold`` when given, else the model's for its blend words."""
+    words = edit_words(source_prompt, spec.edit_prompt, spec.reweight_words, spec.blend_words)
+    same_length = len(source_prompt.split()) == len(spec.edit_prompt.split())
+    control = CandidateControl(
+        cross_replace_steps=spec.cross_replace_steps,
+        self_replace_steps=spec.self_replace_steps,
+        shared=replace(spec, self_replace_steps=0.0),
+    )
+    if same_length:
+        control.mapper = replacement_mapper(tokenizer, source_prompt, spec.edit_prompt)
+    else:
+        control.refine_index, control.refine_alpha = refinement_mapper(tokenizer, source_prompt, spec.edit_prompt)
+
+    if words.reweight and spec.edit_word_weight != 1.0:
+        equalizer = torch.ones(TOKEN_WINDOW)
+        indices = word_token_indices(tokenizer, spec.edit_prompt, words.reweight, "reweight_words")
+        equalizer[indices] = spec.edit_word_weight
+        control.equalizer = equalizer
+
+    if spec.local_blend:
+        control.blend_source_tokens = word_token_indices(tokenizer, source_prompt, words.blend_source, "blend_words")
+        control.blend_tokens = word_token_indices(tokenizer, spec.edit_prompt, words.blend_edit, "blend_words")
+        control.blend_threshold = (
+            blend_threshold
+            if blend_threshold is not None
+            else blend_maps.threshold_for(words.blend_source + words.blend_edit)
+        )
+    return control
+
+
+def build_control(
+    tokenizer,
+    source_prompt: str,
+    specs: Sequence[EditSpec],
+    num_steps: int,
+    latent_hw: tuple[int, int],
+    blend_threshold: float | None = DEFAULTS.blend_threshold,
+    blend_start: float = DEFAULTS.blend_start,
+    blend_maps: BlendMaps = P2P_BLEND_MAPS,
+    blend_edit_maps: BlendEditMaps = DEFAULTS.blend_edit_maps,
+) -> PromptToPromptControl:
+    """The control of a batch of candidates; ``blend_threshold`` None cuts each candidate's mask
+    where ``blend_maps`` says for its blend words."""
+    candidates = [candidate_control(tokenizer, source_prompt, spec, blend_threshold, blend_maps) for spec in specs]
+    blends = any(c.blends for c in candidates)
+    blend = LocalBlend(blend_start, blend_maps, blend_edit_maps) if blends else None
+    return PromptToPromptControl(candidates, num_steps, latent_hw, blend)
+
+
+@torch.no_grad()
+def denoise(
+    unet,
+    sampler: DDIMSampler,
+    x_T: torch.Tensor,
+    uncond_embeddings: torch.Tensor,
+    cond_embeddings: torch.Tensor,
+    guidance_scale: float,
+    control: PromptToPromptControl | None = None,
+    callback: ProgressCallback | None = None,
+    latent_offsets: torch.Tensor | None = None,
+    fused: bool = True,
+) -> torch.Tensor:
+    """Guided DDIM sampling of the branches of ``cond_embeddings`` (source, candidates) from one x_T;
+    returns their final latents in that order.
+
+    ``uncond_embeddings`` (steps, 77, D) are the unconditional embeddings of each step. With a
+    ``control`` the UNet's attention processors are swapped for controlled ones for the pass
+    (``fused``: fused attention wherever the control reads no probabilities), and candidates run as
+    the control's shared branches, forked when their edits part. ``latent_offsets``
+    (steps, 1, C, h, w), from a direct inversion, are added to the source branch (element 0) after
+    each step, before LocalBlend.
+    """
+    dtype, device = unet.dtype, x_T.device
+    cond_embeddings = cond_embeddings.to(device)
+    rows = control.branch_rows() if control is not None else list(range(cond_embeddings.shape[0]))
+    x = x_T.float().expand(len(rows), *x_T.shape[1:]).clone()
+    original = unet.attn_processors
+    if control is not None:
+        unet.set_attn_processor(ControlledAttnProcessor(control, fused))
+    try:
+        for i, t in enumerate(sampler.timesteps):
+            if control is not None:
+                control.step = i
+                if (parents := control.fork(i)) is not None:
+                    x, rows = x[parents], control.branch_rows()
+            batch = len(rows)
+            uncond = uncond_embeddings[i].to(device).expand(batch, -1, -1)
+            context = torch.cat([uncond, cond_embeddings[rows]])
+            eps = unet(torch.cat([x, x]).to(dtype), t, encoder_hidden_states=context.to(dtype)).sample.float()
+            eps_uncond, eps_cond = eps.chunk(2)
+            x = sampler.step(eps_uncond + guidance_scale * (eps_cond - eps_uncond), t, x)
+            if latent_offsets is not None:
+                x = torch.cat([x[:1] + latent_offsets[i].to(x), x[1:]])
+            if control is not None:
+                x = control.after_step(x)
+            if callback:
+                callback("editing", i + 1, sampler.num_steps)
+    finally:
+        unet.set_attn_processor(original)
+    return control.per_candidate(x) if control is not None else x

@@ -1,0 +1,299 @@
+"""Inverting an image to x_T plus what guided DDIM sampling needs to retrace it.
+
+Three ways (``InversionMode``), all after a DDIM inversion under the source prompt (guidance 1):
+
+* ``null_text`` (Mokady et al., PRISM's): one optimised unconditional embedding per step, so that
+  guided sampling retraces the inversion latents. The loss and the optimiser run in fp32 whatever
+  the UNet's dtype; with a reduced-precision UNet the gradient entering it is scaled into the
+  dtype's range (:func:`backward_through`), since the losses (about 1e-5 or less) underflow fp16.
+* ``negative_prompt`` (Miyake et al.): the source prompt's embedding as the unconditional one at
+  every step; no optimisation.
+* ``direct`` (Ju et al., "PnP inversion"): the empty prompt as the unconditional embedding, and for
+  each step the offset between the inversion latent and one guided step from the previous one;
+  adding it to the source branch keeps that branch on the inversion trajectory (the edit branch is
+  left free). No optimisation.
+
+The result is an :class:`Inversion`, cached and reused for every edit of the same image and prompt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from models.diffusion.ddim import DDIMSampler
+from models.request.params import InversionMode, NullTextSettings
+from models.training.atomic import write_aside
+
+ProgressCallback = Callable[[str, int, int], None]
+log = logging.getLogger("prism.inversion")
+
+GRAD_PEAK = 2.0**8
+"""Largest magnitude the gradient entering a reduced-precision UNet is scaled to: far above fp16's
+underflow (6e-8), with room below its overflow (65504) for growth through the backward pass."""
+
+
+@dataclass
+class Inversion:
+    """x_T, one unconditional embedding per denoising step and, for ``direct``, one latent offset
+    per step (fp32, on CPU)."""
+
+    x_T: torch.Tensor
+    uncond_embeddings: torch.Tensor
+    key: str
+    mode: InversionMode = "null_text"
+    latent_offsets: torch.Tensor | None = None
+    settings: dict = field(default_factory=dict)
+    losses: list[float] = field(default_factory=list)
+
+    def save(self, path: Path) -> None:
+        tensors = {"x_T": self.x_T.contiguous(), "uncond_embeddings": self.uncond_embeddings.contiguous()}
+        if self.latent_offsets is not None:
+            tensors["latent_offsets"] = self.latent_offsets.contiguous()
+        meta = {
+            "key": self.key,
+            "mode": self.mode,
+            "settings": json.dumps(self.settings),
+            "losses": json.dumps(self.losses),
+        }
+        save_file(tensors, str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path: Path) -> Inversion:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+        tensors = load_file(str(path))
+        return cls(
+            x_T=tensors["x_T"],
+            uncond_embeddings=tensors["uncond_embeddings"],
+            key=meta["key"],
+            mode=meta["mode"],
+            latent_offsets=tensors.get("latent_offsets"),
+            settings=json.loads(meta["settings"]),
+            losses=json.loads(meta["losses"]),
+        )
+
+
+def inversion_key(
+    image: np.ndarray,
+    prompt: str,
+    model_identity: str,
+    scheduler_config: dict,
+    steps: int,
+    guidance_scale: float,
+    null_text: NullTextSettings,
+    mode: InversionMode = "null_text",
+) -> str:
+    """Content hash of everything an inversion depends on (the model-size pixels, not a path)."""
+    h = hashlib.sha256()
+    pixels = np.ascontiguousarray(image, dtype=np.float32)
+    h.update(repr(pixels.shape).encode())
+    h.update(pixels.tobytes())
+    settings = {
+        "prompt": prompt,
+        "model": model_identity,
+        # diffusers' private entries (e.g. ``_use_default_values``, a set's order) differ between processes
+        "scheduler": {k: scheduler_config[k] for k in sorted(scheduler_config) if not k.startswith("_")},
+        "steps": steps,
+        "guidance_scale": guidance_scale,
+        "mode": mode,
+        "null_text": null_text.model_dump() if mode == "null_text" else None,
+    }
+    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+class InversionCache:
+    """Inversions stored as safetensors files named by their key, in a directory that any number of
+    workers on one host may share.
+
+    Writes are atomic (:func:`models.training.atomic.write_aside`, private to each process). A write or a
+    hit stamps the file's modification time; after each write the least recently used files are
+    deleted until the directory holds at most ``max_bytes`` (None: unbounded). A file deleted or
+    damaged under a reader is a miss.
+
+    The stamps are ``time.time_ns()``, not the file system's own: the kernel times a write and a
+    plain ``utime`` by its coarse clock (one tick is milliseconds), so a hit just after another
+    file's write could tie with it and lose its place.
+    """
+
+    def __init__(self, directory: Path, max_bytes: int | None = None) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = max_bytes
+
+    def _path(self, key: str) -> Path:
+        return self.directory / f"{key}.safetensors"
+
+    def get(self, key: str) -> Inversion | None:
+        path = self._path(key)
+        try:
+            inversion = Inversion.load(path)
+            _stamp(path)
+        except (FileNotFoundError, SafetensorError, KeyError, ValueError):
+            return None
+        return inversion
+
+    def put(self, inversion: Inversion) -> None:
+        path = self._path(inversion.key)
+        write_aside(path, inversion.save, tag=f".{os.getpid()}")
+        with contextlib.suppress(FileNotFoundError):  # another worker has evicted it already
+            _stamp(path)
+        self.evict()
+
+    def evict(self) -> None:
+        """Delete least recently used inversions until the directory fits ``max_bytes``."""
+        if self.max_bytes is None:
+            return
+        entries = []
+        for path in self.directory.glob("[!.]*.safetensors"):  # not another writer's partial file
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                continue
+            entries.append((stat.st_mtime_ns, stat.st_size, path))
+        total = sum(size for _, size, _ in entries)
+        for _, size, path in sorted(entries):
+            if total <= self.max_bytes:
+                break
+            path.unlink(missing_ok=True)
+            total -= size
+
+
+def _stamp(path: Path) -> None:
+    """Mark ``path`` as used now, at the clock's full resolution."""
+    now = time.time_ns()
+    os.utime(path, ns=(now, now))
+
+
+def _eps(unet, x: torch.Tensor, t: int, context: torch.Tensor) -> torch.Tensor:
+    """The UNet's noise prediction in the UNet's dtype (the graph stays attached for gradients)."""
+    dtype = unet.dtype
+    return unet(x.to(dtype), t, encoder_hidden_states=context.to(dtype)).sample
+
+
+@torch.no_grad()
+def ddim_invert(
+    unet,
+    sampler: DDIMSampler,
+    z0: torch.Tensor,
+    cond: torch.Tensor,
+    callback: ProgressCallback | None = None,
+) -> list[torch.Tensor]:
+    """Latents [z_0, ..., z_T] of a DDIM inversion with the conditional prompt only (guidance 1)."""
+    latents = [z0.float()]
+    x = z0.float()
+    for i, t in enumerate(reversed(sampler.timesteps)):
+        x = sampler.invert_step(_eps(unet, x, t, cond).float(), t, x)
+        latents.append(x)
+        if callback:
+            callback("inversion", i + 1, sampler.num_steps)
+    return latents
+
+
+def backward_through(loss: torch.Tensor, output: torch.Tensor, upcast: torch.Tensor, leaf: torch.Tensor) -> None:
+    """``loss.backward()`` for a ``loss`` computed in fp32 from ``upcast = output.float()``.
+
+    For an fp32 ``output`` that is all. For fp16/bf16, the gradient at ``upcast`` (computed in
+    fp32, through the loss only) is scaled by a power of two so that its peak is near
+    :data:`GRAD_PEAK` before it enters the UNet's backward pass, and ``leaf.grad`` is unscaled
+    after it. Should the scaled backward overflow, it is repeated with a scale 256 times smaller.
+    """
+    if output.dtype == torch.float32:
+        loss.backward()
+        return
+    (grad,) = torch.autograd.grad(loss, upcast)
+    peak = float(grad.abs().max())
+    shift = math.floor(math.log2(GRAD_PEAK / peak)) if peak > 0 else 0
+    while True:
+        scale = 2.0**shift
+        leaf.grad = None
+        output.backward((grad * scale).to(output.dtype), retain_graph=True)
+        if torch.isfinite(leaf.grad).all() or shift < -64:
+            break
+        shift -= 8
+    leaf.grad /= scale
+
+
+def null_text_optimize(
+    unet,
+    sampler: DDIMSampler,
+    latents: list[torch.Tensor],
+    cond: torch.Tensor,
+    uncond_init: torch.Tensor,
+    guidance_scale: float,
+    settings: NullTextSettings = NullTextSettings(),
+    callback: ProgressCallback | None = None,
+) -> tuple[torch.Tensor, list[float]]:
+    """Per-step unconditional embeddings that make guided DDIM sampling retrace ``latents``.
+
+    Returns the (steps, 77, D) embeddings and the last loss of each outer step.
+    """
+    uncond = uncond_init.detach().float().clone()
+    x = latents[-1]
+    embeddings, losses = [], []
+    n = sampler.num_steps
+    for i, t in enumerate(sampler.timesteps):
+        target = latents[n - i - 1]
+        with torch.no_grad():
+            eps_cond = _eps(unet, x, t, cond).float()
+        uncond = uncond.detach().clone().requires_grad_(True)
+        optimizer = torch.optim.Adam([uncond], lr=settings.learning_rate * (1.0 - i / 100.0))
+        threshold = settings.early_stop + i * settings.early_stop_growth
+        loss_value = float("nan")
+        for _ in range(settings.inner_steps):
+            output = _eps(unet, x, t, uncond)
+            eps_uncond = output.float()
+            eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+            loss = torch.nn.functional.mse_loss(sampler.step(eps, t, x), target)
+            optimizer.zero_grad()
+            backward_through(loss, output, eps_uncond, uncond)
+            optimizer.step()
+            loss_value = loss.item()
+            if loss_value < threshold:
+                break
+        uncond = uncond.detach()
+        embeddings.append(uncond[0].cpu())
+        losses.append(loss_value)
+        with torch.no_grad():
+            eps_uncond = _eps(unet, x, t, uncond).float()
+            x = sampler.step(eps_uncond + guidance_scale * (eps_cond - eps_uncond), t, x)
+        if callback:
+            callback("null_text", i + 1, n)
+    return torch.stack(embeddings), losses
+
+
+@torch.no_grad()
+def direct_offsets(
+    unet,
+    sampler: DDIMSampler,
+    latents: list[torch.Tensor],
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    guidance_scale: float,
+    callback: ProgressCallback | None = None,
+) -> torch.Tensor:
+    """(steps, 1, C, h, w): z*_{t-1} minus one guided DDIM step from z*_t, for each step."""
+    n = sampler.num_steps
+    context = torch.cat([uncond, cond])
+    offsets = []
+    for i, t in enumerate(sampler.timesteps):
+        x = latents[n - i]
+        eps_uncond, eps_cond = _eps(unet, torch.cat([x, x]), t, context).float().chunk(2)
+        offsets.append(latents[n - i - 1] - sampler.step(eps_uncond + guidance_scale * (eps_cond - eps_uncond), t, x))
+        if callback:
+            callback("offsets", i + 1, n)
+    return torch.stack(offsets).cpu()

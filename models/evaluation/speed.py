@@ -1,0 +1,134 @@
+"""``prism bench-speed``: where the time of one counterfactual goes, per inversion mode.
+
+For each mode a cold run (no cached inversion) and a cached run (a second edit of the same image
+and source prompt) are timed per phase; the median of ``repeats`` runs is kept, after one
+untimed warm-up. Peak memory and the device are recorded with the figures.
+"""
+
+from __future__ import annotations
+
+import platform
+import resource
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import get_args
+
+import numpy as np
+import torch
+from pydantic import BaseModel
+
+from models.diffusion.components import ModelBundle
+from models.diffusion.inversion import InversionCache
+from models.imaging.geometry import DecodedImage
+from models.pipeline import generate_counterfactual
+from models.request.params import EditParams, InversionMode
+
+PHASES = ("encode", "inversion", "null_text", "offsets", "editing", "decode", "scoring")
+
+
+class SpeedRow(BaseModel):
+    mode: InversionMode
+    cached: bool
+    seconds: float
+    phases: dict[str, float]
+
+
+class SpeedReport(BaseModel):
+    device: str
+    dtype: str
+    model: str
+    resolution: int
+    steps: int
+    sweep: list[float]
+    inner_steps: int
+    repeats: int
+    peak_memory_mib: float
+    rows: list[SpeedRow]
+
+    def markdown(self) -> str:
+        head = "| mode | inversion | s per counterfactual | " + " | ".join(PHASES) + " |\n"
+        head += "| --- | --- | --- |" + " --- |" * len(PHASES) + "\n"
+        rows = "".join(
+            f"| {r.mode} | {'cached' if r.cached else 'cold'} | {r.seconds:.2f} | "
+            + " | ".join(f"{r.phases[p]:.2f}" if p in r.phases else "–" for p in PHASES)
+            + " |\n"
+            for r in self.rows
+        )
+        return (
+            f"Device: {self.device}; UNet {self.dtype}; model {self.model} at {self.resolution}²; "
+            f"{self.steps} steps, sweep {self.sweep}, {self.inner_steps} null-text inner steps; "
+            f"median of {self.repeats} after a warm-up; peak memory {self.peak_memory_mib:.0f} MiB.\n\n" + head + rows
+        )
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    names = (line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    cpu = next(names, platform.processor() or platform.machine())
+    return f"{cpu}, {torch.get_num_threads()} threads"
+
+
+def _peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench_speed(
+    bundle: ModelBundle,
+    image: DecodedImage,
+    prompts: tuple[str, str, str],
+    params: EditParams,
+    repeats: int = 3,
+    modes: tuple[InversionMode, ...] = get_args(InversionMode),
+    progress: Callable[[str], None] | None = None,
+) -> SpeedReport:
+    """Time ``modes`` on ``image``; ``prompts`` are the source, an edit, and a second edit (cached run)."""
+    source, edit, second_edit = prompts
+    if bundle.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(bundle.device)
+    rows = []
+    for mode in modes:
+        mode_params = params.replace(inversion=mode)
+        runs: dict[bool, list[tuple[float, dict[str, float]]]] = {False: [], True: []}
+        for repeat in range(repeats + 1):
+            with tempfile.TemporaryDirectory() as directory:
+                cache = InversionCache(Path(directory))
+                for cached, prompt in ((False, edit), (True, second_edit)):
+                    if progress:
+                        progress(f"{mode} {'cached' if cached else 'cold'} {repeat}/{repeats}")
+                    start = time.perf_counter()
+                    result = generate_counterfactual(bundle, image, source, prompt, mode_params, cache=cache)
+                    if bundle.device.type == "cuda":
+                        torch.cuda.synchronize(bundle.device)
+                    if repeat:
+                        runs[cached].append((time.perf_counter() - start, result.report.timings))
+        for cached, measured in runs.items():
+            seconds = statistics.median(s for s, _ in measured)
+            phases = {p: statistics.median(t.get(p, 0.0) for _, t in measured) for p in measured[0][1]}
+            rows.append(SpeedRow(mode=mode, cached=cached, seconds=round(seconds, 3), phases=phases))
+    return SpeedReport(
+        device=device_name(bundle.device),
+        dtype=str(bundle.dtype).removeprefix("torch."),
+        model=bundle.identity,
+        resolution=bundle.resolution,
+        steps=params.steps,
+        sweep=list(params.self_replace_steps),
+        inner_steps=params.null_text.inner_steps,
+        repeats=repeats,
+        peak_memory_mib=round(_peak_memory_mib(bundle.device), 1),
+        rows=rows,
+    )
+
+
+def smooth_image(size: int, seed: int = 0) -> DecodedImage:
+    """A 16-bit grayscale test image with structure at several scales (timing does not depend on it)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    pixels = 0.5 + 0.2 * np.sin(8 * xx + rng.uniform(0, 3)) * np.cos(5 * yy) + 0.05 * rng.standard_normal((size, size))
+    return DecodedImage(np.clip(pixels, 0, 1).astype(np.float32), 16)

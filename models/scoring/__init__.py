@@ -1,0 +1,1 @@
+"""What judges an image: the CLIP directional score S_CLIP and the finding classifier."""

@@ -1,0 +1,136 @@
+import numpy as np
+import pytest
+import torch
+
+from models.diffusion.ddim import DDIMSampler
+from models.diffusion.editing import denoise
+from models.diffusion.inversion import Inversion, InversionCache, ddim_invert, inversion_key, null_text_optimize
+from models.pipeline import embed_prompts, encode_latent, invert
+from models.request.params import EditParams, NullTextSettings
+
+PROMPT = "chest x-ray showing support devices"
+STEPS = 10
+
+
+def test_null_text_optimisation_lowers_reconstruction_error(bundle):
+    image = torch.rand(1, 1, bundle.resolution, bundle.resolution, generator=torch.Generator().manual_seed(0))
+    sampler = DDIMSampler(bundle.scheduler, STEPS)
+    z0 = encode_latent(bundle, image)
+    cond, uncond = embed_prompts(bundle, [PROMPT, ""]).chunk(2)
+    latents = ddim_invert(bundle.unet, sampler, z0, cond)
+    assert len(latents) == STEPS + 1
+
+    plain = denoise(bundle.unet, sampler, latents[-1], uncond.expand(STEPS, -1, -1), cond, 7.5)
+    embeddings, losses = null_text_optimize(bundle.unet, sampler, latents, cond, uncond, 7.5)
+    optimised = denoise(bundle.unet, sampler, latents[-1], embeddings, cond, 7.5)
+
+    plain_error = torch.mean((plain - z0) ** 2).item()
+    optimised_error = torch.mean((optimised - z0) ** 2).item()
+    assert embeddings.shape == (STEPS, 77, uncond.shape[-1]) and embeddings.dtype == torch.float32
+    assert len(losses) == STEPS
+    assert optimised_error < 0.5 * plain_error, (optimised_error, plain_error)
+
+
+def test_null_text_stops_early_when_loss_is_small(bundle):
+    sampler = DDIMSampler(bundle.scheduler, 4)
+    z0 = torch.zeros(1, 4, 8, 8)
+    cond, uncond = embed_prompts(bundle, [PROMPT, ""]).chunk(2)
+    latents = ddim_invert(bundle.unet, sampler, z0, cond)
+    calls = []
+    settings = NullTextSettings(inner_steps=10, early_stop=1e9)
+    hook = bundle.unet.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        null_text_optimize(bundle.unet, sampler, latents, cond, uncond, 7.5, settings)
+    finally:
+        hook.remove()
+    # per outer step: one conditional pass, one inner step (then early stop), one advancing pass
+    assert len(calls) == 4 * 3
+
+
+@pytest.mark.parametrize("offsets", [None, torch.randn(5, 1, 4, 8, 8)])
+def test_inversion_save_load_roundtrip(tmp_path, offsets):
+    mode = "null_text" if offsets is None else "direct"
+    inv = Inversion(torch.randn(1, 4, 8, 8), torch.randn(5, 77, 32), "abc", mode, offsets, {"steps": 5}, [0.1, 0.2])
+    inv.save(tmp_path / "x.safetensors")
+    back = Inversion.load(tmp_path / "x.safetensors")
+    assert torch.equal(back.x_T, inv.x_T) and torch.equal(back.uncond_embeddings, inv.uncond_embeddings)
+    assert (back.key, back.mode, back.settings, back.losses) == ("abc", mode, {"steps": 5}, [0.1, 0.2])
+    assert (back.latent_offsets is None) == (offsets is None)
+    if offsets is not None:
+        assert torch.equal(back.latent_offsets, offsets)
+
+
+def test_inversion_key_depends_on_every_part():
+    image = np.zeros((8, 8), np.float32)
+    base = dict(
+        image=image,
+        prompt=PROMPT,
+        model_identity="m1",
+        scheduler_config={"beta_start": 0.00085},
+        steps=50,
+        guidance_scale=7.5,
+        null_text=NullTextSettings(),
+    )
+    key = inversion_key(**base)
+    assert inversion_key(**base) == key
+    changed = image.copy()
+    changed[0, 0] = 1e-3
+    variants = {
+        "image": changed,
+        "prompt": PROMPT + ".",
+        "model_identity": "m2",
+        "scheduler_config": {"beta_start": 0.001},
+        "steps": 49,
+        "guidance_scale": 7.0,
+        "null_text": NullTextSettings(inner_steps=5),
+        "mode": "direct",
+    }
+    for name, value in variants.items():
+        assert inversion_key(**{**base, name: value}) != key, name
+
+
+def test_cached_inversion_is_reused_only_when_every_part_matches(bundle, tmp_path):
+    cache = InversionCache(tmp_path)
+    image = torch.rand(1, 1, bundle.resolution, bundle.resolution, generator=torch.Generator().manual_seed(5))
+    params = EditParams(steps=4, null_text=NullTextSettings(inner_steps=1))
+    first, cached = invert(bundle, image, PROMPT, params, cache)
+    assert not cached and len(list(tmp_path.glob("*.safetensors"))) == 1
+    again, cached = invert(bundle, image, PROMPT, params, cache)
+    assert cached and torch.equal(again.uncond_embeddings, first.uncond_embeddings)
+    for other_image, prompt, p in [
+        (image.flip(-1), PROMPT, params),
+        (image, "chest x-ray", params),
+        (image, PROMPT, params.replace(steps=5)),
+        (image, PROMPT, params.replace(guidance_scale=5.0)),
+    ]:
+        _, cached = invert(bundle, other_image, prompt, p, cache)
+        assert not cached
+    assert len(list(tmp_path.glob("*.safetensors"))) == 5
+
+
+def test_progress_callback_can_cancel(bundle):
+    class Cancelled(Exception):
+        pass
+
+    seen = []
+
+    def callback(phase, step, total):
+        seen.append((phase, step, total))
+        if phase == "null_text" and step == 2:
+            raise Cancelled
+
+    image = torch.rand(1, 1, bundle.resolution, bundle.resolution)
+    with pytest.raises(Cancelled):
+        invert(bundle, image, PROMPT, EditParams(steps=6, null_text=NullTextSettings(inner_steps=1)), callback=callback)
+    assert seen[-1] == ("null_text", 2, 6)
+    assert [s for s in seen if s[0] == "inversion"][-1] == ("inversion", 6, 6)
+
+
+def test_inversion_key_ignores_diffusers_private_config_entries():
+    base = dict(image=np.zeros((8, 8), np.float32), prompt=PROMPT, model_identity="m", steps=5, guidance_scale=7.5)
+    one = {"beta_start": 0.00085, "_use_default_values": ["a", "b"]}
+    other = {"beta_start": 0.00085, "_use_default_values": ["b", "a"]}  # a set's order, per process
+    settings = NullTextSettings()
+    assert inversion_key(scheduler_config=one, null_text=settings, **base) == inversion_key(
+        scheduler_config=other, null_text=settings, **base
+    )

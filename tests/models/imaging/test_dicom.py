@@ -1,0 +1,218 @@
+"""DICOM in (every encoding and LUT the service reads, every kind it refuses) and out (a derived
+Secondary Capture in the same study), read back with pydicom."""
+
+import io
+from functools import partial
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless, SecondaryCaptureImageStorage
+
+from models.imaging.dicom import IMAGE_COMMENTS, is_dicom, read_dicom, secondary_captures
+from models.imaging.geometry import decode_image
+from models.request.errors import ImageError
+from tests.dicom_files import STUDY, encode, jpeg_lossless, malformed_value, radiograph, structured_report
+
+LIMIT = 4096 * 4096
+
+
+def _own_range(values: np.ndarray) -> np.ndarray:
+    values = values.astype(np.float64)
+    return (values - values.min()) / (values.max() - values.min())
+
+
+@pytest.mark.parametrize("encoding", ["native", "rle", "jpeg2000", "jpeg-ls", "jpeg-lossless"])
+@pytest.mark.parametrize("bits", [8, 12, 16])
+def test_every_encoding_decodes_to_the_same_intensities(encoding, bits):
+    ds, stored = radiograph(bits_stored=bits)
+    if encoding == "jpeg-lossless":
+        ds = jpeg_lossless(ds, stored)
+    elif encoding != "native":
+        ds.compress({"rle": RLELossless, "jpeg2000": JPEG2000Lossless, "jpeg-ls": JPEGLSLossless}[encoding])
+    data = encode(ds)
+    assert is_dicom(data)
+    pixels, source = read_dicom(data, LIMIT)
+    np.testing.assert_allclose(pixels, _own_range(stored), atol=1e-6)
+    decoded = decode_image(data)
+    assert decoded.bit_depth == (8 if bits == 8 else 16) and decoded.dicom.bits_stored == bits
+
+
+def test_twelve_bits_with_rescale_and_window():
+    ds, stored = radiograph(bits_stored=12)
+    ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = 2, -1000, "US"
+    ds.WindowCenter, ds.WindowWidth = 2000, 3000
+    pixels, _ = read_dicom(encode(ds), LIMIT)
+    values = stored * 2.0 - 1000
+    expected = np.clip((values - (2000 - 0.5)) / (3000 - 1) + 0.5, 0, 1)  # PS3.3 C.11.2.1.2.1, LINEAR
+    np.testing.assert_allclose(pixels, expected, atol=1e-6)
+    assert (pixels == 0).any() and (pixels == 1).any()  # the window clips both ends here
+
+
+@pytest.mark.parametrize("width", ["0", "-5", "0.5"])
+def test_a_window_no_viewer_can_apply_shows_the_image_at_its_own_range(width):
+    """PS3.3 C.11.2.1.2.1 asks for a width of at least 1; a file with less is shown as if it had no
+    window (its own range), not refused."""
+    ds, stored = radiograph(bits_stored=12)
+    ds.WindowCenter, ds.WindowWidth = "2048", width
+    pixels, _ = read_dicom(encode(ds), LIMIT)
+    np.testing.assert_allclose(pixels, _own_range(stored), atol=1e-6)
+
+
+def test_signed_pixels_with_rescale():
+    ds, stored = radiograph(bits_stored=12, signed=True)
+    ds.RescaleSlope, ds.RescaleIntercept = 1, 1024
+    pixels, _ = read_dicom(encode(ds), LIMIT)
+    np.testing.assert_allclose(pixels, _own_range(stored), atol=1e-6)
+
+
+def _voi_lut(ds: Dataset, bits: int) -> None:
+    """A VOI LUT mapping every stored value to a 16-bit output through a gamma curve."""
+    entries = 2**bits
+    item = Dataset()
+    item.LUTDescriptor = [entries, 0, 16]
+    lut = np.round((np.arange(entries) / (entries - 1)) ** 0.8 * 65535).astype("<u2")
+    item.add_new(0x00283006, "OW", lut.tobytes())  # LUT Data
+    ds.VOILUTSequence = [item]
+
+
+def test_monochrome1_with_a_voi_lut_matches_the_same_image_as_monochrome2():
+    mono1, stored1 = radiograph(bits_stored=12, photometric="MONOCHROME1", seed=3)
+    mono2, stored2 = radiograph(bits_stored=12, photometric="MONOCHROME2", seed=3)
+    assert np.array_equal(stored1, 4095 - stored2)
+    for ds in (mono1, mono2):
+        _voi_lut(ds, 12)
+    p1, s1 = read_dicom(encode(mono1), LIMIT)
+    p2, s2 = read_dicom(encode(mono2), LIMIT)
+    lut = (np.arange(4096) / 4095) ** 0.8
+    np.testing.assert_allclose(p2, np.round(lut[stored2] * 65535) / 65535, atol=1e-6)
+    np.testing.assert_allclose(p1, 1 - np.round(lut[stored1] * 65535) / 65535, atol=1e-6)
+    assert s1.monochrome1 and not s2.monochrome1
+
+
+def test_monochrome1_and_monochrome2_give_the_same_reconstruction(bundle):
+    from models.pipeline import generate_counterfactual
+    from models.request.params import EditParams, NullTextSettings
+
+    mono1, _ = radiograph(bits_stored=12, photometric="MONOCHROME1", seed=5)
+    mono2, _ = radiograph(bits_stored=12, photometric="MONOCHROME2", seed=5)
+    for ds in (mono1, mono2):
+        ds.WindowCenter, ds.WindowWidth = 2048, 4096
+    params = EditParams(steps=3, self_replace_steps=(0.5,), null_text=NullTextSettings(inner_steps=1))
+    runs = [
+        generate_counterfactual(bundle, decode_image(encode(ds)), "chest x-ray", "chest x-ray of a patient", params)
+        for ds in (mono1, mono2)
+    ]
+    assert np.abs(runs[0].original - runs[1].original).max() < 1e-3
+    assert np.abs(runs[0].reconstruction - runs[1].reconstruction).max() <= 2 / 65535
+
+
+def test_padding_pixels_are_black():
+    ds, stored = radiograph(bits_stored=12)
+    stored_pixels = stored.copy()
+    stored_pixels[:, :5] = 4095
+    ds.PixelData = stored_pixels.astype(np.uint16).tobytes()
+    ds.PixelPaddingValue = 4095
+    pixels, _ = read_dicom(encode(ds), LIMIT)
+    assert (pixels[:, :5] == 0).all() and pixels[:, 5:].max() > 0.5
+
+
+def _multi_frame() -> bytes:
+    ds, stored = radiograph()
+    ds.NumberOfFrames = 2
+    ds.PixelData = np.concatenate([stored, stored]).astype(np.uint16).tobytes()
+    return encode(ds)
+
+
+def _colour() -> bytes:
+    ds, _ = radiograph(bits_stored=8)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+    ds.PixelData = np.zeros((48, 40, 3), np.uint8).tobytes()
+    return encode(ds)
+
+
+def _without(attribute: str) -> bytes:
+    ds, _ = radiograph()
+    delattr(ds, attribute)
+    return encode(ds)
+
+
+def _truncated() -> bytes:
+    ds, _ = radiograph()
+    return encode(ds)[:-700]
+
+
+REFUSALS = {
+    "multi-frame": (_multi_frame, "invalid", "multi-frame"),
+    "colour": (_colour, "invalid", "colour"),
+    "no pixel data": (partial(_without, "PixelData"), "invalid", "no pixel data"),
+    "structured report": (structured_report, "unsupported", "not an image"),
+    "truncated": (_truncated, "invalid", "truncated or corrupt"),
+    "no photometric interpretation": (
+        partial(_without, "PhotometricInterpretation"),
+        "invalid",
+        "no PhotometricInterpretation",
+    ),
+    "malformed attribute": (malformed_value, "invalid", "invalid value"),
+    "no study": (partial(_without, "StudyInstanceUID"), "invalid", "no StudyInstanceUID"),
+}
+
+
+@pytest.mark.parametrize("name", REFUSALS)
+def test_refusals_name_the_reason(name):
+    make, kind, needle = REFUSALS[name]
+    with pytest.raises(ImageError) as info:
+        read_dicom(make(), LIMIT)
+    assert info.value.kind == kind and needle in info.value.message
+
+
+def test_too_many_pixels():
+    ds, _ = radiograph(height=48, width=40)
+    with pytest.raises(ImageError) as info:
+        read_dicom(encode(ds), 48 * 40 - 1)
+    assert info.value.kind == "too_large"
+
+
+@pytest.mark.parametrize("photometric", ["MONOCHROME1", "MONOCHROME2"])
+@pytest.mark.parametrize("bits", [8, 12])
+def test_secondary_capture_round_trip(photometric, bits):
+    ds, _ = radiograph(bits_stored=bits, photometric=photometric)
+    if photometric == "MONOCHROME2":
+        ds.PatientOrientation = ["P", "F"]
+    pixels, source = read_dicom(encode(ds), LIMIT)
+    counterfactual = np.clip(pixels[::-1] * 0.9, 0, 1)
+    difference = np.zeros((*pixels.shape, 3), np.uint8)
+    difference[..., 0] = 255
+    files = secondary_captures(source, counterfactual, difference, "PRISM counterfactual: 'a' edited to 'b'")
+    out = dcmread(io.BytesIO(files["counterfactual.dcm"]))
+    diff = dcmread(io.BytesIO(files["difference.dcm"]))
+    for image in (out, diff):
+        assert image.SOPClassUID == SecondaryCaptureImageStorage
+        assert image.StudyInstanceUID == STUDY and image.SeriesInstanceUID != ds.SeriesInstanceUID
+        assert image.SOPInstanceUID != ds.SOPInstanceUID
+        for name in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyDate"):
+            assert image[name].value == ds[name].value, name
+        assert list(image.ImageType) == ["DERIVED", "SECONDARY"] and image.ConversionType == "SYN"
+        assert "NOT FOR DIAGNOSIS" in image.SeriesDescription and image.ImageComments == IMAGE_COMMENTS
+        assert image.DerivationDescription == "PRISM counterfactual: 'a' edited to 'b'"
+        assert image.SourceImageSequence[0].ReferencedSOPInstanceUID == ds.SOPInstanceUID
+    assert out.SeriesInstanceUID == diff.SeriesInstanceUID and out.SOPInstanceUID != diff.SOPInstanceUID
+    assert out.PhotometricInterpretation == photometric and out.BitsStored == bits
+    assert list(out.get("PatientOrientation") or []) == list(ds.get("PatientOrientation") or [])
+    assert out.BitsAllocated == (8 if bits == 8 else 16)
+    assert diff.PhotometricInterpretation == "RGB" and diff.pixel_array.shape == (*pixels.shape, 3)
+    assert (diff.pixel_array[..., 0] == 255).all()
+    back, _ = read_dicom(files["counterfactual.dcm"], LIMIT)
+    np.testing.assert_allclose(back, counterfactual, atol=1.0 / (2**bits - 1))
+
+
+def test_a_non_conformant_patient_attribute_is_left_empty_not_fatal():
+    """A date written 2020-01-01 and a sex of 'Q' are common in the wild; highdicom refuses to copy them."""
+    ds, _ = radiograph()
+    ds.StudyDate, ds.PatientSex = "2020-01-01", "Q"
+    pixels, source = read_dicom(encode(ds), LIMIT)
+    files = secondary_captures(source, pixels, np.zeros((*pixels.shape, 3), np.uint8), "edit")
+    out = dcmread(io.BytesIO(files["counterfactual.dcm"]))
+    assert out.StudyInstanceUID == STUDY and out.StudyDate == "" and out.PatientSex == ""
+    assert (out.PatientID, out.PatientName, out.AccessionNumber) == (ds.PatientID, ds.PatientName, ds.AccessionNumber)
