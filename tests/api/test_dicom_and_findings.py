@@ -13,7 +13,7 @@ from pydicom.uid import JPEG2000Lossless, RLELossless
 
 from models.imaging.dicom import read_dicom
 from tests.dicom_files import STUDY, encode, jpeg_lossless, radiograph, structured_report
-from tests.engine.test_dicom import REFUSALS, _voi_lut
+from tests.models.imaging.test_dicom import REFUSALS, _voi_lut
 from tests.stack import poll, submit
 
 DICOM_FILES = {"counterfactual.dcm", "difference.dcm"}
