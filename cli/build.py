@@ -10,10 +10,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import get_args
 
-from models.request.params import DtypeName, EditOptions, EditParams, FinetuneConfig, NullTextSettings
-from phantoms.recipe import RECIPES
 from cli.edit import ALIASES
 from cli.options import add_model_flags, model_from_args, positive
+from models.request.params import DtypeName, EditOptions, EditParams, FinetuneConfig, NullTextSettings
+from phantoms.recipe import RECIPES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -175,8 +175,8 @@ def finetune(args: argparse.Namespace) -> int:
     from models.diffusion.components import default_device, load_bundle
     from models.imaging.geometry import read_image_file
     from models.request.errors import ImageError, InvalidInput, ModelLoadError
+    from models.request.resolve import EditRequest, resolve
     from models.training.finetune import Finetuner, read_examples, validation_edit
-    from service.contract.jobs import JobRequest
 
     try:
         config = model_from_args(FinetuneConfig, args)
@@ -185,11 +185,10 @@ def finetune(args: argparse.Namespace) -> int:
         run = Finetuner(Path(args.base), examples, Path(args.work), config, device)
         validate = None
         if config.validate_every and args.validate_image:
-            request = JobRequest(findings=args.validate_findings, edit=args.validate_edit)
-            original, edited, params = request.resolved()
+            edit = resolve(EditRequest(findings=args.validate_findings, edit=args.validate_edit))
             bundle = load_bundle(args.base, clip_dir=args.clip_model, device=device)
             image = read_image_file(Path(args.validate_image), "--validate-image")
-            validate = validation_edit(bundle, image, original, edited, params, Path(args.work) / "validation")
+            validate = validation_edit(bundle, image, edit, Path(args.work) / "validation")
     except (ValueError, ImageError, InvalidInput, ModelLoadError, OSError) as exc:
         print(f"prism finetune: error: {exc}")
         return 2

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 from typing import get_args
 
-from models.request.params import DtypeName, EditOptions
 from cli.options import add_model_flags, model_from_args
+from models.request.params import DtypeName, EditOptions
 
 ALIASES = {
     "guidance_scale": ["--guidance"],
@@ -72,21 +72,21 @@ def run(args: argparse.Namespace) -> int:
     from models.imaging.geometry import keep_mask, read_image_file
     from models.pipeline import generate_counterfactual
     from models.request.errors import ImageError, InvalidInput, ModelLoadError
+    from models.request.resolve import EditRequest, resolve
     from models.scoring.classifier import configured_classifier
-    from service.contract.jobs import JobRequest
     from service.contract.settings import get_settings
 
     settings = get_settings()
     try:
         options = model_from_args(EditOptions, args).model_dump()
-        request = JobRequest(
+        request = EditRequest(
             **options,
             original_prompt=args.original_prompt,
             edit_prompt=args.edit_prompt,
             findings=args.findings,
             edit=args.edit,
         )
-        original_prompt, edit_prompt, params = request.resolved()
+        edit = resolve(request)
         image = read_image_file(Path(args.image), "--image", settings.max_image_pixels)
         bundle = load_bundle(
             args.model or settings.model_dir,
@@ -97,12 +97,12 @@ def run(args: argparse.Namespace) -> int:
         )
         keep = keep_mask(read_image_file(Path(args.mask), "--mask", settings.max_image_pixels)) if args.mask else None
         classifier = None
-        if params.method == "guided":
+        if edit.params.method == "guided":
             classifier = configured_classifier(args.classifier or settings.classifier, args.model or settings.model_dir)
         progress, close = progress_bars()
         cache = InversionCache(Path(args.cache)) if args.cache else None
         result = generate_counterfactual(
-            bundle, image, original_prompt, edit_prompt, params, cache, progress, keep, classifier
+            bundle, image, edit, cache=cache, callback=progress, keep=keep, classifier=classifier
         )
         close()
     except ValidationError as exc:

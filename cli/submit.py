@@ -7,9 +7,9 @@ import json
 import os
 import sys
 
-from models.request.params import EditOptions
 from cli.edit import ALIASES
 from cli.options import add_model_flags, model_from_args
+from models.request.params import EditOptions
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -24,12 +24,13 @@ from PIL import Image
 from pydantic import ValidationError
 from tqdm import tqdm
 
-from models.diffusion.components import ModelBundle
+from models.diffusion.components import ModelBundle, decode_latents, encode_latent
 from models.diffusion.inversion import InversionCache
 from models.evaluation.quality import evaluate, l1_ratio, load_cases
 from models.imaging.geometry import DecodedImage, decode_image, encode_png
-from models.pipeline import Counterfactual, decode_latents, encode_latent, generate_counterfactual
+from models.pipeline import Counterfactual, generate_counterfactual
 from models.request.params import EditParams
+from models.request.resolve import ResolvedEdit
 from models.scoring.classifier import FindingClassifier
 from models.scoring.clip import ClipScorer
 from phantoms.captions import NAMES, explicit_caption
@@ -70,7 +71,7 @@ def _l1(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
 @torch.no_grad()
 def _vae_roundtrip(bundle: ModelBundle, pixels: np.ndarray) -> np.ndarray:
     x = torch.from_numpy(pixels)[None, None]
-    return decode_latents(bundle, encode_latent(bundle, x))[0, 0].cpu().numpy()
+    return decode_latents(bundle.vae, encode_latent(bundle.vae, x))[0, 0].cpu().numpy()
 
 
 METHOD_VARIANTS: dict[str, dict[str, dict]] = {
@@ -150,9 +151,9 @@ def measure_case(
     cf = generate_counterfactual(
         bundle,
         DecodedImage(original, 16),
-        prompts["original_prompt"],
-        prompts["edit_prompt"],
-        case_params,
+        ResolvedEdit(
+            original_prompt=prompts["original_prompt"], edit_prompt=prompts["edit_prompt"], params=case_params
+        ),
         cache=cache,
         keep=anatomy_mask(anatomy),
         classifier=classifier,

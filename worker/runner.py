@@ -20,9 +20,10 @@ from models.diffusion.inversion import InversionCache
 from models.imaging.geometry import decode_image, keep_mask
 from models.pipeline import generate_counterfactual
 from models.request.errors import ImageError, InvalidInput
+from models.request.resolve import ResolvedEdit
 from models.scoring.classifier import FindingClassifier
 from service.contract import metrics
-from service.contract.jobs import ErrorCode, JobError, JobRequest, Progress, save_progress
+from service.contract.jobs import ErrorCode, JobError, Progress, save_progress
 from service.contract.keys import cancel_key, output_key
 from service.contract.settings import Settings
 from service.contract.webhooks import notify_job
@@ -69,15 +70,15 @@ class JobRunner:
             directory = Path(settings.inversion_cache_dir).expanduser()
             self.cache = InversionCache(directory, settings.inversion_cache_max_bytes)
 
-    def run(self, job: Job, input_key: str, request: dict, mask_key: str | None = None) -> dict:
-        """Run one job; returns the engine's report as JSON."""
+    def run(self, job: Job, input_key: str, edit: dict, mask_key: str | None = None) -> dict:
+        """Run one job, the ``edit`` the API resolved its request to; returns the engine's report as JSON."""
         redis = job.connection
         data = redis.get(input_key)
         mask = redis.get(mask_key) if mask_key else None
         if data is None:
             message = "the uploaded image is no longer stored; submit the job again"
             raise JobFailed(JobError(code=ErrorCode.input_expired, message=message))
-        original_prompt, edit_prompt, params = JobRequest.model_validate(request).resolved()
+        resolved = ResolvedEdit.model_validate(edit)
         image = decode_image(data, self.settings.max_image_pixels)
         keep = None if mask is None else keep_mask(decode_image(mask, self.settings.max_image_pixels))
         last_save = 0.0
@@ -100,15 +101,7 @@ class JobRunner:
         try:
             progress("decode", 0, 1)
             result = generate_counterfactual(
-                self.bundle,
-                image,
-                original_prompt,
-                edit_prompt,
-                params,
-                cache=self.cache,
-                callback=progress,
-                keep=keep,
-                classifier=self.classifier,
+                self.bundle, image, resolved, cache=self.cache, callback=progress, keep=keep, classifier=self.classifier
             )
         except JobCanceled:
             redis.delete(input_key, cancel_key(job.id))

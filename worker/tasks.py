@@ -16,7 +16,9 @@ def install(runner: JobRunner) -> None:
     _runner = runner
 
 
-def run_counterfactual(input_key: str, request: dict, mask_key: str | None = None) -> dict:
+def run_counterfactual(input_key: str, request: dict, edit: dict, mask_key: str | None = None) -> dict:
+    """One job: ``edit`` is what the API resolved the client's ``request`` to (the request itself
+    only says where webhooks go, which the contract reads from the job)."""
     if _runner is None:
         raise RuntimeError("no model loaded in this process: run jobs with `prism worker`")
-    return _runner.run(get_current_job(), input_key, request, mask_key)
+    return _runner.run(get_current_job(), input_key, edit, mask_key)

@@ -1,4 +1,6 @@
-"""Load the PRISM model bundle from local directories only, once, for reuse.
+"""The model's components: loaded from local directories only, once, for reuse; and the one
+image encoding, decoding and prompt embedding every user of them shares (the pipeline, its
+methods, ``prism finetune`` and the phantom training).
 
 Accepted layouts:
   * a diffusers Stable Diffusion directory (unet/, vae/, text_encoder/, tokenizer/, scheduler/);
@@ -28,7 +30,7 @@ from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 import models.weights.offline  # noqa: F401  (before diffusers/transformers)
 from models.diffusion.attention_control import P2P_BLEND_MAPS, BlendMaps
 from models.diffusion.ddim import make_scheduler
-from models.request.constants import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD, SD15_LATENT_SCALE
+from models.request.constants import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD, SD15_LATENT_SCALE, TOKEN_WINDOW
 from models.request.errors import ModelLoadError
 from models.request.params import DtypeName
 from models.request.words import prompt_words
@@ -75,7 +77,7 @@ class ModelBundle:
 
     @property
     def latent_scale(self) -> float:
-        return float(getattr(self.vae.config, "scaling_factor", SD15_LATENT_SCALE))
+        return latent_scale(self.vae)
 
 
 def _require(path: Path, what: str) -> Path:
@@ -177,6 +179,65 @@ def resolve_device(device: str | None, dtype: DtypeName | None) -> tuple[torch.d
     return device_t, DTYPES[dtype] if dtype else (torch.float16 if device_t.type == "cuda" else torch.float32)
 
 
+@dataclass
+class DiffusionParts:
+    """The four parts of a Stable Diffusion directory that inversion, editing and training use."""
+
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+
+
+def load_parts(model_dir: Path, unet_dtype: torch.dtype | None = None) -> DiffusionParts:
+    """The UNet (in ``unet_dtype``), VAE, text encoder and tokenizer of a diffusers directory, from
+    local files only; a directory that is not one is a ModelLoadError naming it."""
+    try:
+        return DiffusionParts(
+            unet=UNet2DConditionModel.from_pretrained(
+                model_dir / "unet", local_files_only=True, torch_dtype=unet_dtype
+            ),
+            vae=AutoencoderKL.from_pretrained(model_dir / "vae", local_files_only=True),
+            text_encoder=CLIPTextModel.from_pretrained(model_dir / "text_encoder", local_files_only=True),
+            tokenizer=CLIPTokenizer.from_pretrained(model_dir / "tokenizer", local_files_only=True),
+        )
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"could not load model from {model_dir}: {exc}") from exc
+
+
+def model_resolution(unet: UNet2DConditionModel, vae: AutoencoderKL) -> int:
+    """The image side the model works at: the UNet's latent side times the VAE's downsampling."""
+    return int(unet.config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def latent_scale(vae: AutoencoderKL) -> float:
+    return float(getattr(vae.config, "scaling_factor", SD15_LATENT_SCALE))
+
+
+@torch.no_grad()
+def encode_latent(vae: AutoencoderKL, image: torch.Tensor) -> torch.Tensor:
+    """VAE posterior mean times the scaling factor, for (B, 1, S, S) images in [0, 1].
+
+    Grayscale is repeated over the VAE's input channels (3 for SD v1.5, 1 for the built-in model).
+    """
+    x = (image * 2 - 1).expand(-1, vae.config.in_channels, -1, -1).to(vae.device, vae.dtype)
+    return vae.encode(x).latent_dist.mean.float() * latent_scale(vae)
+
+
+def decode_latents(vae: AutoencoderKL, latents: torch.Tensor, grad: bool = False) -> torch.Tensor:
+    """(B, 4, h, w) latents -> (B, 1, S, S) grayscale in [0, 1] (differentiable with ``grad``)."""
+    with torch.set_grad_enabled(grad):
+        images = vae.decode((latents / latent_scale(vae)).to(vae.dtype)).sample.float()
+        return ((images.mean(1, keepdim=True) + 1) / 2).clamp(0, 1)
+
+
+def embed_prompts(text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
+    """The text encoder's last hidden states of ``prompts`` padded to the 77-token window; with
+    gradients only where the encoder is being trained."""
+    tokens = tokenizer(prompts, padding="max_length", max_length=TOKEN_WINDOW, truncation=True, return_tensors="pt")
+    return text_encoder(tokens.input_ids.to(text_encoder.device))[0]
+
+
 def load_bundle(
     model_dir: str | Path | None,
     unet_weights: str | Path | None = None,
@@ -212,13 +273,11 @@ def load_bundle(
 
     device_t, torch_dtype = resolve_device(device, dtype)
 
+    parts = load_parts(model_dir, torch_dtype)
+    unet, vae, text_encoder, tokenizer = parts.unet, parts.vae, parts.text_encoder, parts.tokenizer
     try:
-        unet = UNet2DConditionModel.from_pretrained(model_dir / "unet", local_files_only=True, torch_dtype=torch_dtype)
         if unet_weights is not None:
             _load_unet_weights(unet, Path(unet_weights))
-        vae = AutoencoderKL.from_pretrained(model_dir / "vae", local_files_only=True)
-        text_encoder = CLIPTextModel.from_pretrained(model_dir / "text_encoder", local_files_only=True)
-        tokenizer = CLIPTokenizer.from_pretrained(model_dir / "tokenizer", local_files_only=True)
         clip_model = CLIPModel.from_pretrained(clip_path, local_files_only=True)
         clip_tokenizer = CLIPTokenizer.from_pretrained(clip_path, local_files_only=True)
         preprocess = json.loads((clip_path / "preprocessor_config.json").read_text())
@@ -283,7 +342,6 @@ def assemble_bundle(
         module.requires_grad_(False)
         module.eval()
         module.to(device)
-    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
     return ModelBundle(
         unet=unet,
         vae=vae,
@@ -295,7 +353,7 @@ def assemble_bundle(
         dtype=unet.dtype,
         identity=identity,
         inversion_identity=inversion_identity or identity,
-        resolution=int(unet.config.sample_size) * vae_scale,
+        resolution=model_resolution(unet, vae),
         blend_maps=blend_maps,
     )
 

@@ -25,6 +25,7 @@ from models.diffusion.inversion import InversionCache
 from models.imaging.geometry import DecodedImage
 from models.pipeline import generate_counterfactual
 from models.request.params import EditParams, InversionMode
+from models.request.resolve import ResolvedEdit
 
 PHASES = ("encode", "inversion", "null_text", "offsets", "editing", "decode", "scoring")
 
@@ -103,7 +104,12 @@ def bench_speed(
                     if progress:
                         progress(f"{mode} {'cached' if cached else 'cold'} {repeat}/{repeats}")
                     start = time.perf_counter()
-                    result = generate_counterfactual(bundle, image, source, prompt, mode_params, cache=cache)
+                    result = generate_counterfactual(
+                        bundle,
+                        image,
+                        ResolvedEdit(original_prompt=source, edit_prompt=prompt, params=mode_params),
+                        cache=cache,
+                    )
                     if bundle.device.type == "cuda":
                         torch.cuda.synchronize(bundle.device)
                     if repeat:

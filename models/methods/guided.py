@@ -11,10 +11,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
+from models.diffusion.components import decode_latents, embed_prompts, encode_latent
 from models.diffusion.ddim import DDIMSampler
-from models.diffusion.inversion import ProgressCallback, _eps
+from models.diffusion.inversion import ProgressCallback, _eps, ddim_invert
+from models.imaging.geometry import to_model_input
+from models.methods.base import Edit, RunContext, Source
+from models.request.errors import InvalidInput
+from models.request.report import Geometry
 
 Decode = Callable[[torch.Tensor], torch.Tensor]
 
@@ -29,6 +36,7 @@ def target_loss(probabilities: Mapping[str, torch.Tensor], targets: Mapping[str,
 
 
 def guided_edit(
+    *,
     unet,
     sampler: DDIMSampler,
     x_T: torch.Tensor,
@@ -74,3 +82,59 @@ def guided_edit(
         if callback:
             callback("editing", i + 1, n)
     return x.detach()
+
+
+def latent_mask(keep: np.ndarray, geometry: Geometry, latent_hw: tuple[int, int]) -> torch.Tensor:
+    """(1, 1, h, w) True where a latent cell touches any kept pixel (max-pooled, so no kept pixel
+    falls in a cell the edit may change)."""
+    square = to_model_input(keep.astype(np.float32), geometry.model_size)[0]
+    pooled = F.adaptive_max_pool2d(square, latent_hw)
+    return pooled > 0
+
+
+class Guided:
+    """One candidate by classifier guidance from the input's DDIM inversion; the reference latent
+    is the input's own (its VAE reconstruction)."""
+
+    name = "guided"
+
+    def run(self, source: Source, context: RunContext) -> Edit:
+        bundle, params, timer, classifier = context.bundle, context.params, context.timer, context.classifier
+        if classifier is None:
+            raise InvalidInput("method", "guided needs a finding classifier and none is configured (PRISM_CLASSIFIER)")
+        targets = params.classifier_targets or {}
+        if set(targets) - set(classifier.labels):
+            raise InvalidInput(
+                "classifier_targets", f"need findings the classifier knows ({', '.join(classifier.labels)})"
+            )
+        sampler = DDIMSampler(bundle.scheduler, params.steps)
+        z0 = timer.measure("encode", lambda: encode_latent(bundle.vae, source.image))
+        prompts = [source.original_prompt, source.edit_prompt, ""]
+        original, edited, uncond = embed_prompts(bundle.text_encoder, bundle.tokenizer, prompts).chunk(3)
+        keep = None
+        if source.keep is not None:
+            keep = latent_mask(source.keep, source.geometry, tuple(z0.shape[2:])).to(bundle.device)
+        latents = timer.measure("inversion", lambda: ddim_invert(bundle.unet, sampler, z0, original, context.progress))
+        classifier = classifier.to(bundle.device)
+        latent = timer.measure(
+            "editing",
+            lambda: guided_edit(
+                unet=bundle.unet,
+                sampler=sampler,
+                x_T=latents[-1],
+                z0=z0,
+                cond=edited,
+                uncond=uncond,
+                guidance_scale=params.guidance_scale,
+                decode=lambda x0: decode_latents(bundle.vae, x0, grad=True),
+                classify=classifier.probabilities,
+                targets=targets,
+                image=source.image.to(bundle.device),
+                classifier_weight=params.classifier_weight,
+                l1_weight=params.l1_weight,
+                keep=keep,
+                generator=torch.Generator().manual_seed(params.seed),
+                callback=context.progress,
+            ),
+        )
+        return Edit(torch.cat([z0, latent]), [source.edit_prompt], [None], anatomy_mask=keep is not None)

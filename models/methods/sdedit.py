@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import torch
 
+from models.diffusion.components import embed_prompts, encode_latent
 from models.diffusion.ddim import DDIMSampler
 from models.diffusion.inversion import ProgressCallback, _eps
+from models.methods.base import Edit, RunContext, Source
 
 
 @torch.no_grad()
 def sdedit(
+    *,
     unet,
     sampler: DDIMSampler,
     z0: torch.Tensor,
@@ -39,3 +42,30 @@ def sdedit(
         if callback:
             callback("editing", i + 1, steps)
     return x
+
+
+class SDEdit:
+    """One candidate; the reference latent is the input's own (its VAE reconstruction)."""
+
+    name = "sdedit"
+
+    def run(self, source: Source, context: RunContext) -> Edit:
+        bundle, params, timer = context.bundle, context.params, context.timer
+        z0 = timer.measure("encode", lambda: encode_latent(bundle.vae, source.image))
+        prompts = [source.original_prompt, source.edit_prompt, ""]
+        _, edited, uncond = embed_prompts(bundle.text_encoder, bundle.tokenizer, prompts).chunk(3)
+        latent = timer.measure(
+            "editing",
+            lambda: sdedit(
+                unet=bundle.unet,
+                sampler=DDIMSampler(bundle.scheduler, params.steps),
+                z0=z0,
+                cond=edited,
+                uncond=uncond,
+                guidance_scale=params.guidance_scale,
+                strength=params.strength,
+                generator=torch.Generator().manual_seed(params.seed),
+                callback=context.progress,
+            ),
+        )
+        return Edit(torch.cat([z0, latent]), [source.edit_prompt], [None])

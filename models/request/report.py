@@ -6,11 +6,25 @@ field is one edit here.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.request.params import EditParams, InversionMode, Method
+
+FileName = Literal[
+    "counterfactual.png",
+    "difference.png",
+    "difference.npy",
+    "reconstruction.png",
+    "result.json",
+    "counterfactual.dcm",
+    "difference.dcm",
+]
+"""Every file a counterfactual can have, declared once: the engine writes them, the API links them."""
+FILE_NAMES: tuple[str, ...] = get_args(FileName)
+DICOM_FILES = ("counterfactual.dcm", "difference.dcm")
+"""Written only for a DICOM input."""
 
 
 class Record(BaseModel):
@@ -105,3 +119,8 @@ class EditReport(Record):
     edited_fraction: Annotated[float, Field(description="fraction of the image where the edit changed the latent")]
     difference: DifferenceInfo
     difference_png_scale: Annotated[float, Field(description="|difference| drawn at full colour in difference.png")]
+
+    @property
+    def file_names(self) -> tuple[str, ...]:
+        """The names of the files this counterfactual has, in :data:`FILE_NAMES` order."""
+        return tuple(n for n in FILE_NAMES if self.input_format == "dicom" or n not in DICOM_FILES)

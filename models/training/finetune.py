@@ -25,23 +25,22 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from pydantic import BaseModel, Field
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
-from transformers import CLIPTextModel, CLIPTokenizer
 
 import models.weights.offline  # noqa: F401  (before diffusers/transformers)
-from models.diffusion.components import ModelBundle
+from models.diffusion.components import ModelBundle, embed_prompts, encode_latent, load_parts, model_resolution
 from models.diffusion.ddim import make_scheduler
 from models.imaging.geometry import DecodedImage, read_image_file, to_model_input
 from models.pipeline import generate_counterfactual
-from models.request.constants import TOKEN_WINDOW
 from models.request.errors import InvalidInput, ModelLoadError
 from models.request.findings import CONDITIONS, caption, normalize_labels
-from models.request.params import EditParams, FinetuneConfig
+from models.request.params import FinetuneConfig
+from models.request.resolve import ResolvedEdit
 from models.training.atomic import write_aside
 from models.training.stopping import StopSwitch
 
@@ -140,15 +139,15 @@ class Finetuner:
             raise ModelLoadError(f"no diffusers model at {base} (needs unet/, vae/, text_encoder/, tokenizer/)")
         self.base, self.examples, self.work, self.config = base, examples, work, config
         self.device = torch.device(device)
-        try:
-            self.unet = UNet2DConditionModel.from_pretrained(base / "unet", local_files_only=True)
-            self.vae = AutoencoderKL.from_pretrained(base / "vae", local_files_only=True)
-            self.text_encoder = CLIPTextModel.from_pretrained(base / "text_encoder", local_files_only=True)
-            self.tokenizer = CLIPTokenizer.from_pretrained(base / "tokenizer", local_files_only=True)
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"could not load the base model {base}: {exc}") from exc
+        parts = load_parts(base)
+        self.unet, self.vae, self.text_encoder, self.tokenizer = (
+            parts.unet,
+            parts.vae,
+            parts.text_encoder,
+            parts.tokenizer,
+        )
         self.alphas = make_scheduler().alphas_cumprod.to(self.device)
-        self.resolution = int(self.unet.config.sample_size) * 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.resolution = model_resolution(self.unet, self.vae)
         self.vae.requires_grad_(False).eval().to(self.device)
         self.text_encoder.requires_grad_(config.train_text_encoder).train(config.train_text_encoder)
         self.text_encoder.to(self.device)
@@ -189,11 +188,8 @@ class Finetuner:
         first = micro * size
         return [int(self._order((first + k) // n)[(first + k) % n]) for k in range(size)]
 
-    @torch.no_grad()
     def _encode(self, indices: list[int]) -> torch.Tensor:
-        images = torch.cat([self._image(i) for i in indices]).to(self.device)
-        x = (images * 2 - 1).expand(-1, self.vae.config.in_channels, -1, -1)
-        return self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor
+        return encode_latent(self.vae, torch.cat([self._image(i) for i in indices]))
 
     def _encode_all(self) -> torch.Tensor:
         """Every example's latent, in fixed chunks (so the same on every sitting), kept in
@@ -235,12 +231,9 @@ class Finetuner:
         t = torch.randint(0, len(self.alphas), (len(indices),), generator=self.generator).to(self.device)
         noise = torch.randn(z0.shape, generator=self.generator).to(self.device)
         a = self.alphas[t].view(-1, 1, 1, 1)
-        tokens = self.tokenizer(
-            captions, padding="max_length", max_length=TOKEN_WINDOW, truncation=True, return_tensors="pt"
-        )
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.config.mixed_precision)
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
-            context = self.text_encoder(tokens.input_ids.to(self.device))[0]
+            context = embed_prompts(self.text_encoder, self.tokenizer, captions)
             pred = self.unet(a.sqrt() * z0 + (1 - a).sqrt() * noise, t, encoder_hidden_states=context).sample
         return F.mse_loss(pred.float(), noise)
 
@@ -371,7 +364,7 @@ def save_unet(unet: UNet2DConditionModel, directory: Path) -> None:
 
 
 def validation_edit(
-    bundle: ModelBundle, image: DecodedImage, original_prompt: str, edit_prompt: str, params: EditParams, out: Path
+    bundle: ModelBundle, image: DecodedImage, edit: ResolvedEdit, out: Path
 ) -> Callable[[Finetuner], dict]:
     """A ``validate`` callback for :meth:`Finetuner.run`: the current weights (EMA if on) copied into
     ``bundle``, one counterfactual written to ``out/step_{N}.png``; returns its S_CLIP."""
@@ -380,7 +373,7 @@ def validation_edit(
         bundle.unet.load_state_dict(run.trained_unet().state_dict())
         if run.config.train_text_encoder:
             bundle.text_encoder.load_state_dict(run.text_encoder.state_dict())
-        result = generate_counterfactual(bundle, image, original_prompt, edit_prompt, params)
+        result = generate_counterfactual(bundle, image, edit)
         out.mkdir(parents=True, exist_ok=True)
         (out / f"step_{run.step:07d}.png").write_bytes(result.files()["counterfactual.png"])
         return {"s_clip": result.report.s_clip}

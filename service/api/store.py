@@ -13,15 +13,15 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job
 from rq.job import JobStatus as RQStatus
 
-from models.request.report import EditReport
+from models.request.report import FILE_NAMES, EditReport
+from models.request.resolve import ResolvedEdit
 from service.api.errors import IdempotencyConflict, NotCancelable, QueueFull
 from service.api.schemas import JobLinks, JobResult, JobState, JobStatus, Prompts
 from service.contract.jobs import (
-    DICOM_FILES,
-    FILE_NAMES,
     JobRequest,
     enqueue,
     fetch_job,
+    job_edit,
     job_queue,
     read_failure,
     read_progress,
@@ -55,7 +55,7 @@ _STATES: dict[str, JobState] = {
 
 def links(job_id: str, report: EditReport | None = None) -> JobLinks:
     """The job's own link and, once it has a report, one per result file it wrote."""
-    names = [] if report is None else [n for n in FILE_NAMES if report.input_format == "dicom" or n not in DICOM_FILES]
+    names = () if report is None else report.file_names
     return JobLinks(self=f"/jobs/{job_id}", files={name: f"/jobs/{job_id}/files/{name}" for name in names})
 
 
@@ -65,9 +65,16 @@ class JobStore:
     settings: Settings
 
     def submit(
-        self, image: bytes, request: JobRequest, owner: str, client_key: str | None = None, mask: bytes | None = None
+        self,
+        image: bytes,
+        request: JobRequest,
+        edit: ResolvedEdit,
+        owner: str,
+        client_key: str | None = None,
+        mask: bytes | None = None,
     ) -> str:
-        """Store the input (and an anatomy mask) under TTL'd keys and enqueue a job that refers to them.
+        """Store the input (and an anatomy mask) under TTL'd keys and enqueue a job that refers to
+        them and runs ``edit``, what ``request`` was resolved to.
 
         With an Idempotency-Key (``client_key``), a repeat of the same request returns the first job's id.
         """
@@ -90,7 +97,7 @@ class JobStore:
         self.redis.set(input_key(job_id), image, ex=ttl)
         if mask is not None:
             self.redis.set(mask_key(job_id), mask, ex=ttl)
-        enqueue(queue, job_id, request, owner, self.settings, with_mask=mask is not None)
+        enqueue(queue, job_id, request, edit, owner, self.settings, with_mask=mask is not None)
         with self.redis.pipeline() as pipe:
             pipe.zadd(jobs_index_key(owner), {job_id: time.time()})
             pipe.expire(jobs_index_key(owner), ttl)
@@ -133,11 +140,11 @@ class JobStore:
             result = JobResult(**dict(report), files=links(job_id, report).files)
         elif state == "failed":
             error = read_failure(job)
-        original, edited, _ = JobRequest.model_validate(job.kwargs["request"]).resolved()
+        edit = job_edit(job)
         return JobStatus(
             id=job_id,
             status=state,
-            prompts=Prompts(original_prompt=original, edit_prompt=edited),
+            prompts=Prompts(original_prompt=edit.original_prompt, edit_prompt=edit.edit_prompt),
             progress=read_progress(job),
             requeues=min(int(job.meta.get("lost", 0)), self.settings.max_requeues),
             created_at=job.created_at,

@@ -33,17 +33,24 @@ class UploadRejected(Exception):
     field: str = "image"
 
 
-def read_upload(file: BinaryIO, max_bytes: int, max_pixels: int) -> bytes:
-    """The uploaded bytes, checked to be a decodable image within the limits."""
+@dataclass(frozen=True)
+class Upload:
+    """An uploaded image's bytes, checked to decode, and its (width, height)."""
+
+    data: bytes
+    size: tuple[int, int]
+
+
+def read_upload(file: BinaryIO, max_bytes: int, max_pixels: int) -> Upload:
+    """The uploaded image, decoded once to check it is a usable image within the limits."""
     data = file.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise UploadRejected(413, f"file exceeds {max_bytes} bytes", "too_large")
-    check_image(data, max_pixels)
-    return data
+    return Upload(data, check_image(data, max_pixels))
 
 
-def read_mask(file: BinaryIO, image: bytes, settings) -> bytes:
-    """An anatomy mask: a PNG or JPEG of the image's size; 422 naming ``mask`` otherwise."""
+def read_mask(file: BinaryIO, image_size: tuple[int, int], settings) -> bytes:
+    """An anatomy mask: a PNG or JPEG of the image's ``image_size``; 422 naming ``mask`` otherwise."""
     data = file.read(settings.max_upload_bytes + 1)
     try:
         if is_dicom(data):
@@ -51,7 +58,7 @@ def read_mask(file: BinaryIO, image: bytes, settings) -> bytes:
         mask_size = check_image(data, settings.max_image_pixels)
     except UploadRejected as exc:
         raise UploadRejected(exc.status_code, exc.message, exc.kind, field="mask") from exc
-    if mask_size != check_image(image, settings.max_image_pixels):
+    if mask_size != image_size:
         raise UploadRejected(422, "the mask must be the size of the image", field="mask")
     return data
 

@@ -11,17 +11,16 @@ than carrying its bytes. A job ends one of three ways, each read back one way:
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated, Literal, get_args
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 from redis import Redis
 from rq import Queue
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from models.request.errors import InvalidInput
-from models.request.findings import Condition, findings_prompts, parse_labels
-from models.request.params import CommaList, EditOptions, EditParams
+from models.request.params import CommaList
+from models.request.resolve import EditRequest, ResolvedEdit
 from service.contract.keys import input_key, mask_key
 from service.contract.settings import Settings
 
@@ -29,59 +28,9 @@ EventName = Literal["started", "completed"]
 TASK = "worker.tasks.run_counterfactual"
 """The job function, by name: the API never imports the worker."""
 
-FileName = Literal[
-    "counterfactual.png",
-    "difference.png",
-    "difference.npy",
-    "reconstruction.png",
-    "result.json",
-    "counterfactual.dcm",
-    "difference.dcm",
-]
-FILE_NAMES: tuple[str, ...] = get_args(FileName)
-DICOM_FILES = ("counterfactual.dcm", "difference.dcm")
-"""Written only for a DICOM input."""
 
-PROMPT_MAX_CHARS = 1000
-
-
-def _labels(field: str):
-    return BeforeValidator(lambda value: None if value in (None, "") else parse_labels(value, field))
-
-
-LabelRow = dict[Condition, Literal[1, 0, -1] | None]
-
-
-class JobRequest(EditOptions):
-    """Everything a worker needs besides the image: what the image shows and what the
-    counterfactual should show, as prompts or as CheXpert findings, and the client's edit options."""
-
-    original_prompt: Annotated[
-        str | None,
-        Field(
-            max_length=PROMPT_MAX_CHARS,
-            description="what the image shows (or give findings and edit)",
-            examples=["chest x-ray of a patient with support devices"],
-        ),
-    ] = None
-    edit_prompt: Annotated[
-        str | None,
-        Field(
-            max_length=PROMPT_MAX_CHARS,
-            description="what the counterfactual should show",
-            examples=["chest x-ray of a patient without support devices"],
-        ),
-    ] = None
-    findings: Annotated[
-        LabelRow | None,
-        _labels("findings"),
-        Field(description="instead of prompts: the image's CheXpert labels (1, 0, -1 or blank per condition)"),
-    ] = None
-    edit: Annotated[
-        LabelRow | None,
-        _labels("edit"),
-        Field(description="with findings: the labels to change, e.g. {'Support Devices': 0}"),
-    ] = None
+class JobRequest(EditRequest):
+    """What a client submits besides the image: the edit request and where its events go."""
 
     webhook: Annotated[
         str | None,
@@ -96,33 +45,6 @@ class JobRequest(EditOptions):
         Field(min_length=1, description="which events the webhook receives"),
         CommaList,
     ] = ("started", "completed")
-
-    def resolved(self) -> tuple[str, str, EditParams]:
-        """The original and edit prompts and the engine's parameters. Findings become prompts by
-        PRISM's caption template; LocalBlend follows, and the guided method's classifier targets,
-        the conditions the edit changes, unless given. Raises :class:`~models.request.errors.InvalidInput`
-        naming the field."""
-        original, edited, params = self._prompts()
-        if params.method == "guided" and not params.classifier_targets:
-            message = "the guided method needs the findings to remove (0) or add (1), or findings and edit"
-            raise InvalidInput("classifier_targets", message)
-        return original, edited, params
-
-    def _prompts(self) -> tuple[str, str, EditParams]:
-        params = EditParams(**self.model_dump(include=set(EditOptions.model_fields)))
-        if self.findings is None and self.edit is None:
-            return self.original_prompt or "", self.edit_prompt or "", params
-        if self.original_prompt or self.edit_prompt:
-            raise InvalidInput("findings", "give findings and edit, or original_prompt and edit_prompt, not both")
-        if self.findings is None or self.edit is None:
-            raise InvalidInput("findings" if self.findings is None else "edit", "findings and edit go together")
-        original, edited, changed = findings_prompts(self.findings, self.edit)
-        after = {**self.findings, **self.edit}
-        defaults = {
-            "blend_words": changed if params.blend_words is None else params.blend_words,
-            "classifier_targets": params.classifier_targets or {c: int(after.get(c) == 1) for c in changed},
-        }
-        return original, edited, params.replace(**defaults)
 
 
 class ErrorCode(StrEnum):
@@ -166,12 +88,23 @@ def fetch_job(redis: Redis, job_id: str) -> Job:
 
 
 def enqueue(
-    queue: Queue, job_id: str, request: JobRequest, owner: str, settings: Settings, with_mask: bool = False
+    queue: Queue,
+    job_id: str,
+    request: JobRequest,
+    edit: ResolvedEdit,
+    owner: str,
+    settings: Settings,
+    with_mask: bool = False,
 ) -> Job:
     """Enqueue the job for an image already stored at ``input_key(job_id)`` (and its anatomy mask at
-    ``mask_key(job_id)`` if ``with_mask``)."""
+    ``mask_key(job_id)`` if ``with_mask``). The job carries the client's ``request`` (its webhook
+    settings) and the ``edit`` it was resolved to, which the worker runs and a status shows."""
     ttl = settings.job_ttl_s
-    kwargs = {"input_key": input_key(job_id), "request": request.model_dump(mode="json")}
+    kwargs = {
+        "input_key": input_key(job_id),
+        "request": request.model_dump(mode="json"),
+        "edit": edit.model_dump(mode="json"),
+    }
     return queue.enqueue_call(
         TASK,
         kwargs={**kwargs, "mask_key": mask_key(job_id) if with_mask else None},
@@ -183,6 +116,11 @@ def enqueue(
         description="prism counterfactual",
         meta={"owner": owner},
     )
+
+
+def job_edit(job: Job) -> ResolvedEdit:
+    """The edit a job was resolved to at submission."""
+    return ResolvedEdit.model_validate(job.kwargs["edit"])
 
 
 def record_failure(job: Job, error: JobError) -> None:

@@ -103,7 +103,9 @@ def test_findings_become_prompts_shown_in_the_status(service):
         "edit_prompt": "Normal chest X-ray with no significant findings",
     }
     assert status["result"]["parameters"]["blend_words"] == ["Support Devices"]
-    assert status["result"]["edit_prompt"] == "Normal chest X-ray with no significant findings"
+    # the prompts shown are those the worker ran
+    assert status["result"]["original_prompt"] == status["prompts"]["original_prompt"]
+    assert status["result"]["edit_prompt"] == status["prompts"]["edit_prompt"]
 
 
 @pytest.mark.parametrize(

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 from redis import Redis
 
-from models.request.report import EditReport
 from cli.local_redis import free_port
+from models.request.report import EditReport
 from tests.helpers import png_bytes, xray_like
 from tests.stack import ApiProcess, poll, service_env, submit
 

@@ -195,9 +195,7 @@ def test_the_settings_other_forms_are_accepted(variable, value, monkeypatch):
 
 def test_a_worker_without_its_model_exits_2_naming_the_directory(tmp_path):
     env = {**os.environ, "PRISM_MODEL_DIR": str(tmp_path / "missing"), "PRISM_REDIS_URL": "redis://127.0.0.1:1/0"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "cli", "worker"], env=env, capture_output=True, text=True, timeout=600
-    )
+    proc = subprocess.run([sys.executable, "-m", "cli", "worker"], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2
     assert f"prism worker: error: model directory not found: {tmp_path / 'missing'}" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -6,9 +6,9 @@ import subprocess
 import annotated_types
 import pytest
 
+from cli.options import format_default
 from models.request.params import EditOptions, EditParams
 from service.api.app import create_app
-from cli.options import format_default
 from tests.stack import prism
 
 FIELDS = list(EditOptions.model_fields)

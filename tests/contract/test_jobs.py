@@ -8,6 +8,7 @@ from pydantic import ValidationError
 from redis import Redis
 
 from models.request.params import EditOptions, EditParams
+from models.request.resolve import resolve
 from service.contract.jobs import (
     TASK,
     ErrorCode,
@@ -16,6 +17,7 @@ from service.contract.jobs import (
     Progress,
     enqueue,
     fetch_job,
+    job_edit,
     job_queue,
     read_failure,
     read_progress,
@@ -31,8 +33,9 @@ def test_request_round_trips_through_json_and_gives_the_engine_params():
     request = JobRequest(original_prompt=SOURCE, edit_prompt=EDIT, self_replace_steps="0.4,0.6", steps=7)
     again = JobRequest.model_validate_json(request.model_dump_json())
     assert again == request and again.self_replace_steps == (0.4, 0.6)
-    original, edited, params = again.resolved()
-    assert (original, edited) == (SOURCE, EDIT)
+    edit = resolve(again)
+    params = edit.params
+    assert (edit.original_prompt, edit.edit_prompt) == (SOURCE, EDIT)
     assert isinstance(params, EditParams) and params.steps == 7 and params.null_text == EditParams().null_text
     assert {name: getattr(params, name) for name in EditOptions.model_fields} == {
         name: getattr(request, name) for name in EditOptions.model_fields
@@ -55,11 +58,14 @@ def test_the_contract_is_torch_free():
 def test_enqueued_job_names_the_task_and_an_input_key_and_records_failure_and_progress(redis_server):
     redis = Redis.from_url(redis_server.url)
     settings = Settings(redis_url=redis_server.url, queue_name="contract-test")
-    request = JobRequest(original_prompt=SOURCE, edit_prompt=EDIT)
-    job = enqueue(job_queue(redis, settings), "f" * 32, request, "alice", settings)
+    request = JobRequest(findings={"Support Devices": 1}, edit={"Support Devices": 0}, steps=9)
+    edit = resolve(request)
+    job = enqueue(job_queue(redis, settings), "f" * 32, request, edit, "alice", settings)
     stored = fetch_job(redis, job.id)
     assert stored.func_name == TASK and stored.kwargs["input_key"] == input_key(job.id)
     assert JobRequest.model_validate(stored.kwargs["request"]) == request
+    assert job_edit(stored) == edit and job_edit(stored).params.steps == 9
+    assert job_edit(stored).original_prompt == "Chest X-ray showing Support Devices"
     assert stored.meta["owner"] == "alice" and stored.ttl == settings.job_ttl_s
 
     assert read_progress(stored) == Progress()

@@ -10,6 +10,8 @@ from models.diffusion.inversion import InversionCache
 from models.imaging.geometry import DecodedImage
 from models.pipeline import edited_regions, generate_counterfactual
 from models.request.params import EditParams, NullTextSettings
+from models.request.report import FILE_NAMES
+from models.request.resolve import ResolvedEdit
 from tests.helpers import xray_like
 
 SOURCE = "chest x-ray of a patient with support devices"
@@ -20,8 +22,12 @@ def test_residual_output_is_the_input_plus_the_edit_effect(bundle, tmp_path):
     image = DecodedImage(xray_like(80, 60, seed=4), 8)
     cache = InversionCache(tmp_path)
     base = EditParams(steps=6, self_replace_steps=(0.5,), null_text=NullTextSettings(inner_steps=2))
-    decoded = generate_counterfactual(bundle, image, SOURCE, EDIT, base.replace(output="decoded"))
-    residual = generate_counterfactual(bundle, image, SOURCE, EDIT, base, cache=cache)
+    decoded = generate_counterfactual(
+        bundle, image, ResolvedEdit(original_prompt=SOURCE, edit_prompt=EDIT, params=base.replace(output="decoded"))
+    )
+    residual = generate_counterfactual(
+        bundle, image, ResolvedEdit(original_prompt=SOURCE, edit_prompt=EDIT, params=base), cache=cache
+    )
     assert residual.report.parameters.output == "residual"
     np.testing.assert_array_equal(residual.reconstruction, decoded.reconstruction)
     # decoded: the decoded edit, so it carries the VAE round-trip error everywhere
@@ -37,9 +43,11 @@ def test_residual_output_is_the_input_plus_the_edit_effect(bundle, tmp_path):
 def test_identity_edit_returns_the_input_exactly_in_residual_mode(bundle):
     image = DecodedImage(np.round(xray_like(64, 64, seed=5) * 255) / 255, 8)
     params = EditParams(steps=4, self_replace_steps=(0.5,), null_text=NullTextSettings(inner_steps=1))
-    cf = generate_counterfactual(bundle, image, SOURCE, SOURCE, params)
+    cf = generate_counterfactual(bundle, image, ResolvedEdit(original_prompt=SOURCE, edit_prompt=SOURCE, params=params))
     np.testing.assert_array_equal(cf.counterfactual, image.pixels)
     assert np.abs(cf.difference).max() == 0.0
+    # the files written are the ones the report declares (and the API links)
+    assert tuple(cf.files()) == cf.report.file_names == tuple(n for n in FILE_NAMES if not n.endswith(".dcm"))
 
 
 def test_the_model_s_blend_thresholds_apply_unless_the_request_sets_one(bundle, tmp_path):
@@ -48,9 +56,21 @@ def test_the_model_s_blend_thresholds_apply_unless_the_request_sets_one(bundle, 
     cache = InversionCache(tmp_path)
     params = EditParams(steps=6, self_replace_steps=(0.5,), null_text=NullTextSettings(inner_steps=2))
     tight = replace(bundle, blend_maps=BlendMaps(word_thresholds={"support": 0.995, "devices": 0.995}))
-    models_cut = generate_counterfactual(tight, image, SOURCE, EDIT, params, cache=cache)
-    asked_cut = generate_counterfactual(bundle, image, SOURCE, EDIT, params.replace(blend_threshold=0.995), cache=cache)
-    overridden = generate_counterfactual(tight, image, SOURCE, EDIT, params.replace(blend_threshold=0.3), cache=cache)
+    models_cut = generate_counterfactual(
+        tight, image, ResolvedEdit(original_prompt=SOURCE, edit_prompt=EDIT, params=params), cache=cache
+    )
+    asked_cut = generate_counterfactual(
+        bundle,
+        image,
+        ResolvedEdit(original_prompt=SOURCE, edit_prompt=EDIT, params=params.replace(blend_threshold=0.995)),
+        cache=cache,
+    )
+    overridden = generate_counterfactual(
+        tight,
+        image,
+        ResolvedEdit(original_prompt=SOURCE, edit_prompt=EDIT, params=params.replace(blend_threshold=0.3)),
+        cache=cache,
+    )
     assert 0.0 < models_cut.report.edited_fraction < 1.0
     np.testing.assert_array_equal(models_cut.counterfactual, asked_cut.counterfactual)
     assert overridden.report.edited_fraction == 1.0

@@ -47,6 +47,7 @@ def test_classifier_recognises_held_out_findings():
 def test_residual_counterfactual_keeps_the_input_where_the_latent_was_not_edited(builtin):
     from models.imaging.geometry import DecodedImage
     from models.pipeline import generate_counterfactual
+    from models.request.resolve import ResolvedEdit
     from phantoms.captions import explicit_caption
 
     anatomy, source, target, _ = bench_case("remove_devices", 0, builtin.resolution)
@@ -55,7 +56,9 @@ def test_residual_counterfactual_keeps_the_input_where_the_latent_was_not_edited
         steps=6, self_replace_steps=(0.6,), blend_words=("support devices",), null_text=NullTextSettings(inner_steps=2)
     )
     cf = generate_counterfactual(
-        builtin, DecodedImage(pixels.astype(np.float32), 8), explicit_caption(source), explicit_caption(target), params
+        builtin,
+        DecodedImage(pixels.astype(np.float32), 8),
+        ResolvedEdit(original_prompt=explicit_caption(source), edit_prompt=explicit_caption(target), params=params),
     )
     untouched = cf.difference == 0
     assert 0.05 < cf.report.edited_fraction < 0.6

@@ -8,8 +8,7 @@ from fastapi import APIRouter, Depends, Form, Header, Request
 from fastapi.responses import JSONResponse
 
 from models.request.errors import InvalidInput
-from models.request.tokenizer import clip_tokenizer
-from models.request.validation import validate_request
+from models.request.resolve import resolve
 from service.api.deps import SettingsDep, Store, Tenant, rate_limit, require_utf8_form
 from service.api.docs import RETRY_AFTER, error_responses
 from service.api.errors import retry_after
@@ -62,14 +61,14 @@ def submit(
     ] = None,
 ) -> JSONResponse:
     image = read_upload(form.image.file, settings.max_upload_bytes, settings.max_image_pixels)
-    mask = None if form.mask is None else read_mask(form.mask.file, image, settings)
+    mask = None if form.mask is None else read_mask(form.mask.file, image.size, settings)
     request = form.job_request()
-    validate_request(clip_tokenizer(), *request.resolved())
+    edit = resolve(request)
     if request.webhook is not None:
         check_webhook_url(request.webhook, settings.webhook_allow_private)
         if signing_secret(http.app.state.tenants, tenant, settings.webhook_secret) is None:
             raise InvalidInput("webhook", "no secret to sign webhooks with: use a key from `prism keys add`")
-    job_id = store.submit(image, request, tenant, idempotency_key, mask)
+    job_id = store.submit(image.data, request, edit, tenant, idempotency_key, mask)
     body = JobAccepted(id=job_id, links=links(job_id)).model_dump(mode="json")
     headers = {"Location": f"/jobs/{job_id}", **retry_after(settings.retry_after_s)}
     return JSONResponse(body, status_code=202, headers=headers)

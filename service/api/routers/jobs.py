@@ -10,11 +10,11 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query
 from fastapi.responses import Response
 
+from models.request.report import FILE_NAMES
 from service.api.deps import Store, Tenant
 from service.api.docs import error_responses
 from service.api.errors import FileNotFound, JobNotFound
 from service.api.schemas import JobList, JobStatus
-from service.contract.jobs import FILE_NAMES
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 

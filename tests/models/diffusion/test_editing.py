@@ -1,8 +1,9 @@
 import torch
 
+from models.diffusion.components import embed_prompts, encode_latent
 from models.diffusion.ddim import DDIMSampler
 from models.diffusion.editing import EditSpec, build_control, denoise
-from models.pipeline import embed_prompts, encode_latent, invert
+from models.methods.prism import invert
 from models.request.params import EditParams, NullTextSettings
 
 SOURCE = "chest x-ray of a patient with support devices"
@@ -19,7 +20,7 @@ def _setup(bundle, image):
 def _run(bundle, inversion, specs, blend_threshold=0.3):
     latent_hw = tuple(inversion.x_T.shape[2:])
     control = build_control(bundle.tokenizer, SOURCE, specs, STEPS, latent_hw, blend_threshold)
-    cond = embed_prompts(bundle, [SOURCE] + [s.edit_prompt for s in specs])
+    cond = embed_prompts(bundle.text_encoder, bundle.tokenizer, [SOURCE] + [s.edit_prompt for s in specs])
     sampler = DDIMSampler(bundle.scheduler, STEPS)
     latents = denoise(bundle.unet, sampler, inversion.x_T, inversion.uncond_embeddings, cond, 7.5, control)
     return latents, control
@@ -63,7 +64,7 @@ def test_local_blend_keeps_source_latents_outside_the_final_mask(bundle):
 
 def test_encode_latent_uses_the_posterior_mean(bundle):
     image = torch.rand(1, 1, bundle.resolution, bundle.resolution, generator=torch.Generator().manual_seed(2))
-    a, b = encode_latent(bundle, image), encode_latent(bundle, image)
+    a, b = encode_latent(bundle.vae, image), encode_latent(bundle.vae, image)
     assert torch.equal(a, b)
     assert a.shape == (1, 4, bundle.resolution // 8, bundle.resolution // 8)
 

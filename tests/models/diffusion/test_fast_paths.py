@@ -9,12 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from models.diffusion.components import embed_prompts, encode_latent
 from models.diffusion.ddim import DDIMSampler
 from models.diffusion.editing import EditSpec, build_control, denoise
 from models.diffusion.inversion import Inversion, InversionCache, _eps, backward_through, ddim_invert, direct_offsets
 from models.imaging.geometry import DecodedImage
-from models.pipeline import embed_prompts, encode_latent, generate_counterfactual, invert
+from models.methods.prism import invert
+from models.pipeline import generate_counterfactual
 from models.request.params import EditParams, NullTextSettings
+from models.request.resolve import ResolvedEdit
 from tests.helpers import EDIT, SOURCE, xray_like
 
 STEPS = 8
@@ -39,10 +42,10 @@ def _first_update(bundle, unet, scaled: bool) -> tuple[torch.Tensor, float]:
     from phantoms.render import render
 
     anatomy, source, _, _ = bench_case("remove_devices", 0, bundle.resolution)
-    cond, uncond = embed_prompts(bundle, [explicit_caption(source), ""]).chunk(2)
+    cond, uncond = embed_prompts(bundle.text_encoder, bundle.tokenizer, [explicit_caption(source), ""]).chunk(2)
     sampler = DDIMSampler(bundle.scheduler, 10)
     image = torch.from_numpy(render(anatomy, source))[None, None]
-    latents = ddim_invert(unet, sampler, encode_latent(bundle, image), cond)
+    latents = ddim_invert(unet, sampler, encode_latent(bundle.vae, image), cond)
     x, t = latents[-1], sampler.timesteps[0]
     with torch.no_grad():
         eps_c, eps_u = _eps(unet, x, t, cond).float(), _eps(unet, x, t, uncond).float()
@@ -76,7 +79,7 @@ def test_fused_attention_gives_the_materialised_result(bundle):
     params = EditParams(steps=STEPS, null_text=NullTextSettings(inner_steps=2))
     inversion, _ = invert(bundle, _image(bundle, 0), SOURCE, params)
     specs = [EditSpec(EDIT, v) for v in (0.25, 0.75)]
-    cond = embed_prompts(bundle, [SOURCE, EDIT, EDIT])
+    cond = embed_prompts(bundle.text_encoder, bundle.tokenizer, [SOURCE, EDIT, EDIT])
     sampler = DDIMSampler(bundle.scheduler, STEPS)
     results = {}
     for fused in (True, False):
@@ -89,8 +92,8 @@ def test_fused_attention_gives_the_materialised_result(bundle):
 
 def test_direct_inversion_keeps_the_source_branch_on_the_inversion_trajectory(bundle):
     sampler = DDIMSampler(bundle.scheduler, STEPS)
-    z0 = encode_latent(bundle, _image(bundle, 1))
-    cond, uncond = embed_prompts(bundle, [SOURCE, ""]).chunk(2)
+    z0 = encode_latent(bundle.vae, _image(bundle, 1))
+    cond, uncond = embed_prompts(bundle.text_encoder, bundle.tokenizer, [SOURCE, ""]).chunk(2)
     latents = ddim_invert(bundle.unet, sampler, z0, cond)
     offsets = direct_offsets(bundle.unet, sampler, latents, cond, uncond, 7.5)
     assert offsets.shape == (STEPS, *z0.shape)
@@ -105,10 +108,10 @@ def test_direct_inversion_keeps_the_source_branch_on_the_inversion_trajectory(bu
 def test_negative_prompt_inversion_reconstructs_better_than_an_empty_prompt(bundle):
     params = EditParams(steps=STEPS, inversion="negative_prompt")
     inversion, _ = invert(bundle, _image(bundle, 2), SOURCE, params)
-    cond, uncond = embed_prompts(bundle, [SOURCE, ""]).chunk(2)
+    cond, uncond = embed_prompts(bundle.text_encoder, bundle.tokenizer, [SOURCE, ""]).chunk(2)
     assert torch.equal(inversion.uncond_embeddings, cond.expand(STEPS, -1, -1))
     assert inversion.losses == [] and inversion.latent_offsets is None
-    z0 = encode_latent(bundle, _image(bundle, 2))
+    z0 = encode_latent(bundle.vae, _image(bundle, 2))
     sampler = DDIMSampler(bundle.scheduler, STEPS)
     negative = denoise(bundle.unet, sampler, inversion.x_T, inversion.uncond_embeddings, cond, 7.5)
     empty = denoise(bundle.unet, sampler, inversion.x_T, uncond.expand(STEPS, -1, -1), cond, 7.5)
@@ -119,12 +122,18 @@ def test_negative_prompt_inversion_reconstructs_better_than_an_empty_prompt(bund
 def test_fast_modes_run_the_whole_pipeline_without_null_text(bundle, mode):
     image = DecodedImage(xray_like(48, 64, seed=3), 8)
     params = EditParams(steps=STEPS, self_replace_steps=(0.4, 0.8), inversion=mode)
-    result = generate_counterfactual(bundle, image, SOURCE, EDIT, params)
+    result = generate_counterfactual(
+        bundle, image, ResolvedEdit(original_prompt=SOURCE, edit_prompt=EDIT, params=params)
+    )
     assert result.report.inversion.mode == mode and "null_text" not in result.report.timings
     assert ("offsets" in result.report.timings) == (mode == "direct")
     assert result.counterfactual.shape == (48, 64) and len(result.report.candidates) == 2
     if mode == "negative_prompt":  # both branches see the same unconditional embedding: an identity edit is exact
-        identity = generate_counterfactual(bundle, image, SOURCE, SOURCE, params.replace(output="decoded"))
+        identity = generate_counterfactual(
+            bundle,
+            image,
+            ResolvedEdit(original_prompt=SOURCE, edit_prompt=SOURCE, params=params.replace(output="decoded")),
+        )
         assert abs(identity.reconstruction - identity.counterfactual).max() < 2 / 255
 
 
@@ -153,10 +162,22 @@ def test_second_edit_of_an_image_reuses_its_inversion(bundle, tmp_path):
     cache = InversionCache(tmp_path, max_bytes=10**8)
     image = DecodedImage(xray_like(64, 64, seed=6), 8)
     params = EditParams(steps=STEPS, self_replace_steps=(0.5,), null_text=NullTextSettings(inner_steps=2))
-    first = generate_counterfactual(bundle, image, SOURCE, EDIT, params, cache=cache)
-    second = generate_counterfactual(bundle, image, SOURCE, "chest x-ray of a patient", params, cache=cache)
+    first = generate_counterfactual(
+        bundle, image, ResolvedEdit(original_prompt=SOURCE, edit_prompt=EDIT, params=params), cache=cache
+    )
+    second = generate_counterfactual(
+        bundle,
+        image,
+        ResolvedEdit(original_prompt=SOURCE, edit_prompt="chest x-ray of a patient", params=params),
+        cache=cache,
+    )
     assert not first.report.inversion.cached and second.report.inversion.cached
     assert "null_text" in first.report.timings and "null_text" not in second.report.timings
     assert first.report.inversion.key == second.report.inversion.key
-    other = generate_counterfactual(bundle, image, SOURCE, EDIT, params.replace(inversion="direct"), cache=cache)
+    other = generate_counterfactual(
+        bundle,
+        image,
+        ResolvedEdit(original_prompt=SOURCE, edit_prompt=EDIT, params=params.replace(inversion="direct")),
+        cache=cache,
+    )
     assert not other.report.inversion.cached and other.report.inversion.key != first.report.inversion.key

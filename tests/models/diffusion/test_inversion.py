@@ -2,10 +2,11 @@ import numpy as np
 import pytest
 import torch
 
+from models.diffusion.components import embed_prompts, encode_latent
 from models.diffusion.ddim import DDIMSampler
 from models.diffusion.editing import denoise
 from models.diffusion.inversion import Inversion, InversionCache, ddim_invert, inversion_key, null_text_optimize
-from models.pipeline import embed_prompts, encode_latent, invert
+from models.methods.prism import invert
 from models.request.params import EditParams, NullTextSettings
 
 PROMPT = "chest x-ray showing support devices"
@@ -15,8 +16,8 @@ STEPS = 10
 def test_null_text_optimisation_lowers_reconstruction_error(bundle):
     image = torch.rand(1, 1, bundle.resolution, bundle.resolution, generator=torch.Generator().manual_seed(0))
     sampler = DDIMSampler(bundle.scheduler, STEPS)
-    z0 = encode_latent(bundle, image)
-    cond, uncond = embed_prompts(bundle, [PROMPT, ""]).chunk(2)
+    z0 = encode_latent(bundle.vae, image)
+    cond, uncond = embed_prompts(bundle.text_encoder, bundle.tokenizer, [PROMPT, ""]).chunk(2)
     latents = ddim_invert(bundle.unet, sampler, z0, cond)
     assert len(latents) == STEPS + 1
 
@@ -34,7 +35,7 @@ def test_null_text_optimisation_lowers_reconstruction_error(bundle):
 def test_null_text_stops_early_when_loss_is_small(bundle):
     sampler = DDIMSampler(bundle.scheduler, 4)
     z0 = torch.zeros(1, 4, 8, 8)
-    cond, uncond = embed_prompts(bundle, [PROMPT, ""]).chunk(2)
+    cond, uncond = embed_prompts(bundle.text_encoder, bundle.tokenizer, [PROMPT, ""]).chunk(2)
     latents = ddim_invert(bundle.unet, sampler, z0, cond)
     calls = []
     settings = NullTextSettings(inner_steps=10, early_stop=1e9)

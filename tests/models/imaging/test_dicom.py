@@ -94,6 +94,7 @@ def test_monochrome1_with_a_voi_lut_matches_the_same_image_as_monochrome2():
 def test_monochrome1_and_monochrome2_give_the_same_reconstruction(bundle):
     from models.pipeline import generate_counterfactual
     from models.request.params import EditParams, NullTextSettings
+    from models.request.resolve import ResolvedEdit
 
     mono1, _ = radiograph(bits_stored=12, photometric="MONOCHROME1", seed=5)
     mono2, _ = radiograph(bits_stored=12, photometric="MONOCHROME2", seed=5)
@@ -101,7 +102,11 @@ def test_monochrome1_and_monochrome2_give_the_same_reconstruction(bundle):
         ds.WindowCenter, ds.WindowWidth = 2048, 4096
     params = EditParams(steps=3, self_replace_steps=(0.5,), null_text=NullTextSettings(inner_steps=1))
     runs = [
-        generate_counterfactual(bundle, decode_image(encode(ds)), "chest x-ray", "chest x-ray of a patient", params)
+        generate_counterfactual(
+            bundle,
+            decode_image(encode(ds)),
+            ResolvedEdit(original_prompt="chest x-ray", edit_prompt="chest x-ray of a patient", params=params),
+        )
         for ds in (mono1, mono2)
     ]
     assert np.abs(runs[0].original - runs[1].original).max() < 1e-3

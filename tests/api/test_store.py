@@ -1,0 +1,41 @@
+"""The API's store reads a job's prompts from what was resolved at submission: status polls and
+job lists never resolve findings again."""
+
+import pytest
+from redis import Redis
+
+import models.request.resolve
+from models.request.resolve import resolve
+from service.api.store import JobStore
+from service.contract.jobs import JobRequest
+from service.contract.settings import Settings
+from tests.helpers import png_bytes, xray_like
+
+FINDINGS = {"Support Devices": 1, "Cardiomegaly": 1}
+
+
+@pytest.fixture
+def store(redis_server):
+    settings = Settings(redis_url=redis_server.url, queue_name="store-test")
+    redis = Redis.from_url(redis_server.url)
+    yield JobStore(redis, settings)
+    redis.delete("rq:queue:store-test")
+
+
+def test_status_and_list_show_the_submitted_prompts_after_the_findings_table_changes(store, monkeypatch):
+    request = JobRequest(findings=FINDINGS, edit={"Support Devices": 0})
+    edit = resolve(request)
+    job_id = store.submit(png_bytes(xray_like(16, 16)), request, edit, "alice")
+
+    def changed_table(*_):
+        raise AssertionError("findings resolved again")
+
+    monkeypatch.setattr(models.request.resolve, "findings_prompts", changed_table)
+    monkeypatch.setattr(models.request.resolve, "resolve", changed_table)
+    status = store.status(job_id, "alice")
+    assert status.status == "queued"
+    assert status.prompts.original_prompt == "Chest X-ray showing Cardiomegaly, Support Devices"
+    assert status.prompts.edit_prompt == "Chest X-ray showing Cardiomegaly"
+    listed, total = store.list("alice", limit=10, offset=0)
+    assert total == 1 and listed[0].prompts == status.prompts
+    assert store.status(job_id, "bob") is None
