@@ -1,9 +1,10 @@
 """The ``prism`` command: the composition root. Nothing imports it.
 
 One module per command group: ``edit`` (the engine on one image), ``submit`` (one image through a
-running service), ``serving`` (API, workers, all of it), ``keys`` (API keys), ``build`` (test
-models, the built-in model, benchmarks). Heavy
-imports happen inside each command, so ``prism serve`` never loads torch.
+running service), ``serving`` (API, workers, all of it), ``keys`` (API keys), ``training`` (test
+models, the built-in model, fine-tuning), ``bench`` (benchmarks and evaluation). Heavy imports
+happen inside each command, so ``prism serve`` never loads torch. A command that cannot go on
+raises :class:`~cli.errors.CliError`: one line on stderr naming the flag, exit status 2.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ import logging
 import sys
 import warnings
 
-from cli import build, edit, keys, serving, submit
+from cli import bench, edit, keys, serving, submit, training
+from cli.errors import CliError
 
-GROUPS = (edit, submit, serving, keys, build)
+GROUPS = (edit, submit, serving, keys, training, bench)
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(correlation_id)s] %(message)s"
 JSON_FIELDS = "%(asctime)s %(levelname)s %(name)s %(correlation_id)s %(message)s"
 
@@ -56,7 +58,15 @@ def main(argv: list[str] | None = None) -> int:
         settings = get_settings()
     except ValidationError as exc:
         first = exc.errors()[0]
-        print(f"prism: error: PRISM_{str(first['loc'][0]).upper()}: {first['msg']}", file=sys.stderr)
-        return 2
+        return _refuse("prism", CliError(f"PRISM_{str(first['loc'][0]).upper()}", first["msg"]))
     configure_logging(getattr(args, "log_level", logging.WARNING), settings.log_format == "json")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except CliError as exc:
+        command = " ".join(filter(None, (args.command, getattr(args, "keys_command", None))))
+        return _refuse(f"prism {command}", exc)
+
+
+def _refuse(prog: str, exc: CliError) -> int:
+    print(f"{prog}: error: {exc}", file=sys.stderr)
+    return 2

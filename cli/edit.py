@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import get_args
 
+from cli.errors import CliError
 from cli.options import add_model_flags, model_from_args
 from models.request.params import DtypeName, EditOptions
 
@@ -67,16 +68,23 @@ def progress_bars():
 def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from models.diffusion.components import load_bundle
     from models.diffusion.inversion import InversionCache
     from models.imaging.geometry import keep_mask, read_image_file
     from models.pipeline import generate_counterfactual
     from models.request.errors import ImageError, InvalidInput, ModelLoadError
     from models.request.resolve import EditRequest, resolve
-    from models.scoring.classifier import configured_classifier
     from service.contract.settings import get_settings
+    from worker.loading import bundle_from_settings, classifier_from_settings
 
-    settings = get_settings()
+    flags = {
+        "model_dir": args.model,
+        "unet_weights": args.unet_weights,
+        "clip_model": args.clip_model,
+        "device": args.device,
+        "dtype": args.dtype,
+        "classifier": args.classifier,
+    }
+    settings = get_settings().model_copy(update={name: value for name, value in flags.items() if value is not None})
     try:
         options = model_from_args(EditOptions, args).model_dump()
         request = EditRequest(
@@ -88,17 +96,9 @@ def run(args: argparse.Namespace) -> int:
         )
         edit = resolve(request)
         image = read_image_file(Path(args.image), "--image", settings.max_image_pixels)
-        bundle = load_bundle(
-            args.model or settings.model_dir,
-            unet_weights=args.unet_weights or settings.unet_weights,
-            clip_dir=args.clip_model or settings.clip_model,
-            device=args.device or settings.device,
-            dtype=args.dtype or settings.dtype,
-        )
+        bundle = bundle_from_settings(settings)
         keep = keep_mask(read_image_file(Path(args.mask), "--mask", settings.max_image_pixels)) if args.mask else None
-        classifier = None
-        if edit.params.method == "guided":
-            classifier = configured_classifier(args.classifier or settings.classifier, args.model or settings.model_dir)
+        classifier = classifier_from_settings(settings) if edit.params.method == "guided" else None
         progress, close = progress_bars()
         cache = InversionCache(Path(args.cache)) if args.cache else None
         result = generate_counterfactual(
@@ -107,11 +107,9 @@ def run(args: argparse.Namespace) -> int:
         close()
     except ValidationError as exc:
         first = exc.errors()[0]
-        print(f"prism edit: error: --{str(first['loc'][0]).replace('_', '-')}: {first['msg']}", file=sys.stderr)
-        return 2
+        raise CliError("--" + str(first["loc"][0]).replace("_", "-"), first["msg"]) from None
     except (ValueError, ImageError, InvalidInput, ModelLoadError, OSError) as exc:
-        print(f"prism edit: error: {exc}", file=sys.stderr)
-        return 2
+        raise CliError(None, str(exc)) from exc
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name, data in result.files().items():

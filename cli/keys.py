@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
+
+from cli.errors import CliError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,16 +22,13 @@ def add_key(args: argparse.Namespace) -> int:
 
     path = args.file or get_settings().api_keys_file
     if not path:
-        print("prism keys add: set PRISM_API_KEYS_FILE or pass --file", file=sys.stderr)
-        return 2
+        raise CliError(None, "set PRISM_API_KEYS_FILE or pass --file")
     try:
         key, secret = add_tenant(Path(path), args.name)
     except ValueError as exc:
-        print(f"prism keys add: {exc}", file=sys.stderr)
-        return 2
+        raise CliError(None, str(exc)) from exc
     except OSError as exc:
-        print(f"prism keys add: --file: {path}: {exc.strerror or exc}", file=sys.stderr)
-        return 2
+        raise CliError("--file", f"{path}: {exc.strerror or exc}") from exc
     print(f"added key {args.name!r} to {path}; the key and its webhook signing secret are shown once.")
     print(f"webhook secret: {secret}")
     print(key)

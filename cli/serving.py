@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from cli.errors import CliError
 from cli.options import port, positive
 
 
@@ -51,8 +52,7 @@ def run_worker(args: argparse.Namespace) -> int:
     try:
         serve_jobs(get_settings(), burst=args.burst)
     except ModelLoadError as exc:
-        print(f"prism worker: error: {exc}", file=sys.stderr)
-        return 2
+        raise CliError(None, str(exc)) from exc
     return 0
 
 

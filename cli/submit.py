@@ -8,6 +8,7 @@ import os
 import sys
 
 from cli.edit import ALIASES
+from cli.errors import CliError
 from cli.options import add_model_flags, model_from_args
 from models.request.params import EditOptions
 
@@ -36,8 +37,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         options = model_from_args(EditOptions, args).model_dump(exclude_unset=True)
     except ValueError as exc:
-        print(f"prism submit: error: {exc}", file=sys.stderr)
-        return 2
+        raise CliError(None, str(exc)) from exc
     api_key = args.api_key or os.environ.get("PRISM_API_KEY")
     bar = tqdm(total=1, file=sys.stderr, desc="queued")
 
@@ -66,11 +66,9 @@ def run(args: argparse.Namespace) -> int:
                 return 1
             prism.download_all(status, args.out)
     except (PrismError, OSError) as exc:
-        print(f"prism submit: error: {exc}", file=sys.stderr)
-        return 2
+        raise CliError(None, str(exc)) from exc
     except httpx.HTTPError as exc:
-        print(f"prism submit: error: --url: cannot reach the service at {args.url}: {exc}", file=sys.stderr)
-        return 2
+        raise CliError("--url", f"cannot reach the service at {args.url}: {exc}") from exc
     result = status["result"]
     print(json.dumps({"id": job.id, "out": args.out, "s_clip": result["s_clip"], "passed": result["passed"]}))
     return 0

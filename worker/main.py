@@ -23,8 +23,6 @@ from rq import SimpleWorker
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from models.diffusion.components import load_bundle
-from models.scoring.classifier import configured_classifier
 from service.contract import metrics
 from service.contract.jobs import ErrorCode, job_queue, read_failure, record_failure
 from service.contract.keys import alive_key
@@ -32,6 +30,7 @@ from service.contract.recovery import recover_lost_jobs
 from service.contract.settings import Settings
 from service.contract.webhooks import notify_job
 from worker import tasks
+from worker.loading import bundle_from_settings, classifier_from_settings
 from worker.runner import JobCanceled, JobRunner, failure_of
 
 log = logging.getLogger("prism.worker")
@@ -125,9 +124,7 @@ class PrismWorker(SimpleWorker):
 
 def run_worker(settings: Settings, burst: bool = False) -> None:
     start = time.perf_counter()
-    bundle = load_bundle(
-        settings.model_dir, settings.unet_weights, settings.clip_model, device=settings.device, dtype=settings.dtype
-    )
+    bundle = bundle_from_settings(settings)
     log.info(
         "model %s loaded on %s (%s) in %.1f s",
         bundle.identity,
@@ -137,7 +134,7 @@ def run_worker(settings: Settings, burst: bool = False) -> None:
     )
     redis = Redis.from_url(settings.redis_url)
     queue = job_queue(redis, settings)
-    runner = JobRunner(bundle, settings, configured_classifier(settings.classifier, settings.model_dir))
+    runner = JobRunner(bundle, settings, classifier_from_settings(settings))
     delay = 1.0
     while True:
         worker = PrismWorker(

@@ -104,7 +104,7 @@ def test_evaluate_writes_json_and_markdown(tmp_path):
 
 def test_evaluate_names_a_missing_folder(tmp_path):
     proc = _prism("evaluate", str(tmp_path / "nowhere"))
-    assert proc.returncode == 2 and "input" in proc.stdout
+    assert proc.returncode == 2 and "prism evaluate: error: " in proc.stderr and "input" in proc.stderr
 
 
 def test_edit_names_the_flag_and_file_it_cannot_read(tmp_path):

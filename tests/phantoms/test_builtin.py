@@ -130,5 +130,5 @@ def test_the_validation_split_is_other_phantoms_than_the_test_split():
 def test_record_in_card_refuses_the_validation_split(tmp_path):
     args = ["bench-phantom", "--split", "validation", "--record-in-card", "--n", "2", "--out", str(tmp_path)]
     proc = subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 2 and "records the test split" in proc.stdout
+    assert proc.returncode == 2 and "records the test split" in proc.stderr
     assert not any(tmp_path.iterdir())

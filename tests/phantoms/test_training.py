@@ -82,13 +82,16 @@ def test_the_card_shows_the_figures_of_its_own_log_and_the_model_loads(rebuilt):
 def test_sigterm_stops_train_builtin_and_the_same_command_resumes_it_exactly(rebuilt, tmp_path):
     """SIGTERM during the diffusion stage (three of its ten steps logged): exit 130, then the same
     command finishes the run with every stage's weights bit-equal to an uninterrupted run's."""
-    process = subprocess.Popen(tiny_training(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    errors = tmp_path / "stderr.txt"  # a file, not a pipe: progress bars would fill a pipe and block the run
+    with errors.open("w") as stderr_file:
+        process = subprocess.Popen(tiny_training(tmp_path), stdout=subprocess.DEVNULL, stderr=stderr_file)
     log = tmp_path / "work" / "finetune" / "finetune.log"
     wait_for(lambda: len(log.read_text().splitlines()) if log.exists() else 0, lambda n: n >= 3, "diffusion steps")
     process.terminate()
-    stdout, _ = process.communicate(timeout=600)
-    assert process.returncode == 130, stdout
-    assert f"prism train-builtin: stopped; checkpoints in {tmp_path / 'work'}, run again to resume" in stdout
+    process.wait(timeout=600)
+    stderr = errors.read_text()
+    assert process.returncode == 130, stderr
+    assert f"prism train-builtin: stopped; checkpoints in {tmp_path / 'work'}, run again to resume" in stderr
     assert not (tmp_path / "out" / "classifier.safetensors").exists()
     resumed = subprocess.run(tiny_training(tmp_path), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr

@@ -194,14 +194,17 @@ def test_sigterm_stops_prism_finetune_and_the_same_command_resumes_it_bit_exactl
         return {r["step"]: r["loss"] for r in map(json.loads, lines)}
 
     assert subprocess.run(command("whole"), capture_output=True, timeout=600).returncode == 0
-    process = subprocess.Popen(command("parts"), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    errors = tmp_path / "stderr.txt"  # a file, not a pipe: progress bars would fill a pipe and block the run
+    with errors.open("w") as stderr_file:
+        process = subprocess.Popen(command("parts"), stdout=subprocess.DEVNULL, stderr=stderr_file)
     log = tmp_path / "parts" / "finetune.log"
     wait_for(lambda: len(log.read_text().splitlines()) if log.exists() else 0, lambda n: n >= 3, "training steps")
     process.terminate()
-    stdout, _ = process.communicate(timeout=600)
-    assert process.returncode == 130, stdout
+    process.wait(timeout=600)
+    stderr = errors.read_text()
+    assert process.returncode == 130, stderr
     stopped_at = len(losses("parts"))
-    assert stopped_at < 30 and f"stopped at step {stopped_at}" in stdout
+    assert stopped_at < 30 and f"prism finetune: stopped at step {stopped_at}" in stderr
     assert subprocess.run(command("parts"), capture_output=True, timeout=600).returncode == 0
     assert losses("parts") == losses("whole") and len(losses("whole")) == 30
 
@@ -217,7 +220,7 @@ def test_an_unreadable_image_stops_prism_finetune_with_its_path_and_a_checkpoint
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 2, result.stdout + result.stderr
-    assert f"prism finetune: error: images: {bad}: not a PNG, JPEG or DICOM" in result.stdout
+    assert f"prism finetune: error: images: {bad}: not a PNG, JPEG or DICOM" in result.stderr
     assert "Traceback" not in result.stderr
     assert (tmp_path / "work" / "checkpoint" / "state.pt").is_file()
 
