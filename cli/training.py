@@ -70,7 +70,7 @@ def train_builtin(args: argparse.Namespace) -> int:
     import torch
 
     from models.training.stopping import StopSwitch
-    from phantoms.training import train_builtin as train
+    from phantoms.training.builtin import train_builtin as train
 
     torch.set_num_threads(args.threads)
     recipe = RECIPES[args.recipe]

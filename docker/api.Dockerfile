@@ -9,6 +9,7 @@ COPY models /app/models
 COPY phantoms /app/phantoms
 COPY service /app/service
 COPY worker /app/worker
+COPY cli /app/cli
 RUN pip install --no-cache-dir --no-deps . \
     && useradd --system --uid 10001 prism
 USER prism

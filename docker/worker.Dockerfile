@@ -14,6 +14,7 @@ COPY models /app/models
 COPY phantoms /app/phantoms
 COPY service /app/service
 COPY worker /app/worker
+COPY cli /app/cli
 RUN pip install --no-cache-dir . && useradd --system --uid 10001 prism
 USER prism
 ENV PRISM_DEVICE=cuda PRISM_MODEL_DIR=/models/sd15 PRISM_UNET_WEIGHTS=/models/prism_unet.safetensors \

@@ -7,11 +7,11 @@ Declared here, once, for training; ``models/assets/builtin/*/config.json`` are w
 from __future__ import annotations
 
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig
+from transformers import CLIPConfig, CLIPModel, CLIPTextModel, CLIPVisionConfig
 
 import models.weights.offline  # noqa: F401  (before diffusers/transformers)
 from models.diffusion.attention_control import BlendMaps
-from models.request.constants import TOKEN_WINDOW
+from models.weights.tiny import clip_text_config
 
 SIZE = 128
 """Phantom side in pixels; the latent is SIZE / 4 = 32."""
@@ -19,7 +19,6 @@ LATENT_SIZE = SIZE // 4
 TEXT_HIDDEN = 64
 CLIP_HIDDEN = 32
 CLIP_IMAGE_SIZE = 64
-VOCAB_SIZE = 49408
 BLEND_MAPS = BlendMaps(side=16, dilation=0, word_thresholds={"pleural": 0.6, "effusion": 0.6, "cardiomegaly": 0.6})
 """LocalBlend uses the 16x16 cross-attention maps, unpooled (``local_blend.json``): P2P's choice
 (a quarter of the latent side, pooled over one cell) grows every cell a thin wire touches to 48 px.
@@ -60,24 +59,8 @@ def unet() -> UNet2DConditionModel:
     )
 
 
-def _text_config(hidden: int) -> CLIPTextConfig:
-    """A 2-layer CLIP text transformer over the real 49,408-token vocabulary."""
-    return CLIPTextConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=TOKEN_WINDOW,
-        projection_dim=hidden,
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=49407,
-    )
-
-
 def text_encoder() -> CLIPTextModel:
-    return CLIPTextModel(_text_config(TEXT_HIDDEN))
+    return CLIPTextModel(clip_text_config(TEXT_HIDDEN))
 
 
 def clip() -> CLIPModel:
@@ -92,6 +75,6 @@ def clip() -> CLIPModel:
         projection_dim=CLIP_HIDDEN,
     )
     config = CLIPConfig(
-        text_config=_text_config(CLIP_HIDDEN).to_dict(), vision_config=vision.to_dict(), projection_dim=CLIP_HIDDEN
+        text_config=clip_text_config(CLIP_HIDDEN).to_dict(), vision_config=vision.to_dict(), projection_dim=CLIP_HIDDEN
     )
     return CLIPModel(config)

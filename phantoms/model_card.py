@@ -157,7 +157,7 @@ An SD v1.5-structured latent diffusion model at 128×128, grayscale, in the diff
 ## Training (`prism train-builtin`, seeded, resumable; `training.json` is this card's source)
 Trained on: {log.get("device", "not recorded")}.
 Data: {recipe["images"]:,} phantoms from `phantoms.render` (findings drawn independently with
-p = 0.5), written as PNGs with a `Path,caption` table (`phantoms.training.write_phantoms`: the
+p = 0.5), written as PNGs with a `Path,caption` table (`phantoms.training.data.write_phantoms`: the
 explicit "with/without" form twice, the PRISM template once, one typed variant; a run draws one
 per use). The diffusion stage is PRISM's Algorithm 1 through the same code as any user's data:
 

@@ -17,7 +17,8 @@ from models.weights.builtin import BUILTIN_DIR
 from phantoms import architecture
 from phantoms.model_card import finetune_command
 from phantoms.recipe import StageRecipe
-from phantoms.training import Stage, train_decoder
+from phantoms.training.stage import Stage
+from phantoms.training.vae import train_decoder
 from tests.stack import prism, wait_for
 
 WEIGHTS = (
