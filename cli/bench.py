@@ -169,11 +169,11 @@ def bench_speed(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from models.diffusion.components import load_bundle
+    from models.diffusion.tiny import full_size_bundle
     from models.evaluation.speed import bench_speed as measure
     from models.evaluation.speed import smooth_image
     from models.imaging.geometry import DecodedImage
     from models.request.errors import ModelLoadError
-    from models.weights.tiny import full_size_bundle
     from phantoms.bench import bench_case
     from phantoms.captions import explicit_caption
     from phantoms.render import render

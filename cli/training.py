@@ -57,7 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def make_tiny(args: argparse.Namespace) -> int:
-    from models.weights.tiny import make_tiny_model
+    from models.diffusion.tiny import make_tiny_model
 
     try:
         print(make_tiny_model(args.directory, seed=args.seed))

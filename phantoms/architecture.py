@@ -1,7 +1,7 @@
 """The built-in model's components: an SD v1.5-structured latent diffusion model at 128 px, grayscale.
 
 Declared here, once, for training; ``models/assets/builtin/*/config.json`` are what these write.
-(The random test models of ``models.weights.tiny`` have their own, smaller configs.)
+(The random test models of ``models.diffusion.tiny`` have their own, smaller configs.)
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from transformers import CLIPConfig, CLIPModel, CLIPTextModel, CLIPVisionConfig
 
 import models.weights.offline  # noqa: F401  (before diffusers/transformers)
 from models.diffusion.attention_control import BlendMaps
-from models.weights.tiny import clip_text_config
+from models.diffusion.tiny import clip_text_config
 
 SIZE = 128
 """Phantom side in pixels; the latent is SIZE / 4 = 32."""

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from models.diffusion.components import ModelBundle, load_bundle
-from models.weights.tiny import make_tiny_model
+from models.diffusion.tiny import make_tiny_model
 
 
 @pytest.fixture(scope="session")

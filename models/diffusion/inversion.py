@@ -34,9 +34,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from models.atomic import write_aside
 from models.diffusion.ddim import DDIMSampler
 from models.request.params import InversionMode, NullTextSettings
-from models.training.atomic import write_aside
 
 ProgressCallback = Callable[[str, int, int], None]
 log = logging.getLogger("prism.inversion")
@@ -120,7 +120,7 @@ class InversionCache:
     """Inversions stored as safetensors files named by their key, in a directory that any number of
     workers on one host may share.
 
-    Writes are atomic (:func:`models.training.atomic.write_aside`, private to each process). A write or a
+    Writes are atomic (:func:`models.atomic.write_aside`, private to each process). A write or a
     hit stamps the file's modification time; after each write the least recently used files are
     deleted until the directory holds at most ``max_bytes`` (None: unbounded). A file deleted or
     damaged under a reader is a miss.

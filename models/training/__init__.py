@@ -1,2 +1,2 @@
 """Fine-tuning (PRISM's Algorithm 1) and what makes a long run safe to stop: a stop switch for
-SIGINT/SIGTERM and atomic checkpoint writes."""
+SIGINT/SIGTERM (checkpoints are written with :mod:`models.atomic`)."""

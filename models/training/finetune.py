@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import models.weights.offline  # noqa: F401  (before diffusers/transformers)
+from models.atomic import write_aside
 from models.diffusion.components import ModelBundle, embed_prompts, encode_latent, load_parts, model_resolution
 from models.diffusion.ddim import make_scheduler
 from models.imaging.geometry import DecodedImage, read_image_file, to_model_input
@@ -41,7 +42,6 @@ from models.request.errors import InvalidInput, ModelLoadError
 from models.request.findings import CONDITIONS, caption, normalize_labels
 from models.request.params import FinetuneConfig
 from models.request.resolve import ResolvedEdit
-from models.training.atomic import write_aside
 from models.training.stopping import StopSwitch
 
 log = logging.getLogger("prism.finetune")

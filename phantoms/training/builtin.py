@@ -16,9 +16,9 @@ import torch
 from transformers import CLIPModel
 
 import models.weights.offline  # noqa: F401  (before diffusers/transformers)
+from models.atomic import write_aside
 from models.diffusion.components import load_parts
 from models.scoring.classifier import FindingClassifier
-from models.training.atomic import write_aside
 from models.training.finetune import Finetuner
 from models.training.stopping import StopSwitch
 from phantoms import architecture

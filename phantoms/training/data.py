@@ -15,9 +15,9 @@ import torch
 from PIL import Image
 
 import models.weights.offline  # noqa: F401  (before diffusers/transformers)
+from models.atomic import write_aside
 from models.diffusion.ddim import make_scheduler
 from models.request.tokenizer import ASSETS
-from models.training.atomic import write_aside
 from phantoms import architecture
 from phantoms.captions import explicit_caption, prism_caption, typed_caption
 from phantoms.recipe import TRAIN_SEEDS

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 import models.weights.offline  # noqa: F401  (before diffusers/transformers)
-from models.training.atomic import write_aside
+from models.atomic import write_aside
 from models.training.stopping import StopSwitch
 from phantoms.recipe import StageRecipe
 

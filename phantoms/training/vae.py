@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
 import models.weights.offline  # noqa: F401  (before diffusers/transformers)
-from models.training.atomic import write_aside
+from models.atomic import write_aside
 from models.training.stopping import StopSwitch
 from phantoms import architecture
 from phantoms.recipe import StageRecipe

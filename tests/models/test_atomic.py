@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from models.training.atomic import write_aside
+from models.atomic import write_aside
 
 
 def test_a_file_is_replaced_whole_and_keeps_its_suffix(tmp_path):
