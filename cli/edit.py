@@ -68,13 +68,11 @@ def progress_bars():
 def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from models.diffusion.inversion import InversionCache
     from models.imaging.geometry import keep_mask, read_image_file
-    from models.pipeline import generate_counterfactual
     from models.request.errors import ImageError, InvalidInput, ModelLoadError
     from models.request.resolve import EditRequest, resolve
+    from models.weights.layout import locate_model
     from service.contract.settings import get_settings
-    from worker.loading import bundle_from_settings, classifier_from_settings
 
     flags = {
         "model_dir": args.model,
@@ -96,8 +94,13 @@ def run(args: argparse.Namespace) -> int:
         )
         edit = resolve(request)
         image = read_image_file(Path(args.image), "--image", settings.max_image_pixels)
-        bundle = bundle_from_settings(settings)
         keep = keep_mask(read_image_file(Path(args.mask), "--mask", settings.max_image_pixels)) if args.mask else None
+        locate_model(settings.model_dir, settings.clip_model)
+        from models.diffusion.inversion import InversionCache  # the engine: once the inputs and files are known
+        from models.pipeline import generate_counterfactual
+        from worker.loading import bundle_from_settings, classifier_from_settings
+
+        bundle = bundle_from_settings(settings)
         classifier = classifier_from_settings(settings) if edit.params.method == "guided" else None
         progress, close = progress_bars()
         cache = InversionCache(Path(args.cache)) if args.cache else None

@@ -46,11 +46,15 @@ def run_api(args: argparse.Namespace) -> int:
 
 def run_worker(args: argparse.Namespace) -> int:
     from models.request.errors import ModelLoadError
+    from models.weights.layout import locate_model
     from service.contract.settings import get_settings
-    from worker.main import run_worker as serve_jobs
 
+    settings = get_settings()
     try:
-        serve_jobs(get_settings(), burst=args.burst)
+        locate_model(settings.model_dir, settings.clip_model)
+        from worker.main import run_worker as serve_jobs  # torch and diffusers: once the files are known there
+
+        serve_jobs(settings, burst=args.burst)
     except ModelLoadError as exc:
         raise CliError(None, str(exc)) from exc
     return 0
@@ -75,6 +79,8 @@ def run_all(args: argparse.Namespace) -> int:
         local = LocalRedis(Path(get_settings().home).expanduser() / "redis").start()
         env["PRISM_REDIS_URL"] = local.url
         print(f"started redis-server at {local.url}", file=sys.stderr)
+    if not env.get("PRISM_CPU_THREADS"):
+        env["PRISM_CPU_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.workers))
     prism = [sys.executable, "-m", "cli"]
     children = [subprocess.Popen([*prism, "worker"], env=env) for _ in range(args.workers)]
     children.append(subprocess.Popen([*prism, "webhook-worker"], env=env))

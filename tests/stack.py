@@ -48,6 +48,7 @@ def service_env(redis_url: str, model_dir: Path, **extra: str) -> dict[str, str]
         PRISM_WORKER_HEARTBEAT_S="1",
         PRISM_AUTH="off",
         PRISM_INVERSION_CACHE_DIR="",
+        PRISM_CPU_THREADS="1",  # the test, the API and the workers share two cores
         PYTHONUNBUFFERED="1",
     )
     env.update(extra)

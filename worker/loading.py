@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from models.diffusion.components import ModelBundle, load_bundle
 from models.scoring.classifier import FindingClassifier, configured_classifier
 from service.contract.settings import Settings
@@ -10,7 +12,11 @@ from service.contract.settings import Settings
 
 def bundle_from_settings(settings: Settings) -> ModelBundle:
     """``PRISM_MODEL_DIR`` (the built-in model when unset), ``PRISM_UNET_WEIGHTS`` over it,
-    ``PRISM_CLIP_MODEL``, on ``PRISM_DEVICE`` with the UNet in ``PRISM_DTYPE``."""
+    ``PRISM_CLIP_MODEL``, on ``PRISM_DEVICE`` with the UNet in ``PRISM_DTYPE``, run by
+    ``PRISM_CPU_THREADS`` threads (a process-wide torch setting, made here for the process that
+    holds the model)."""
+    if settings.cpu_threads is not None:
+        torch.set_num_threads(settings.cpu_threads)
     return load_bundle(
         settings.model_dir, settings.unet_weights, settings.clip_model, device=settings.device, dtype=settings.dtype
     )

@@ -34,14 +34,8 @@ from models.request.constants import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD, SD15_LATEN
 from models.request.errors import ModelLoadError
 from models.request.params import DtypeName
 from models.request.words import prompt_words
-from models.weights.builtin import builtin_model_dir
+from models.weights.layout import locate_model, require
 
-REQUIRED_FILES = {
-    "unet": ["config.json", "diffusion_pytorch_model.safetensors"],
-    "vae": ["config.json", "diffusion_pytorch_model.safetensors"],
-    "text_encoder": ["config.json", "model.safetensors"],
-}
-CLIP_FILES = ["config.json", "model.safetensors", "preprocessor_config.json"]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 log = logging.getLogger("prism.models")
 
@@ -80,12 +74,6 @@ class ModelBundle:
         return latent_scale(self.vae)
 
 
-def _require(path: Path, what: str) -> Path:
-    if not path.exists():
-        raise ModelLoadError(f"missing {what}: {path}")
-    return path
-
-
 def _fingerprint(h: hashlib._Hash, path: Path) -> None:
     """Hash a file by name, size and its first and last MiB: cheap for multi-GB weights."""
     size = path.stat().st_size
@@ -110,14 +98,6 @@ def _encoder_fingerprint(h: hashlib._Hash, vae: AutoencoderKL) -> None:
         if name.startswith(VAE_ENCODER_PREFIXES):
             h.update(name.encode())
             h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-
-
-def _require_tokenizer(directory: Path) -> None:
-    """A tokenizer is either ``tokenizer.json`` or the ``vocab.json`` + ``merges.txt`` pair."""
-    if (directory / "tokenizer.json").exists():
-        return
-    for name in ("vocab.json", "merges.txt"):
-        _require(directory / name, "tokenizer file (or tokenizer.json)")
 
 
 def _is_count(value: object, least: int) -> bool:
@@ -254,20 +234,8 @@ def load_bundle(
     """
     if model_dir is None:
         log.warning("no model directory configured: using the built-in phantom model (synthetic data only)")
-        model_dir = builtin_model_dir()
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise ModelLoadError(f"model directory not found: {model_dir}")
-    for sub, names in REQUIRED_FILES.items():
-        for name in names:
-            _require(model_dir / sub / name, f"{sub} file")
-    clip_path = Path(clip_dir) if clip_dir else model_dir / "clip"
-    if not clip_path.is_dir():
-        raise ModelLoadError(f"CLIP model directory not found: {clip_path} (set --clip-model / PRISM_CLIP_MODEL)")
-    for name in CLIP_FILES:
-        _require(clip_path / name, "CLIP file")
-    _require_tokenizer(model_dir / "tokenizer")
-    _require_tokenizer(clip_path)
+    layout = locate_model(model_dir, clip_dir)
+    model_dir, clip_path = layout.model_dir, layout.clip_dir
     blend_file = model_dir / "local_blend.json"
     blend_maps = _read_blend_maps(blend_file)
 
@@ -360,7 +328,7 @@ def assemble_bundle(
 
 def _load_unet_weights(unet: UNet2DConditionModel, path: Path) -> None:
     """Load a UNet state dict (diffusers key names) over the base UNet, strictly."""
-    _require(path, "UNet weights file")
+    require(path, "UNet weights file")
     if path.suffix != ".safetensors":
         raise ModelLoadError(f"UNet weights must be a .safetensors file (no pickle): {path}")
     try:

@@ -28,6 +28,16 @@ from models.request.params import DtypeName
 from models.request.tokenizer import clip_tokenizer
 
 VOCAB_SIZE = 49408
+SD15_UNET = {
+    "sample_size": 64,
+    "block_out_channels": (320, 640, 1280, 1280),
+    "layers_per_block": 2,
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+    "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+}
+"""Stable Diffusion v1.5's UNet (860 M parameters): the rest of its config is diffusers' default."""
 
 
 def clip_text_config(hidden: int) -> CLIPTextConfig:
@@ -127,15 +137,7 @@ def full_size_bundle(device: str = "cuda", dtype: DtypeName | None = None, seed:
     ViT-L/14 scorer. For timing and memory only: its edits are noise."""
     device_t, torch_dtype = resolve_device(device, dtype)
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=64,
-        block_out_channels=(320, 640, 1280, 1280),
-        layers_per_block=2,
-        cross_attention_dim=768,
-        attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    ).to(torch_dtype)
+    unet = UNet2DConditionModel(**SD15_UNET).to(torch_dtype)
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,

@@ -27,6 +27,12 @@ class Settings(BaseSettings):
         None, pattern=r"^(cpu|cuda(:\d+)?)$", description="cpu, cuda or cuda:N; unset: cuda when available"
     )
     dtype: DtypeName | None = Field(None, description="the UNet's precision; unset: float16 on CUDA, float32 on CPU")
+    cpu_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch CPU threads per worker; unset: torch's (one per core), which workers sharing the cores "
+        "thrash with (prism up gives each its share)",
+    )
     classifier: str | None = Field(
         None, description="finding classifier (.safetensors with its .json) for the guided method; unset: MODEL_DIR's"
     )

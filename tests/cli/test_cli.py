@@ -27,7 +27,7 @@ def test_make_tiny_model_then_edit_writes_all_five_files(tmp_path):
         "edit", "--model", str(model), "--image", str(image),
         "--original-prompt", "chest x-ray showing support devices",
         "--edit-prompt", "chest x-ray without support devices",
-        "--out", str(out), "--steps", "10", "--self-replace", "0.4,0.6,0.8",
+        "--out", str(out), "--steps", "5", "--self-replace", "0.4,0.6,0.8",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in out.iterdir()) == [
@@ -51,18 +51,16 @@ def test_make_tiny_model_then_edit_writes_all_five_files(tmp_path):
     assert [c["self_replace_steps"] for c in report["candidates"]] == [0.4, 0.6, 0.8]
     best = max(report["candidates"], key=lambda c: c["s_clip"])
     assert report["chosen_self_replace"] == best["self_replace_steps"] and report["s_clip"] == best["s_clip"]
-    assert report["parameters"]["steps"] == 10
+    assert report["parameters"]["steps"] == 5
     assert {"null_text", "editing", "scoring"} <= set(report["timings"])
     assert report["model"]["identity"]
 
 
-def test_16_bit_input_gives_16_bit_output(tmp_path):
-    model = tmp_path / "t"
-    _prism("make-tiny-model", str(model))
+def test_16_bit_input_gives_16_bit_output(tmp_path, tiny_model_dir):
     image = write_png(tmp_path / "in16.png", xray_like(64, 64), bit_depth=16)
     out = tmp_path / "o"
     proc = _prism(
-        "edit", "--model", str(model), "--image", str(image), "--original-prompt", "chest x-ray",
+        "edit", "--model", str(tiny_model_dir), "--image", str(image), "--original-prompt", "chest x-ray",
         "--edit-prompt", "chest x-ray showing cardiomegaly", "--out", str(out), "--steps", "3", "--self-replace", "0.5",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr

@@ -15,7 +15,7 @@ def _worker_pid(cluster: Cluster, job_id: str) -> int:
 
 def test_killed_worker_job_is_requeued_to_another_worker(tmp_path, tiny_model_dir):
     with Cluster(tmp_path, tiny_model_dir, workers=2) as c:
-        job_id = submit(c.url, steps="40", self_replace_steps="0.4,0.8").json()["id"]
+        job_id = submit(c.url, steps="12", self_replace_steps="0.4,0.8").json()["id"]
         wait_running(c.url, job_id)
         os.kill(_worker_pid(c, job_id), signal.SIGKILL)
         wait_for(lambda: job_state(c.url, job_id)["requeues"], lambda n: n > 0, "re-queue after SIGKILL")
@@ -27,7 +27,7 @@ def test_killed_worker_job_is_requeued_to_another_worker(tmp_path, tiny_model_di
 
 def test_killed_worker_without_retries_fails_with_worker_lost(tmp_path, tiny_model_dir):
     with Cluster(tmp_path, tiny_model_dir, workers=1, PRISM_MAX_REQUEUES="0") as c:
-        job_id = submit(c.url, steps="40").json()["id"]
+        job_id = submit(c.url, steps="12").json()["id"]
         wait_running(c.url, job_id)
         os.kill(_worker_pid(c, job_id), signal.SIGKILL)
         final = poll(c.url, job_id, {"succeeded", "failed"})

@@ -11,6 +11,7 @@ from models.diffusion.attention_control import (
     PromptToPromptControl,
 )
 from models.diffusion.editing import EditSpec, candidate_control
+from models.diffusion.tiny import SD15_UNET
 from models.request.tokenizer import clip_tokenizer
 from models.request.words import word_spans
 
@@ -137,39 +138,54 @@ def test_candidate_without_blend_words_is_not_blended():
 
 
 def _full_size_sd15_unet() -> UNet2DConditionModel:
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=64,
-        block_out_channels=(320, 640, 1280, 1280),
-        layers_per_block=2,
-        cross_attention_dim=768,
-        attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    ).eval()
+    """SD v1.5's UNet, every layer at its shape, whose weights are views into one block of random
+    numbers per fan-in (uniform in ±1/sqrt(fan-in), as torch's default): 3.4 GB of separate weights
+    take this CPU's page faults most of a minute to write, the shared blocks 0.2 GB a second."""
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SD15_UNET)
+    generator = torch.Generator().manual_seed(0)
+    layers = [m for m in unet.modules() if isinstance(m, torch.nn.Linear | torch.nn.modules.conv._ConvNd)]
+    sizes: dict[int, int] = {}
+    for layer in layers:
+        fan_in = layer.weight[0].numel()
+        sizes[fan_in] = max(sizes.get(fan_in, 0), layer.weight.numel())
+    pools = {fan_in: (torch.rand(n, generator=generator) * 2 - 1) / fan_in**0.5 for fan_in, n in sizes.items()}
+
+    def view(pool: torch.Tensor, shape: torch.Size) -> torch.nn.Parameter:
+        start = int(torch.randint(len(pool) - shape.numel() + 1, (), generator=generator))
+        return torch.nn.Parameter(pool[start : start + shape.numel()].view(shape), requires_grad=False)
+
+    for layer in layers:
+        pool = pools[layer.weight[0].numel()]
+        layer.weight = view(pool, layer.weight.shape)
+        if layer.bias is not None:
+            layer.bias = view(pool, layer.bias.shape)
+    for norm in (m for m in unet.modules() if isinstance(m, torch.nn.GroupNorm | torch.nn.LayerNorm)):
+        norm.weight = torch.nn.Parameter(torch.ones(norm.weight.shape), requires_grad=False)
+        norm.bias = torch.nn.Parameter(torch.zeros(norm.bias.shape), requires_grad=False)
+    assert not any(p.is_meta for p in unet.parameters())
+    return unet.eval()
 
 
 def test_full_size_sd15_unet_runs_through_controlled_processors():
     unet = _full_size_sd15_unet()
     assert sum(p.numel() for p in unet.parameters()) > 800_000_000
     torch.manual_seed(1)
-    x = torch.randn(1, 4, 16, 16).expand(4, -1, -1, -1)
+    x = torch.randn(1, 4, 8, 8).expand(4, -1, -1, -1)
     context = torch.randn(4, 77, 768)
     cand = CandidateControl(cross_replace_steps=0.8, self_replace_steps=0.6, mapper=torch.eye(77))
-    control = PromptToPromptControl([cand], num_steps=10, latent_hw=(16, 16))
-    runs = {}
+    control = PromptToPromptControl([cand], num_steps=10, latent_hw=(8, 8))
+    edited = {}
     with torch.no_grad():
         unet.set_attn_processor(AttnProcessor())
         reference = unet(x, 500, encoder_hidden_states=context).sample
         for fused in (True, False):
             unet.set_attn_processor(ControlledAttnProcessor(control, fused))
-            control.step = 9  # past both replace windows: plain attention
-            plain = unet(x, 500, encoder_hidden_states=context).sample
             control.step = 0  # inside both windows: the candidate takes the source's attention
-            runs[fused] = plain, unet(x, 500, encoder_hidden_states=context).sample
-    for plain, edited in runs.values():
-        assert torch.allclose(plain, reference, atol=1e-4)
-        assert (edited[3] - plain[3]).abs().max() > 1e-3
-    plain, edited = runs[False]
-    assert torch.equal(edited[:3], plain[:3])  # the control touches only the candidate
-    assert torch.allclose(runs[True][1], edited, atol=1e-4)  # fused where nothing is read: the same result
+            edited[fused] = unet(x, 500, encoder_hidden_states=context).sample
+        control.step = 9  # past both replace windows: plain attention
+        plain = unet(x, 500, encoder_hidden_states=context).sample
+    assert torch.allclose(plain, reference, atol=1e-4)
+    assert (edited[False][3] - plain[3]).abs().max() > 1e-3
+    assert torch.equal(edited[False][:3], plain[:3])  # the control touches only the candidate
+    assert torch.allclose(edited[True], edited[False], atol=1e-4)  # fused where nothing is read: the same result

@@ -186,7 +186,7 @@ def test_sigterm_stops_prism_finetune_and_the_same_command_resumes_it_bit_exactl
     def command(work: str) -> list[str]:
         return [sys.executable, "-m", "cli", "finetune", "--base", str(tiny_model_dir),
                 "--images", str(tmp_path), "--labels", str(table), "--work", str(tmp_path / work),
-                "--out", str(tmp_path / work / "out"), "--steps", "30", "--batch-size", "2",
+                "--out", str(tmp_path / work / "out"), "--steps", "15", "--batch-size", "2",
                 "--gradient-accumulation", "2", "--ema-decay", "0.99", "--checkpoint-every", "1000"]  # fmt: skip
 
     def losses(work: str) -> dict[int, float]:
@@ -204,9 +204,9 @@ def test_sigterm_stops_prism_finetune_and_the_same_command_resumes_it_bit_exactl
     stderr = errors.read_text()
     assert process.returncode == 130, stderr
     stopped_at = len(losses("parts"))
-    assert stopped_at < 30 and f"prism finetune: stopped at step {stopped_at}" in stderr
+    assert stopped_at < 15 and f"prism finetune: stopped at step {stopped_at}" in stderr
     assert subprocess.run(command("parts"), capture_output=True, timeout=600).returncode == 0
-    assert losses("parts") == losses("whole") and len(losses("whole")) == 30
+    assert losses("parts") == losses("whole") and len(losses("whole")) == 15
 
 
 def test_an_unreadable_image_stops_prism_finetune_with_its_path_and_a_checkpoint(tmp_path, tiny_model_dir):
