@@ -44,8 +44,11 @@ def configure_logging(level: int, json_lines: bool) -> None:
     root.handlers = [handler]
     root.setLevel(level)
     # pydicom's warnings quote attribute values, which can be patient data: never let them out.
-    logging.getLogger("pydicom").disabled = True
+    # (its decoders log from child loggers, which would reach the root handler unless stopped here)
+    pydicom = logging.getLogger("pydicom")
+    pydicom.disabled, pydicom.propagate = True, False
     warnings.filterwarnings("ignore", module="pydicom")
+    warnings.filterwarnings("ignore", module="highdicom")
 
 
 def main(argv: list[str] | None = None) -> int:

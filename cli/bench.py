@@ -172,7 +172,7 @@ def bench_speed(args: argparse.Namespace) -> int:
     from models.diffusion.tiny import full_size_bundle
     from models.evaluation.speed import bench_speed as measure
     from models.evaluation.speed import smooth_image
-    from models.imaging.geometry import DecodedImage
+    from models.imaging.files import DecodedImage
     from models.request.errors import ModelLoadError
     from phantoms.bench import bench_case
     from phantoms.captions import explicit_caption

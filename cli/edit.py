@@ -68,7 +68,7 @@ def progress_bars():
 def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from models.imaging.geometry import keep_mask, read_image_file
+    from models.imaging.files import keep_mask, read_image_file
     from models.request.errors import ImageError, InvalidInput, ModelLoadError
     from models.request.resolve import EditRequest, resolve
     from models.weights.layout import locate_model
@@ -92,9 +92,11 @@ def run(args: argparse.Namespace) -> int:
             findings=args.findings,
             edit=args.edit,
         )
-        edit = resolve(request)
+        edit = resolve(request, with_mask=bool(args.mask))
         image = read_image_file(Path(args.image), "--image", settings.max_image_pixels)
-        keep = keep_mask(read_image_file(Path(args.mask), "--mask", settings.max_image_pixels)) if args.mask else None
+        keep = None
+        if args.mask:
+            keep = keep_mask(read_image_file(Path(args.mask), "--mask", settings.max_image_pixels, accept_colour=True))
         locate_model(settings.model_dir, settings.clip_model)
         from models.diffusion.inversion import InversionCache  # the engine: once the inputs and files are known
         from models.pipeline import generate_counterfactual

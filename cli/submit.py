@@ -22,7 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     submit.add_argument("--edit-prompt")
     submit.add_argument("--findings", help="CheXpert labels: JSON, or pairs such as 'Support Devices=1; Edema=0'")
     submit.add_argument("--edit", help="with --findings: the labels to change")
+    submit.add_argument("--mask", help="guided: anatomy mask image of the input's size (non-black = keep)")
     submit.add_argument("--webhook", help="URL that receives the job's events")
+    submit.add_argument("--webhook-events", help="which events it receives: started,completed (default: both)")
     submit.add_argument("--out", required=True, help="directory for the result files")
     add_model_flags(submit.add_argument_group("edit options (as in the API)"), EditOptions, ALIASES)
     submit.set_defaults(func=run)
@@ -56,7 +58,9 @@ def run(args: argparse.Namespace) -> int:
                 edit_prompt=args.edit_prompt,
                 findings=args.findings,
                 edit=args.edit,
+                mask=args.mask,
                 webhook=args.webhook,
+                webhook_events=args.webhook_events,
                 **options,
             )
             status = prism.wait(job.id, on_progress=progress)

@@ -17,6 +17,12 @@ from phantoms.recipe import RECIPES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    example = sub.add_parser(
+        "make-example", help="write the README's example inputs: phantom.png, study.dcm and anatomy.png (synthetic)"
+    )
+    example.add_argument("directory", nargs="?", default=".", help="where to write them (default: here)")
+    example.set_defaults(func=make_example)
+
     tiny = sub.add_parser("make-tiny-model", help="write a tiny random-weight model with the SD v1.5 structure")
     tiny.add_argument("directory")
     tiny.add_argument("--seed", type=int, default=0)
@@ -56,6 +62,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     tune.set_defaults(func=finetune, log_level=logging.INFO)
 
 
+def make_example(args: argparse.Namespace) -> int:
+    from phantoms.example import write_examples
+
+    for path in write_examples(Path(args.directory)):
+        print(path)
+    return 0
+
+
 def make_tiny(args: argparse.Namespace) -> int:
     from models.diffusion.tiny import make_tiny_model
 
@@ -93,7 +107,7 @@ def train_builtin(args: argparse.Namespace) -> int:
 
 def finetune(args: argparse.Namespace) -> int:
     from models.diffusion.components import default_device, load_bundle
-    from models.imaging.geometry import read_image_file
+    from models.imaging.files import read_image_file
     from models.request.errors import ImageError, InvalidInput, ModelLoadError
     from models.request.resolve import EditRequest, resolve
     from models.training.finetune import Finetuner, read_examples, validation_edit

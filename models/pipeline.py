@@ -18,7 +18,8 @@ from models.diffusion.components import ModelBundle, decode_latents
 from models.diffusion.inversion import InversionCache, ProgressCallback
 from models.imaging.dicom import DicomSource, secondary_captures
 from models.imaging.difference import difference, encode_rgb_png, render_difference
-from models.imaging.geometry import DecodedImage, encode_png, from_model_output, quantize, to_model_input
+from models.imaging.files import DecodedImage, encode_png
+from models.imaging.geometry import from_model_output, quantize, to_model_input
 from models.methods.base import Edit, Method, PhaseTimer, RunContext, Source
 from models.methods.guided import Guided
 from models.methods.prism import Prism
@@ -223,6 +224,7 @@ def edit_report(
         geometry=geometry,
         bit_depth=image.bit_depth,
         input_format=image.format,
+        input_colour=image.colour,
         original_prompt=original_prompt,
         edit_prompt=result.edit_prompts[best],
         inversion=result.inversion,

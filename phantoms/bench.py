@@ -27,7 +27,7 @@ from tqdm import tqdm
 from models.diffusion.components import ModelBundle, decode_latents, encode_latent
 from models.diffusion.inversion import InversionCache
 from models.evaluation.quality import evaluate, l1_ratio, load_cases
-from models.imaging.geometry import DecodedImage, decode_image, encode_png
+from models.imaging.files import DecodedImage, decode_image, encode_png
 from models.pipeline import Counterfactual, generate_counterfactual
 from models.request.params import EditParams
 from models.request.resolve import ResolvedEdit

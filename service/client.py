@@ -97,16 +97,20 @@ class PrismClient:
         edit: Mapping[str, int | None] | str | None = None,
         idempotency_key: str | None = None,
         filename: str | None = None,
+        mask: str | Path | bytes | None = None,
         **options: Any,
     ) -> Submitted:
-        """Submit a PNG, JPEG or DICOM (a path or bytes) with prompts, or with findings and an edit.
+        """Submit a PNG, JPEG or DICOM (a path or bytes) with prompts, or with findings and an edit;
+        ``mask`` is the guided method's anatomy mask (a path or bytes of a PNG or JPEG).
 
         ``options`` are the service's other form fields (``steps``, ``inversion``, ``webhook``,
-        ...); lists and mappings are sent in the service's syntax.
+        ``webhook_events``, ...); lists and mappings are sent in the service's syntax.
         """
         if isinstance(image, str | Path):
             filename = filename or Path(image).name
             image = Path(image).read_bytes()
+        if isinstance(mask, str | Path):
+            mask = Path(mask).read_bytes()
         fields = {
             "original_prompt": original_prompt,
             "edit_prompt": edit_prompt,
@@ -117,6 +121,8 @@ class PrismClient:
         data = {name: _form_value(value) for name, value in fields.items() if value is not None}
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         files = {"image": (filename or "image", image, "application/octet-stream")}
+        if mask is not None:
+            files["mask"] = ("mask", mask, "application/octet-stream")
         response = self._request("POST", "/counterfactual", data=data, files=files, headers=headers)
         retry_after = float(response.headers.get("Retry-After", self.poll_s))
         self.poll_s = retry_after

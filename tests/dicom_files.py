@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
+from PIL import Image
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
@@ -16,6 +17,7 @@ from pydicom.uid import (
     BasicTextSRStorage,
     DigitalXRayImageStorageForPresentation,
     ExplicitVRLittleEndian,
+    JPEGBaseline8Bit,
     JPEGLosslessSV1,
     generate_uid,
 )
@@ -86,6 +88,25 @@ def structured_report() -> bytes:
     ds = _dataset(BasicTextSRStorage)
     ds.Modality = "SR"
     return encode(ds)
+
+
+def jpeg_baseline(ds: Dataset, stored: np.ndarray, quality: int = 90) -> Dataset:
+    """``ds`` (8 bits stored) with its pixel data as a lossy baseline JPEG (Pillow's encoder)."""
+    buffer = io.BytesIO()
+    Image.fromarray(stored.astype(np.uint8), mode="L").save(buffer, format="JPEG", quality=quality)
+    ds.PixelData = encapsulate([buffer.getvalue()])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    return ds
+
+
+def grey_in_colour(ds: Dataset, stored: np.ndarray, tint: int = 0) -> Dataset:
+    """``ds`` (8 bits stored) as RGB: every channel the grey, the red one ``tint`` levels brighter."""
+    rgb = np.repeat(stored.astype(np.int64)[..., None], 3, axis=2)
+    rgb[..., 0] = np.clip(rgb[..., 0] + tint, 0, 255)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+    ds.PixelData = rgb.astype(np.uint8).tobytes()
+    return ds
 
 
 def jpeg_lossless(ds: Dataset, stored: np.ndarray) -> Dataset:

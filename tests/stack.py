@@ -63,7 +63,7 @@ def start_worker(env: dict[str, str], log: Path, command: str = "worker") -> sub
     return subprocess.Popen(prism(command), env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
 
 
-def _healthy(url: str) -> bool:
+def healthy(url: str) -> bool:
     try:
         return httpx.get(f"{url}/healthz", timeout=5).status_code == 200
     except httpx.HTTPError:
@@ -82,7 +82,7 @@ class ApiProcess:
         def started() -> bool:
             if self.process.poll() is not None:
                 raise RuntimeError(f"the API exited with {self.process.returncode}; see {log}")
-            return _healthy(self.url)
+            return healthy(self.url)
 
         wait_for(started, bool, "API start")
 

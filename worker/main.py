@@ -21,6 +21,7 @@ from redis import Redis
 from redis.exceptions import RedisError
 from rq import SimpleWorker
 from rq.job import Job
+from rq.registry import CanceledJobRegistry, FailedJobRegistry
 from rq.serializers import JSONSerializer
 
 from service.contract import metrics
@@ -81,6 +82,11 @@ class PrismWorker(SimpleWorker):
         canceled = self._stopped_job_id == job.id
         super().handle_job_failure(job, queue, started_job_registry, exc_string, execution)
         if canceled:
+            # RQ files a job stopped on request under failed; /metrics and alerts count it as canceled
+            with self.connection.pipeline() as pipe:
+                FailedJobRegistry(queue=queue).remove(job, pipeline=pipe)
+                CanceledJobRegistry(queue=queue).add(job, ttl=self.settings.job_ttl_s, pipeline=pipe)
+                pipe.execute()
             self._ended(job, {"status": "canceled"})
         else:
             self._ended(job, {"status": "failed", "error": read_failure(job).model_dump(mode="json")})

@@ -17,7 +17,7 @@ from rq.timeouts import JobTimeoutException
 
 from models.diffusion.components import ModelBundle
 from models.diffusion.inversion import InversionCache
-from models.imaging.geometry import decode_image, keep_mask
+from models.imaging.files import decode_image, keep_mask
 from models.pipeline import generate_counterfactual
 from models.request.errors import ImageError, InvalidInput
 from models.request.resolve import ResolvedEdit
@@ -80,7 +80,9 @@ class JobRunner:
             raise JobFailed(JobError(code=ErrorCode.input_expired, message=message))
         resolved = ResolvedEdit.model_validate(edit)
         image = decode_image(data, self.settings.max_image_pixels)
-        keep = None if mask is None else keep_mask(decode_image(mask, self.settings.max_image_pixels))
+        keep = None
+        if mask is not None:
+            keep = keep_mask(decode_image(mask, self.settings.max_image_pixels, accept_colour=True))
         last_save = 0.0
 
         def progress(phase: str, step: int, total: int) -> None:

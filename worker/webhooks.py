@@ -28,6 +28,7 @@ from service.contract.webhooks import check_webhook_url, webhook_queue
 
 log = logging.getLogger("prism.webhooks")
 TIMEOUT_S = 10.0
+MAINTENANCE_S = 30
 
 
 class DeliveryFailed(Exception):
@@ -75,10 +76,21 @@ class WebhookWorker(SimpleWorker):
 
 def run_webhook_worker(settings: Settings, burst: bool = False) -> None:
     """Serve the webhook queue, with RQ's scheduler for the delayed retries. httpx's request log
-    (which names the URL) is kept to warnings."""
+    (which names the URL) is kept to warnings.
+
+    RQ's scheduler lock outlives its holder by about a minute; a sender that
+    did not stop cleanly (killed, Redis gone first) leaves it behind. A sender looks for a free lock
+    at each maintenance pass, so passes every ``MAINTENANCE_S`` (RQ: 10 min) bound how long delayed
+    retries wait after such a restart.
+    """
     logging.getLogger("httpx").setLevel(logging.WARNING)
     redis = Redis.from_url(settings.redis_url)
     worker = WebhookWorker(
-        [webhook_queue(redis, settings)], connection=redis, serializer=JSONSerializer, log_job_description=False
+        [webhook_queue(redis, settings)],
+        connection=redis,
+        serializer=JSONSerializer,
+        log_job_description=False,
+        maintenance_interval=MAINTENANCE_S,
+        worker_ttl=MAINTENANCE_S + 15,  # its blocking dequeue (ttl - 15 s) returns for each pass
     )
     worker.work(burst=burst, with_scheduler=True)

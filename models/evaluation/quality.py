@@ -35,7 +35,7 @@ from torchmetrics.functional.image import (
 from torchmetrics.image.fid import FrechetInceptionDistance
 from tqdm import tqdm
 
-from models.imaging.geometry import read_image_file
+from models.imaging.files import read_image_file
 from models.request.errors import InvalidInput
 from models.scoring.classifier import FindingClassifier
 from models.scoring.clip import ClipScorer, directional_similarity

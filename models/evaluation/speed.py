@@ -22,7 +22,7 @@ from pydantic import BaseModel
 
 from models.diffusion.components import ModelBundle
 from models.diffusion.inversion import InversionCache
-from models.imaging.geometry import DecodedImage
+from models.imaging.files import DecodedImage
 from models.pipeline import generate_counterfactual
 from models.request.params import EditParams, InversionMode
 from models.request.resolve import ResolvedEdit

@@ -103,6 +103,13 @@ class EditReport(Record):
     geometry: Geometry
     bit_depth: Annotated[int, Field(description="bit depth of the PNG outputs: 8, or 16 for deeper inputs")]
     input_format: Annotated[InputFormat, Field(description="dicom inputs get DICOM outputs too")] = "image"
+    input_colour: Annotated[
+        str | None,
+        Field(
+            description="how a grey input was stored in colour (e.g. RGB, P, YBR_FULL_422) and so read as grey; "
+            "null for a greyscale file"
+        ),
+    ] = None
     original_prompt: Annotated[str, Field(description="the prompt that describes the input")]
     edit_prompt: Annotated[str, Field(description="the prompt the counterfactual was edited towards")]
     inversion: Annotated[InversionInfo | None, Field(description="prism's inversion; null for other methods")]

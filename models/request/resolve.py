@@ -71,12 +71,16 @@ class ResolvedEdit(BaseModel):
     params: EditParams = EditParams()
 
 
-def resolve(request: EditRequest, tokenizer=None) -> ResolvedEdit:
+def resolve(request: EditRequest, tokenizer=None, with_mask: bool = False) -> ResolvedEdit:
     """Findings become prompts by PRISM's caption template; LocalBlend follows, and the guided
     method's classifier targets, the conditions the edit changes, unless given. The prompts and word
-    lists are checked against the CLIP ``tokenizer`` (the shipped one by default). Raises
+    lists are checked against the CLIP ``tokenizer`` (the shipped one by default), and an anatomy
+    mask (``with_mask``) against the method, the only one that reads it. Raises
     :class:`~models.request.errors.InvalidInput` naming the field."""
     edit = _prompts(request)
+    if with_mask and edit.params.method != "guided":
+        message = f"an anatomy mask is used by method=guided only, not by method={edit.params.method}"
+        raise InvalidInput("mask", message)
     if edit.params.method == "guided" and not edit.params.classifier_targets:
         message = "the guided method needs the findings to remove (0) or add (1), or findings and edit"
         raise InvalidInput("classifier_targets", message)

@@ -36,7 +36,8 @@ import models.weights.offline  # noqa: F401  (before diffusers/transformers)
 from models.atomic import write_aside
 from models.diffusion.components import ModelBundle, embed_prompts, encode_latent, load_parts, model_resolution
 from models.diffusion.ddim import make_scheduler
-from models.imaging.geometry import DecodedImage, read_image_file, to_model_input
+from models.imaging.files import DecodedImage, read_image_file
+from models.imaging.geometry import to_model_input
 from models.pipeline import generate_counterfactual
 from models.request.errors import InvalidInput, ModelLoadError
 from models.request.findings import CONDITIONS, caption, normalize_labels

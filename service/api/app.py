@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from asgi_correlation_id import CorrelationIdMiddleware
@@ -29,6 +30,9 @@ and the S_CLIP score. Every error has one shape: `{"detail": [{"loc", "msg", "ty
 **Research use only: outputs are synthetic and not for diagnosis.**
 """
 REQUEST_ID = "X-Request-ID"
+# a caller's correlation id (HL7 control id, a UUID, ...) is kept if it has this form; others are
+# replaced, so what reaches the logs can neither break a line nor carry free text
+SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -58,7 +62,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             expose_headers=["Location", "Retry-After", REQUEST_ID],
         )
     app.add_middleware(ContentSecurityPolicy)
-    app.add_middleware(CorrelationIdMiddleware, header_name=REQUEST_ID)
+    app.add_middleware(
+        CorrelationIdMiddleware, header_name=REQUEST_ID, validator=lambda value: bool(SAFE_REQUEST_ID.fullmatch(value))
+    )
     install_handlers(app)
     for router in (counterfactual.router, jobs.router, health.router, health.observability, page.router):
         app.include_router(router)

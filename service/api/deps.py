@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader
 
-from service.api.errors import NonUtf8Fields, RateLimited, Unauthorized
+from models.request.errors import InvalidInput
+from service.api.errors import NonUtf8Fields, RateLimited, Unauthorized, UnsupportedMediaType
+from service.api.forms import REPEATABLE
+from service.api.ratelimit import RateLimit
 from service.api.store import JobStore
 from service.contract.settings import Settings
 from service.contract.tenants import ANONYMOUS, tenant_for
@@ -42,6 +46,21 @@ def get_tenant(request: Request, settings: SettingsDep, api_key: Annotated[str |
 Tenant = Annotated[str, Depends(get_tenant)]
 
 
+def require_multipart(request: Request, tenant: Tenant) -> None:
+    """415 for a body that is not a multipart form (JSON, urlencoded): the image is a file part."""
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "multipart/form-data":
+        raise UnsupportedMediaType
+
+
+async def one_part_per_field(request: Request, tenant: Tenant) -> None:
+    """422 for a field sent twice (two ``image`` parts, say), but for the list fields: the form
+    would silently keep one of its values."""
+    form = await request.form()  # parsed once already, for the route's own fields
+    for name in dict.fromkeys(form.keys()):
+        if name not in REPEATABLE and len(form.getlist(name)) > 1:
+            raise InvalidInput(name, "is given more than once; send one")
+
+
 def require_utf8_form(request: Request, tenant: Tenant) -> None:
     """422 naming each text field that was not UTF-8 (noted by :class:`~service.api.middleware.Utf8FormFields`)."""
     bad = getattr(request.state, "non_utf8_fields", [])
@@ -49,8 +68,27 @@ def require_utf8_form(request: Request, tenant: Tenant) -> None:
         raise NonUtf8Fields(bad)
 
 
-def rate_limit(request: Request, tenant: Tenant) -> None:
-    """Count one submission of the caller's key; 429 with Retry-After above the limit."""
-    wait = request.app.state.rate_limit.retry_after(tenant)
+@dataclass(frozen=True)
+class Admission:
+    """The caller's rate limit, checked when the request arrives and counted by :meth:`admit` once
+    the request has passed its checks, so refused requests do not count."""
+
+    limit: RateLimit
+    tenant: str
+
+    def admit(self) -> None:
+        wait = self.limit.hit(self.tenant)
+        if wait is not None:
+            raise RateLimited(wait)
+
+
+def rate_limit(request: Request, tenant: Tenant) -> Admission:
+    """429 with Retry-After while the caller's key is at its limit."""
+    limit: RateLimit = request.app.state.rate_limit
+    wait = limit.wait(tenant)
     if wait is not None:
         raise RateLimited(wait)
+    return Admission(limit, tenant)
+
+
+Admitted = Annotated[Admission, Depends(rate_limit)]

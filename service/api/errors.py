@@ -78,6 +78,11 @@ class IdempotencyConflict(ApiError):
     message = "Idempotency-Key was used for a different request"
 
 
+class UnsupportedMediaType(ApiError):
+    status_code, kind, loc = 415, "unsupported_media_type", ("header", "Content-Type")
+    message = "the body must be multipart/form-data, with the image as a file part (curl: -F image=@xray.png)"
+
+
 class NotCancelable(ApiError):
     status_code, kind, message = 409, "conflict", "the job has already finished"
 
@@ -103,13 +108,21 @@ class NonUtf8Fields(Exception):
         self.names = names
 
 
+def _readable(error: dict) -> str:
+    """A validation message as a client reads it: without pydantic's "Value error, " prefix, and a
+    text sent where a file belongs said plainly rather than with Python class names."""
+    if "Expected UploadFile" in error["msg"]:
+        return f"must be a file part (curl: -F {error['loc'][-1]}=@file), not text"
+    return error["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+
+
 def install_handlers(app: FastAPI) -> None:
     """Map every domain exception to its answer (``app.state.settings`` gives Retry-After)."""
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        """FastAPI's 422 body, minus the echoed input (it may hold prompt text)."""
-        detail = [ErrorDetail(loc=list(e["loc"]), msg=e["msg"], type=e["type"]) for e in exc.errors()]
+        """FastAPI's 422 body, minus the echoed input (it may hold prompt text) and pydantic's wording."""
+        detail = [ErrorDetail(loc=list(e["loc"]), msg=_readable(e), type=e["type"]) for e in exc.errors()]
         return JSONResponse(ErrorBody(detail=detail).model_dump(), status_code=422)
 
     @app.exception_handler(NonUtf8Fields)

@@ -7,6 +7,8 @@ fields are refused with a 422 naming them.
 
 from __future__ import annotations
 
+import types
+import typing
 from typing import Annotated
 
 from fastapi import UploadFile
@@ -45,3 +47,16 @@ class CounterfactualForm(JobRequest):
             return JobRequest.model_validate(self.model_dump(exclude={"image", "mask"}))
         except ValidationError as exc:
             raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from exc
+
+
+def _repeatable(annotation: object) -> bool:
+    """A list or mapping field, which a client may send as repeated parts."""
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    return any(
+        typing.get_origin(a) in (tuple, list, dict) for a in (typing.get_args(annotation) if union else (annotation,))
+    )
+
+
+REPEATABLE = frozenset(name for name, f in CounterfactualForm.model_fields.items() if _repeatable(f.annotation))
+"""Fields that may come as repeated parts (``self_replace_steps=0.4`` twice); any other field sent
+twice is refused rather than one of its values silently kept."""

@@ -1,7 +1,8 @@
 """Per-tenant rate limit of submissions, shared by every API process through Redis (``limits``).
 
 A moving window counts the submissions of the last 60 seconds, so a burst cannot double at the
-edge of a fixed window.
+edge of a fixed window. Only requests that pass their checks count: a client fixing a refused
+request (415, 422) does not spend its quota.
 """
 
 from __future__ import annotations
@@ -23,9 +24,14 @@ class RateLimit:
         storage = RedisStorage(url, connection_pool=redis.connection_pool, key_prefix=RATE_LIMIT_PREFIX)
         self.limiter = MovingWindowRateLimiter(storage)
 
-    def retry_after(self, tenant: str) -> int | None:
-        """Count one submission; None if allowed, else seconds until the oldest one leaves the window."""
-        if self.limiter.hit(self.item, tenant):
-            return None
+    def wait(self, tenant: str) -> int | None:
+        """None while ``tenant`` is below its limit (nothing is counted), else seconds to wait."""
+        return None if self.limiter.test(self.item, tenant) else self._reset_in(tenant)
+
+    def hit(self, tenant: str) -> int | None:
+        """Count one request; None if it is within the limit, else seconds to wait."""
+        return None if self.limiter.hit(self.item, tenant) else self._reset_in(tenant)
+
+    def _reset_in(self, tenant: str) -> int:
         reset_at, _ = self.limiter.get_window_stats(self.item, tenant)
         return max(1, math.ceil(reset_at - time.time()))

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from models.imaging.dicom import is_dicom, read_dicom
+from models.imaging.files import to_grayscale
 from models.request.errors import ImageError
 
 SIGNATURES = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG"}
@@ -55,7 +56,7 @@ def read_mask(file: BinaryIO, image_size: tuple[int, int], settings) -> bytes:
     try:
         if is_dicom(data):
             raise UploadRejected(415, "a mask is a PNG or JPEG image")
-        mask_size = check_image(data, settings.max_image_pixels)
+        mask_size = check_image(data, settings.max_image_pixels, accept_colour=True)
     except UploadRejected as exc:
         raise UploadRejected(exc.status_code, exc.message, exc.kind, field="mask") from exc
     if mask_size != image_size:
@@ -76,8 +77,9 @@ def dicom_preview(data: bytes, max_pixels: int) -> bytes:
     return buffer.getvalue()
 
 
-def check_image(data: bytes, max_pixels: int) -> tuple[int, int]:
-    """Return (width, height) of a decodable single-frame PNG, JPEG or DICOM image, else raise UploadRejected."""
+def check_image(data: bytes, max_pixels: int, accept_colour: bool = False) -> tuple[int, int]:
+    """Return (width, height) of a decodable single-frame PNG, JPEG or DICOM image that follows the
+    colour rule (:mod:`models.imaging.files`; a mask may have any colour), else raise UploadRejected."""
     if not data:
         raise UploadRejected(422, "the file is empty")
     if is_dicom(data):
@@ -99,10 +101,15 @@ def check_image(data: bytes, max_pixels: int) -> tuple[int, int]:
                 if getattr(img, "n_frames", 1) > 1:
                     raise UploadRejected(422, "animated or multi-frame images are not accepted")
                 img.load()
+                to_grayscale(img, accept_colour)
     except UploadRejected:
         raise
+    except ImageError as exc:
+        raise UploadRejected(STATUS[exc.kind], exc.message) from exc
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
-        raise UploadRejected(413, f"image is too large to decode safely: {exc}") from exc
+        # Pillow's own guard, met while opening, before the size check above
+        limit = min(max_pixels, Image.MAX_IMAGE_PIXELS)
+        raise UploadRejected(413, f"image has more than {limit} pixels, the limit", "too_large") from exc
     except (OSError, ValueError, SyntaxError) as exc:
         raise UploadRejected(422, f"the {kind} file cannot be decoded (truncated or corrupt)") from exc
     return width, height

@@ -11,10 +11,18 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
-from models.imaging.dicom import read_dicom
-from tests.dicom_files import STUDY, encode, jpeg_lossless, radiograph, structured_report
+from models.imaging.dicom import DIFFERENCE_COMMENTS, IMAGE_COMMENTS, read_dicom
+from tests.dicom_files import (
+    STUDY,
+    encode,
+    grey_in_colour,
+    jpeg_baseline,
+    jpeg_lossless,
+    radiograph,
+    structured_report,
+)
 from tests.models.imaging.test_dicom import REFUSALS, _voi_lut
-from tests.stack import poll, submit
+from tests.stack import poll, submit, wait_for
 
 DICOM_FILES = {"counterfactual.dcm", "difference.dcm"}
 OUTPUTS = ("counterfactual.dcm", "counterfactual.png")
@@ -69,6 +77,23 @@ def test_dicom_inputs_give_a_secondary_capture_in_the_same_study(service, name):
     np.testing.assert_allclose(shown, png, atol=1.0 / (2 ** int(ds.BitsStored) - 1) + 1e-6)
 
 
+def _outputs(url: str, data: bytes) -> tuple[dict, list[Dataset]]:
+    status = poll(url, submit(url, data, steps="2").json()["id"], {"succeeded", "failed"})
+    assert status["status"] == "succeeded", status
+    files = status["result"]["files"]
+    return status["result"], [dcmread(io.BytesIO(httpx.get(url + files[n]).content)) for n in sorted(DICOM_FILES)]
+
+
+def test_a_lossy_source_marks_both_outputs_lossy_and_grey_in_colour_comes_back_monochrome(service):
+    _, (counterfactual, difference) = _outputs(service.url, encode(jpeg_baseline(*radiograph(bits_stored=8))))
+    for image in (counterfactual, difference):
+        assert image.LossyImageCompression == "01" and image.LossyImageCompressionMethod == "ISO_10918_1"
+    assert counterfactual.ImageComments == IMAGE_COMMENTS and difference.ImageComments == DIFFERENCE_COMMENTS
+    result, (counterfactual, _) = _outputs(service.url, encode(grey_in_colour(*radiograph(bits_stored=8))))
+    assert result["input_colour"] == "RGB" and counterfactual.PhotometricInterpretation == "MONOCHROME2"
+    assert "LossyImageCompression" not in counterfactual
+
+
 @pytest.mark.parametrize("name", REFUSALS)
 def test_dicom_refusals_are_4xx_naming_the_reason(service, name):
     make, kind, needle = REFUSALS[name]
@@ -76,6 +101,21 @@ def test_dicom_refusals_are_4xx_naming_the_reason(service, name):
     assert r.status_code == {"invalid": 422, "unsupported": 415}[kind], r.text
     detail = r.json()["detail"][0]
     assert detail["loc"] == ["body", "image"] and needle in detail["msg"]
+
+
+def _corrupt_jpeg2000() -> bytes:
+    data = bytearray(encode(_compressed(JPEG2000Lossless)))
+    start = data.index(b"\xff\x4f\xff\x51")  # SOC, SIZ: the codestream's header
+    data[start + 4 : start + 40] = bytes(36)  # every decoder fails, and pydicom logs each failure at ERROR
+    return bytes(data)
+
+
+def test_a_refused_dicom_leaves_no_error_and_no_tag_in_the_logs(service):
+    r = submit(service.url, _corrupt_jpeg2000())
+    assert r.status_code == 422 and "cannot be decoded" in r.json()["detail"][0]["msg"], r.text
+    log = wait_for(service.log.read_text, lambda text: r.headers["X-Request-ID"] in text, "the 422's log line", 60)
+    lines = [line for line in log.splitlines() if "ERROR" in line or "pydicom" in line or "Doe" in line]
+    assert not lines, lines
 
 
 def test_structured_report_is_not_an_image(service):

@@ -123,6 +123,23 @@ def test_prism_submit_from_the_readme(service, tmp_path):
     assert (tmp_path / "o" / "result.json").exists() and "scoring: 100%" in proc.stderr
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--mask", "{image}"], "an anatomy mask is used by method=guided only"),
+        (["--webhook", "https://example.org/hook", "--webhook-events", "finished"], "webhook_events"),
+    ],
+)
+def test_prism_submit_sends_its_mask_and_webhook_events(service, tmp_path, flags, message):
+    image = write_png(tmp_path / "scan.png", xray_like(40, 40))
+    proc = subprocess.run(
+        prism("submit", "--url", service.url, "--image", str(image), "--original-prompt", SOURCE,
+              "--edit-prompt", EDIT, "--out", str(tmp_path / "o"), *[f.format(image=image) for f in flags]),
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
 def test_client_waits_out_retry_after(monkeypatch):
     full = {"detail": [{"loc": [], "msg": "full", "type": "queue_full"}]}
     answers = iter(
@@ -178,6 +195,11 @@ def test_request_ids_are_returned_and_logged(service):
     assert mine.status_code == 200 and mine.headers["X-Request-ID"] == "3f1c2a9e8b7d4c6a9e0f1a2b3c4d5e6f"
     made = httpx.get(f"{service.url}/jobs/{'0' * 32}").headers["X-Request-ID"]
     assert len(made) == 32 and made != mine.headers["X-Request-ID"]
+    for theirs in ("my-req-42", "MSH.10:20261204.0001_a", "x" * 128):  # a hospital tool's own ids are kept
+        assert httpx.get(f"{service.url}/livez", headers={"X-Request-ID": theirs}).headers["X-Request-ID"] == theirs
+    for unsafe in ("x" * 129, "two words", "a/b", "id\u00e9".encode()):  # others are replaced by a fresh one
+        answer = httpx.get(f"{service.url}/livez", headers={"X-Request-ID": unsafe}).headers["X-Request-ID"]
+        assert len(answer) == 32 and int(answer, 16) >= 0
     wait_for(
         service.log.read_text,
         lambda log: "[3f1c2a9e8b7d4c6a9e0f1a2b3c4d5e6f]" in log and f"[{made}]" in log,

@@ -67,10 +67,6 @@ def test_upload_submit_follow_and_compare(builtin_service, tmp_path):
         driver.find_element(By.CSS_SELECTOR, "#advanced summary").click()
         _screenshot(driver, "page-after.png", tmp_path)
 
-        _set(driver, "original_prompt", " ")
-        driver.find_element(By.ID, "submit").click()
-        wait.until(lambda d: "original_prompt" in d.find_element(By.ID, "message").text)
-        assert "Some fields need a change" in driver.find_element(By.ID, "message").text
         urls = requested_urls(driver)
     assert foreign(urls, service.url) == []
     assert any(u.endswith("/counterfactual") for u in urls)
@@ -107,3 +103,53 @@ def test_findings_form_and_dicom_preview(builtin_service, tmp_path):
     status = httpx.get(f"{service.url}/jobs/{job_id}").json()
     assert status["prompts"]["original_prompt"] == "Chest X-ray showing Support Devices"
     assert "counterfactual.dcm" in links and np.isfinite(status["result"]["s_clip"])
+
+
+def _shown(driver, element_id: str) -> str:
+    """The text of an element when it is shown, else ''."""
+    element = driver.find_element(By.ID, element_id)
+    return element.text if element.get_attribute("hidden") is None else ""
+
+
+def test_errors_sit_at_their_field_and_clear_when_it_changes(builtin_service, tmp_path):
+    from tests.dicom_files import encode, grey_in_colour, radiograph
+
+    colour = tmp_path / "colour.dcm"
+    colour.write_bytes(encode(grey_in_colour(*radiograph(bits_stored=8), tint=60)))
+    grey = write_png(tmp_path / "grey.png", np.linspace(0, 1, 48 * 40, dtype=np.float32).reshape(48, 40))
+    with chromium() as driver:
+        wait = WebDriverWait(driver, STALL_S)
+        driver.get(builtin_service.url + "/")
+        wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "true")
+        for name in ("original_prompt", "edit_prompt"):  # an example is a hint, not a value that looks given
+            assert driver.find_element(By.ID, name).get_attribute("placeholder") in (None, "")
+            assert "For example" in driver.find_element(By.ID, f"hint-{name}").text
+
+        # a refused DICOM: its reason at the image, no preview left behind, and Generate keeps the reason
+        driver.find_element(By.ID, "image").send_keys(str(colour))
+        wait.until(lambda d: "colour image" in _shown(d, "error-image"))
+        assert driver.find_element(By.ID, "preview-figure").get_attribute("hidden") is not None
+        assert driver.find_element(By.ID, "preview").get_attribute("src") in (None, "")
+        driver.find_element(By.ID, "submit").click()
+        assert "colour image" in _shown(driver, "error-image")
+        assert "Choose an image first" not in driver.find_element(By.ID, "message").text
+
+        # a good image clears it; an empty prompt is named at its field and cleared by typing one
+        driver.find_element(By.ID, "image").send_keys(str(grey))
+        wait.until(lambda d: d.find_element(By.ID, "preview").get_attribute("data-ready") == "true")
+        assert _shown(driver, "error-image") == ""
+        _set(driver, "edit_prompt", "chest x-ray of a patient without support devices")
+        driver.find_element(By.ID, "submit").click()
+        assert "Required" in _shown(driver, "error-original_prompt") and _shown(driver, "error-edit_prompt") == ""
+        assert driver.find_element(By.ID, "original_prompt").get_attribute("aria-invalid") == "true"
+        _set(driver, "original_prompt", "chest x-ray of a patient with support devices")
+        assert _shown(driver, "error-original_prompt") == "" and driver.find_element(By.ID, "message").text == ""
+
+        # the service's 422 for an advanced field lands at that field, and clears when it is edited
+        driver.find_element(By.CSS_SELECTOR, "#advanced summary").click()
+        _set(driver, "opt-self_replace_steps", "0.4,2")
+        driver.find_element(By.ID, "submit").click()
+        wait.until(lambda d: _shown(d, "error-self_replace_steps") != "")
+        assert "Some fields need a change" in driver.find_element(By.ID, "message").text
+        _set(driver, "opt-self_replace_steps", "0.5")
+        assert _shown(driver, "error-self_replace_steps") == "" and driver.find_element(By.ID, "message").text == ""

@@ -1,8 +1,10 @@
 """Bad input, Redis faults, cancellation and tenants, against real Redis, workers and an API."""
 
 import io
+import struct
 import subprocess
 import time
+import zlib
 
 import httpx
 import numpy as np
@@ -64,8 +66,26 @@ def _bomb() -> bytes:
     return buf.getvalue()
 
 
-def _jpeg(mode: str = "RGB", exif_orientation: int | None = None) -> bytes:
-    img = Image.new(mode, (40, 20), (10, 200, 30) if mode == "RGB" else (0, 0, 0, 0))
+def _huge_png(side: int) -> bytes:
+    """A PNG header announcing side x side pixels (Pillow refuses it on opening, as a bomb)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def _coloured_png(mode: str) -> bytes:
+    img = Image.new("RGB", (24, 24), (100, 100, 100))
+    img.paste((250, 100, 100), (0, 0, 8, 8))
+    buf = io.BytesIO()
+    img.convert(mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _jpeg(mode: str = "RGB", exif_orientation: int | None = None, colour: tuple[int, ...] | None = None) -> bytes:
+    img = Image.new(mode, (40, 20), colour or ((90, 90, 90) if mode == "RGB" else (0, 0, 0, 0)))
     buf = io.BytesIO()
     exif = Image.Exif()
     if exif_orientation:
@@ -83,6 +103,10 @@ def _jpeg(mode: str = "RGB", exif_orientation: int | None = None) -> bytes:
         ("truncated", png()[:100], 422, "truncated"),
         ("animated", _apng(), 422, "multi-frame"),
         ("bomb", _bomb(), 413, "pixels"),
+        ("20000 x 20000", _huge_png(20_000), 413, "more than 16777216 pixels, the limit"),
+        ("colour JPEG", _jpeg(colour=(10, 200, 30)), 422, "colour image (RGB; its channels differ by up to"),
+        ("colour PNG", _coloured_png("RGBA"), 422, "colour image (RGBA; its channels differ by up to 150/255)"),
+        ("colour palette PNG", _coloured_png("P"), 422, "colour image (P; its channels differ by up to"),
         ("garbage after signature", b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, 422, "cannot be decoded"),
     ],
 )
@@ -111,13 +135,15 @@ def test_accepted_image_kinds_come_back_at_their_size(cluster, image, expected_s
     assert Image.open(io.BytesIO(cf)).size == expected_size
 
 
-def test_rgba_and_16_bit_png_accepted(cluster):
+def test_grey_stored_in_colour_and_16_bit_png_are_accepted_and_the_result_says_which(cluster):
     rgba = io.BytesIO()
-    Image.new("RGBA", (24, 24), (200, 100, 50, 128)).save(rgba, format="PNG")
+    Image.new("RGBA", (24, 24), (120, 120, 120, 128)).save(rgba, format="PNG")
     wide = io.BytesIO()
     Image.fromarray((xray_like(32, 32) * 65535).astype(np.uint16)).save(wide, format="PNG")
-    for content in (rgba.getvalue(), wide.getvalue()):
-        assert submit(cluster.url, content).status_code == 202
+    for content, colour in ((rgba.getvalue(), "RGBA"), (wide.getvalue(), None)):
+        r = submit(cluster.url, content, steps="2")
+        assert r.status_code == 202, r.text
+        assert poll(cluster.url, r.json()["id"], {"succeeded", "failed"})["result"]["input_colour"] == colour
 
 
 @pytest.mark.parametrize(
@@ -179,16 +205,22 @@ def test_cancel_queued_and_running(tmp_path, tiny_model_dir):
         wait_ready(c.url)
         running = submit(c.url, steps="60").json()["id"]
         at_cancel = wait_running(c.url, running)
-        assert httpx.post(f"{c.url}/jobs/{running}/cancel").status_code == 200
+        asked = httpx.post(f"{c.url}/jobs/{running}/cancel")
+        assert asked.status_code == 202 and asked.json()["status"] == "running"
         final = poll(c.url, running, {"succeeded", "failed", "canceled"})
         assert final["status"] == "canceled" and final["error"] is None and final["result"] is None
         # it stopped inside the phase it was in, long before that phase's last step
         assert final["progress"]["phase"] == at_cancel["progress"]["phase"]
         assert final["progress"]["step"] < final["progress"]["total"] / 2
         assert not Redis.from_url(c.redis.url).keys(f"prism:*{running}*")
+        again = httpx.post(f"{c.url}/jobs/{running}/cancel")
+        assert again.status_code == 200 and again.json()["status"] == "canceled"
         done = submit(c.url, steps="2").json()["id"]
         poll(c.url, done, {"succeeded"})
         assert httpx.post(f"{c.url}/jobs/{done}/cancel").status_code == 409
+        lines = httpx.get(f"{c.url}/metrics").text.splitlines()
+        jobs = {line.split('"')[1]: float(line.split()[1]) for line in lines if line.startswith("prism_jobs{")}
+        assert (jobs["canceled"], jobs["failed"], jobs["succeeded"]) == (2, 0, 1)  # a cancel is no failure
 
 
 def test_idempotency_key(cluster):
@@ -241,6 +273,9 @@ def test_api_keys_ownership_and_rate_limit(tmp_path, tiny_model_dir):
         assert httpx.get(f"{c.url}/jobs/{job_id}/files/counterfactual.png", headers=b).status_code == 404
         assert httpx.post(f"{c.url}/jobs/{job_id}/cancel", headers=b).status_code == 404
         assert httpx.get(f"{c.url}/jobs/{job_id}/files/counterfactual.png", headers=a).status_code == 200
+        refused = [submit(c.url, headers=a, steps="0"), submit(c.url, b"GIF89a", headers=a)]
+        refused.append(httpx.post(f"{c.url}/counterfactual", json={}, headers=a))
+        assert [r.status_code for r in refused] == [422, 415, 415]  # none of these counts towards the limit
         codes = [submit(c.url, headers=a, steps="1").status_code for _ in range(3)]
         assert codes[:2] == [202, 202] and codes[2] == 429
         assert submit(c.url, headers=b, steps="1").status_code == 202  # limits are per key

@@ -15,7 +15,7 @@ from redis import Redis
 from cli.local_redis import free_port
 from models.request.report import EditReport
 from tests.helpers import png_bytes, xray_like
-from tests.stack import ApiProcess, poll, service_env, submit
+from tests.stack import ApiProcess, job_state, poll, service_env, submit
 
 
 def _submit(url: str, image: bytes, **fields) -> httpx.Response:
@@ -80,6 +80,10 @@ def test_unknown_job_and_file(service):
     poll(service.url, job_id, {"succeeded", "failed"})
     assert httpx.get(f"{service.url}/jobs/{job_id}/files/secret.txt").status_code == 404
     assert httpx.get(f"{service.url}/jobs/{job_id}/files/..%2Fresult.json").status_code == 404
+    missing = httpx.get(f"{service.url}/jobs/{job_id}/files/counterfactual.dcm")  # a PNG job has no DICOM
+    listed = missing.json()["detail"][0]["msg"].split("its files: ")[1].split(", ")
+    assert missing.status_code == 404 and set(listed) == set(job_state(service.url, job_id)["result"]["files"])
+    assert "counterfactual.dcm" not in listed and "result.json" in listed
 
 
 @pytest.mark.parametrize(
@@ -152,3 +156,48 @@ def test_readyz_without_workers_is_503(redis_server, tiny_model_dir, tmp_path):
         assert r.status_code == 503 and r.json() == {"status": "unavailable", "redis": True, "workers": 0}
     finally:
         api.stop()
+
+
+GREY = png_bytes(xray_like(32, 32))
+PROMPTS = {"original_prompt": "chest x-ray with support devices", "edit_prompt": "chest x-ray"}
+
+
+@pytest.mark.parametrize(
+    ("send", "status", "loc", "message"),
+    [
+        (lambda url: httpx.post(url, json={"image": "x", **PROMPTS}), 415, ["header", "Content-Type"], "multipart"),
+        (lambda url: httpx.post(url, data={"image": "x", **PROMPTS}), 415, ["header", "Content-Type"], "multipart"),
+        (
+            lambda url: httpx.post(url, data={"image": "hello", **PROMPTS}, files={"mask": ("m.png", GREY)}),
+            422,
+            ["body", "image"],
+            "must be a file part (curl: -F image=@file), not text",
+        ),
+        (
+            lambda url: httpx.post(url, data=PROMPTS, files=[("image", ("a.png", GREY)), ("image", ("b.png", GREY))]),
+            422,
+            ["body", "image"],
+            "is given more than once",
+        ),
+        (
+            lambda url: httpx.post(url, data=PROMPTS, files={"image": ("a.png", GREY), "mask": ("m.png", GREY)}),
+            422,
+            ["body", "mask"],
+            "an anatomy mask is used by method=guided only, not by method=prism",
+        ),
+    ],
+    ids=["json", "urlencoded", "text for the file", "two images", "mask without guided"],
+)
+def test_a_malformed_request_is_told_plainly_what_to_send(service, send, status, loc, message):
+    r = send(f"{service.url}/counterfactual")
+    assert r.status_code == status, r.text
+    detail = r.json()["detail"]
+    assert any(d["loc"] == loc and message in d["msg"] for d in detail), detail
+    for internal in ("Value error", "<class", "UploadFile"):
+        assert internal not in r.text
+
+
+def test_findings_messages_carry_no_pydantic_prefix(service):
+    r = submit(service.url, original_prompt="", edit_prompt="", findings="Support Devices=7", edit="Edema=1")
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "findings"], r.text
+    assert not r.json()["detail"][0]["msg"].startswith("Value error")

@@ -110,8 +110,17 @@ def test_edit_names_the_flag_and_file_it_cannot_read(tmp_path):
     image = write_png(tmp_path / "x.png", xray_like(32, 32))
     (tmp_path / "mask.png").write_bytes(b"not an image")
     prompts = ["--original-prompt", "chest x-ray with support devices", "--edit-prompt", "chest x-ray"]
+    guided = ["--method", "guided", "--classifier-targets", "Support Devices=0"]
     bad_mask = _prism(
-        "edit", "--image", str(image), "--mask", str(tmp_path / "mask.png"), *prompts, "--out", str(tmp_path / "o")
+        "edit",
+        "--image",
+        str(image),
+        "--mask",
+        str(tmp_path / "mask.png"),
+        *guided,
+        *prompts,
+        "--out",
+        str(tmp_path / "o"),
     )
     assert bad_mask.returncode == 2
     assert f"prism edit: error: --mask: {tmp_path / 'mask.png'}: not a PNG, JPEG or DICOM" in bad_mask.stderr

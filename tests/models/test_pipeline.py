@@ -7,7 +7,7 @@ import torch
 
 from models.diffusion.attention_control import BlendMaps
 from models.diffusion.inversion import InversionCache
-from models.imaging.geometry import DecodedImage
+from models.imaging.files import DecodedImage
 from models.pipeline import edited_regions, generate_counterfactual
 from models.request.params import EditParams, NullTextSettings
 from models.request.report import FILE_NAMES

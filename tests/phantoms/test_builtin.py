@@ -45,7 +45,7 @@ def test_classifier_recognises_held_out_findings():
 
 
 def test_residual_counterfactual_keeps_the_input_where_the_latent_was_not_edited(builtin):
-    from models.imaging.geometry import DecodedImage
+    from models.imaging.files import DecodedImage
     from models.pipeline import generate_counterfactual
     from models.request.resolve import ResolvedEdit
     from phantoms.captions import explicit_caption

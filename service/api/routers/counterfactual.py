@@ -9,7 +9,15 @@ from fastapi.responses import JSONResponse
 
 from models.request.errors import InvalidInput
 from models.request.resolve import resolve
-from service.api.deps import SettingsDep, Store, Tenant, rate_limit, require_utf8_form
+from service.api.deps import (
+    Admitted,
+    SettingsDep,
+    Store,
+    Tenant,
+    one_part_per_field,
+    require_multipart,
+    require_utf8_form,
+)
 from service.api.docs import RETRY_AFTER, error_responses
 from service.api.errors import retry_after
 from service.api.forms import CounterfactualForm
@@ -28,7 +36,7 @@ router = APIRouter(tags=["counterfactuals"])
     status_code=202,
     response_model=JobAccepted,
     summary="Submit an image for a counterfactual edit",
-    dependencies=[Depends(require_utf8_form), Depends(rate_limit)],
+    dependencies=[Depends(require_multipart), Depends(require_utf8_form), Depends(one_part_per_field)],
     responses={
         202: {
             "description": "Accepted: poll the job at `Location`, after `Retry-After` seconds",
@@ -42,7 +50,7 @@ router = APIRouter(tags=["counterfactuals"])
                 401: "missing or invalid X-API-Key",
                 409: "Idempotency-Key reused with a different request",
                 413: "request body or image too large",
-                415: "not a PNG, JPEG or DICOM image, or a DICOM object that is not an image",
+                415: "not a multipart form, not a PNG, JPEG or DICOM image, or a DICOM object that is not an image",
                 422: "a field is invalid; `loc` names it",
                 429: "rate limit of this API key exceeded; retry after Retry-After",
                 503: "Redis unreachable or queue full; retry after Retry-After",
@@ -56,6 +64,7 @@ def submit(
     store: Store,
     tenant: Tenant,
     settings: SettingsDep,
+    admission: Admitted,
     idempotency_key: Annotated[
         str | None, Header(max_length=200, description="repeat a POST with the same key to get the same job back")
     ] = None,
@@ -63,11 +72,12 @@ def submit(
     image = read_upload(form.image.file, settings.max_upload_bytes, settings.max_image_pixels)
     mask = None if form.mask is None else read_mask(form.mask.file, image.size, settings)
     request = form.job_request()
-    edit = resolve(request)
+    edit = resolve(request, with_mask=mask is not None)
     if request.webhook is not None:
         check_webhook_url(request.webhook, settings.webhook_allow_private)
         if signing_secret(http.app.state.tenants, tenant, settings.webhook_secret) is None:
             raise InvalidInput("webhook", "no secret to sign webhooks with: use a key from `prism keys add`")
+    admission.admit()
     job_id = store.submit(image.data, request, edit, tenant, idempotency_key, mask)
     body = JobAccepted(id=job_id, links=links(job_id)).model_dump(mode="json")
     headers = {"Location": f"/jobs/{job_id}", **retry_after(settings.retry_after_s)}

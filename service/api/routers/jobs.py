@@ -65,14 +65,22 @@ def job_status(job_id: str, store: Store, tenant: Tenant) -> JobStatus:
     operation_id="cancel_job",
     response_model=JobStatus,
     summary="Cancel a job: a queued job is removed, a running one stops within one denoising step",
-    responses=error_responses(
-        {**COMMON, 404: NOT_FOUND, 409: "the job has already finished", 422: "malformed request"}
+    description=(
+        "200 with `status` `canceled` when the job is canceled (a queued job at once; asking again is "
+        "harmless and answers the same). 202 with `status` `running` when the job is running: it stops "
+        "within one denoising step, then its status reads `canceled`. 409 once it has succeeded or failed."
     ),
+    responses={
+        202: {"model": JobStatus, "description": "running: the cancellation is requested"},
+        **error_responses({**COMMON, 404: NOT_FOUND, 409: "the job has already finished", 422: "malformed request"}),
+    },
 )
-def cancel(job_id: str, store: Store, tenant: Tenant) -> JobStatus:
+def cancel(job_id: str, store: Store, tenant: Tenant, response: Response) -> JobStatus:
     status = store.cancel(job_id, tenant)
     if status is None:
         raise JobNotFound
+    if status.status != "canceled":
+        response.status_code = 202
     return status
 
 
@@ -99,6 +107,11 @@ def job_file(
 ) -> Response:
     content = store.file(job_id, name, tenant)
     if content is None:
-        raise FileNotFound(f"no file {name!r} for this job; files: {', '.join(FILE_NAMES)}")
+        status = store.status(job_id, tenant)
+        if status is None:
+            raise JobNotFound
+        if not status.links.files:
+            raise FileNotFound(f"the job has no files: it is {status.status}")
+        raise FileNotFound(f"no file {name!r} for this job; its files: {', '.join(status.links.files)}")
     media_type = MEDIA_TYPES[name[name.rindex(".") :]]
     return Response(content, media_type=media_type, headers={"Content-Disposition": f'attachment; filename="{name}"'})

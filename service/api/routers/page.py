@@ -11,7 +11,7 @@ from fastapi.responses import FileResponse, Response
 
 from models.request.findings import CONDITIONS
 from models.request.params import EditParams
-from service.api.deps import SettingsDep, rate_limit
+from service.api.deps import Admitted, SettingsDep, one_part_per_field, require_multipart
 from service.api.docs import error_responses
 from service.api.schemas import ServiceInfo
 from service.api.uploads import dicom_preview
@@ -43,7 +43,7 @@ def service_info(request: Request, settings: SettingsDep) -> ServiceInfo:
     operation_id="preview_dicom",
     tags=["counterfactuals"],
     summary="An 8-bit PNG of a DICOM image as the model will see it (for showing an upload)",
-    dependencies=[Depends(rate_limit)],
+    dependencies=[Depends(require_multipart), Depends(one_part_per_field)],
     response_class=Response,
     responses={
         200: {"description": "the image", "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}},
@@ -51,7 +51,7 @@ def service_info(request: Request, settings: SettingsDep) -> ServiceInfo:
             {
                 401: "missing or invalid X-API-Key",
                 413: "too large",
-                415: "not DICOM",
+                415: "not a multipart form, or not DICOM",
                 422: "unreadable",
                 429: "rate limited",
                 503: "Redis unreachable",
@@ -62,6 +62,8 @@ def service_info(request: Request, settings: SettingsDep) -> ServiceInfo:
 def preview(
     image: Annotated[UploadFile, File(description="a DICOM file", json_schema_extra={"format": "binary"})],
     settings: SettingsDep,
+    admission: Admitted,
 ) -> Response:
-    data = image.file.read(settings.max_upload_bytes + 1)
-    return Response(dicom_preview(data, settings.max_image_pixels), media_type="image/png")
+    png = dicom_preview(image.file.read(settings.max_upload_bytes + 1), settings.max_image_pixels)
+    admission.admit()
+    return Response(png, media_type="image/png")

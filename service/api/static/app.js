@@ -19,9 +19,10 @@ async function api(path, options = {}) {
 
 function objectUrl(blob) { const url = URL.createObjectURL(blob); urls.push(url); return url; }
 
-function showMessage(text, details = []) {
+function showMessage(text, details = [], forFields = false) {
   const box = $("message");
   box.textContent = "";
+  box.dataset.fields = String(forFields);
   if (!text) return;
   const p = document.createElement("p"); p.textContent = text; box.append(p);
   if (details.length) {
@@ -31,21 +32,45 @@ function showMessage(text, details = []) {
   }
 }
 
+// A refusal's errors belong to the fields they name (shown beside them, cleared when that field
+// changes); the box under the buttons holds the summary and errors that name no field.
+function fieldError(name, text) {
+  const box = $(`error-${name}`);
+  if (!box) return false;
+  box.textContent = text; box.hidden = !text;
+  const input = name === "image" ? $("drop") : document.querySelector(`[name="${name}"]`);
+  if (input) input.setAttribute("aria-invalid", text ? "true" : "false");
+  return true;
+}
+
+function clearFieldError(name) {
+  fieldError(name, "");
+  if ($("message").dataset.fields === "true" && !document.querySelector(".error:not([hidden])")) showMessage("");
+}
+
+function clearErrors() {
+  for (const box of document.querySelectorAll(".error")) fieldError(box.id.slice("error-".length), "");
+  showMessage("");
+}
+
 async function showError(response) {
-  let details = [];
+  let general = [], placed = 0;
   try {
     const body = await response.json();
-    details = (body.detail || []).map((d) => {
-      const where = (d.loc || []).filter((part) => !["body", "path", "query", "header"].includes(part)).join(".");
-      return where ? `${where}: ${d.msg}` : d.msg;
-    });
-  } catch { details = [response.statusText]; }
+    for (const d of body.detail || []) {
+      const parts = (d.loc || []).filter((part) => !["body", "path", "query", "header"].includes(part));
+      const where = parts.join(".");
+      if (fieldError(parts[0], d.msg)) placed += 1;
+      else general.push(where ? `${where}: ${d.msg}` : d.msg);
+    }
+  } catch { general = [response.statusText]; }
   const retry = response.headers.get("Retry-After");
   const titles = { 401: "The API key is missing or wrong.", 413: "The upload is too large.", 415: "This file type is not accepted.",
     422: "Some fields need a change.", 429: "Too many submissions for this key.", 503: "The service is busy or unavailable." };
   let title = titles[response.status] || `The service answered ${response.status}.`;
   if (retry && (response.status === 429 || response.status === 503)) title += ` Try again in ${retry} s.`;
-  showMessage(title, details);
+  showMessage(title, general, placed > 0 && general.length === 0);
+  if ($("error-image").textContent) clearPreview();  // a refused image is not kept as the chosen one
 }
 
 function field(name, schema) {
@@ -76,7 +101,9 @@ function field(name, schema) {
   const hint = document.createElement("p");
   hint.className = "hint"; hint.id = `hint-${name}`; hint.textContent = schema.description || "";
   input.setAttribute("aria-describedby", hint.id);
-  wrap.append(label, input, hint);
+  const error = document.createElement("p");
+  error.className = "error"; error.id = `error-${name}`; error.hidden = true;
+  wrap.append(label, input, hint, error);
   return wrap;
 }
 
@@ -110,8 +137,18 @@ function labels(prefix) {
   return out;
 }
 
+function clearPreview() {
+  chosen = null;
+  $("preview-figure").hidden = true;
+  $("preview").removeAttribute("src");
+  delete $("preview").dataset.ready;
+  $("image").value = "";
+}
+
 async function choose(file) {
   if (!file) return;
+  clearPreview();
+  clearFieldError("image");
   $("preview-figure").hidden = false;
   $("preview-caption").textContent = `${file.name} (${Math.round(file.size / 1024)} KiB)`;
   const head = new Uint8Array(await file.slice(128, 132).arrayBuffer());
@@ -120,7 +157,7 @@ async function choose(file) {
   if (dicom) {
     const body = new FormData(); body.append("image", file);
     const response = await api("/preview", { method: "POST", body });
-    if (!response.ok) { await showError(response); return; }
+    if (!response.ok) { clearPreview(); await showError(response); return; }
     blob = await response.blob();
     $("preview-caption").textContent += " — DICOM, shown as the model will see it";
   }
@@ -132,12 +169,22 @@ let chosen = null;
 
 async function submit(event) {
   event.preventDefault();
-  showMessage("");
   sessionStorage.setItem("prism-api-key", $("api-key").value);
-  if (!chosen) { showMessage("Choose an image first.", ["image: required"]); $("drop").focus(); return; }
+  const byPrompts = document.querySelector('input[name="mode"]:checked').value === "prompts";
+  const missing = [];
+  if (!chosen && !$("error-image").textContent) missing.push(["image", "Choose an image first."]);
+  if (byPrompts && !$("original_prompt").value.trim()) missing.push(["original_prompt", "Required: describe what the image shows."]);
+  if (byPrompts && !$("edit_prompt").value.trim()) missing.push(["edit_prompt", "Required: describe what the counterfactual should show."]);
+  if (!chosen || missing.length) {
+    for (const [name, text] of missing) fieldError(name, text);
+    showMessage("Some fields need a change.", [], true);
+    (chosen ? $(missing[0][0]) : $("drop")).focus();
+    return;
+  }
+  clearErrors();
   const body = new FormData();
   body.append("image", chosen.file, chosen.file.name);
-  if (document.querySelector('input[name="mode"]:checked').value === "findings") {
+  if (!byPrompts) {
     body.append("findings", JSON.stringify(labels("f")));
     body.append("edit", JSON.stringify(labels("e")));
   } else {
@@ -283,7 +330,14 @@ function wire() {
   drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove("over"); choose(e.dataTransfer.files[0]); });
   picker.addEventListener("change", () => choose(picker.files[0]));
   for (const radio of document.querySelectorAll('input[name="mode"]'))
-    radio.addEventListener("change", () => { const f = radio.value === "findings" && radio.checked; if (radio.checked) { $("findings").hidden = !f; $("prompts").hidden = f; } });
+    radio.addEventListener("change", () => {
+      const f = radio.value === "findings" && radio.checked;
+      if (radio.checked) { $("findings").hidden = !f; $("prompts").hidden = f; }
+      for (const name of ["original_prompt", "edit_prompt", "findings", "edit"]) clearFieldError(name);
+    });
+  for (const kind of ["input", "change"])  // also for the advanced fields, built later from the schema
+    $("job-form").addEventListener(kind, (e) => { if (e.target.name) clearFieldError(e.target.name); });
+  $("findings-rows").addEventListener("change", () => { clearFieldError("findings"); clearFieldError("edit"); });
   $("job-form").addEventListener("submit", submit);
   $("cancel").addEventListener("click", cancel);
   $("compare-slider").addEventListener("input", (e) => { $("compare-after").style.clipPath = `inset(0 ${100 - e.target.value}% 0 0)`; });

@@ -13,7 +13,7 @@ from models.diffusion.components import embed_prompts, encode_latent
 from models.diffusion.ddim import DDIMSampler
 from models.diffusion.editing import EditSpec, build_control, denoise
 from models.diffusion.inversion import Inversion, InversionCache, _eps, backward_through, ddim_invert, direct_offsets
-from models.imaging.geometry import DecodedImage
+from models.imaging.files import DecodedImage
 from models.methods.prism import invert
 from models.pipeline import generate_counterfactual
 from models.request.params import EditParams, NullTextSettings

@@ -9,7 +9,7 @@ from torch import nn
 
 from models.diffusion.components import load_bundle
 from models.evaluation.quality import EvalCase, evaluate, frechet_distance, load_cases, markdown, ms_ssim, ssim
-from models.imaging.geometry import encode_png
+from models.imaging.files import encode_png
 from models.request.errors import InvalidInput
 from models.scoring.clip import ClipScorer
 from models.weights.builtin import BUILTIN_DIR

@@ -8,12 +8,27 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless, SecondaryCaptureImageStorage
+from pydicom.uid import (
+    JPEG2000Lossless,
+    JPEGLSLossless,
+    RLELossless,
+    SecondaryCaptureImageStorage,
+    SegmentationStorage,
+)
 
-from models.imaging.dicom import IMAGE_COMMENTS, is_dicom, read_dicom, secondary_captures
-from models.imaging.geometry import decode_image
+from models.imaging.dicom import DIFFERENCE_COMMENTS, IMAGE_COMMENTS, is_dicom, read_dicom, secondary_captures
+from models.imaging.files import decode_image
 from models.request.errors import ImageError
-from tests.dicom_files import STUDY, encode, jpeg_lossless, malformed_value, radiograph, structured_report
+from tests.dicom_files import (
+    STUDY,
+    encode,
+    grey_in_colour,
+    jpeg_baseline,
+    jpeg_lossless,
+    malformed_value,
+    radiograph,
+    structured_report,
+)
 
 LIMIT = 4096 * 4096
 
@@ -131,9 +146,13 @@ def _multi_frame() -> bytes:
 
 
 def _colour() -> bytes:
-    ds, _ = radiograph(bits_stored=8)
-    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
-    ds.PixelData = np.zeros((48, 40, 3), np.uint8).tobytes()
+    ds, stored = radiograph(bits_stored=8)
+    return encode(grey_in_colour(ds, stored, tint=40))
+
+
+def _segmentation() -> bytes:
+    ds, _ = radiograph(bits_stored=1)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = SegmentationStorage
     return encode(ds)
 
 
@@ -150,7 +169,8 @@ def _truncated() -> bytes:
 
 REFUSALS = {
     "multi-frame": (_multi_frame, "invalid", "multi-frame"),
-    "colour": (_colour, "invalid", "colour"),
+    "colour": (_colour, "invalid", "colour image (RGB; its channels differ by up to 40/255)"),
+    "segmentation": (_segmentation, "unsupported", "not an image (SOP class 'Segmentation Storage')"),
     "no pixel data": (partial(_without, "PixelData"), "invalid", "no pixel data"),
     "structured report": (structured_report, "unsupported", "not an image"),
     "truncated": (_truncated, "invalid", "truncated or corrupt"),
@@ -199,9 +219,11 @@ def test_secondary_capture_round_trip(photometric, bits):
         for name in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyDate"):
             assert image[name].value == ds[name].value, name
         assert list(image.ImageType) == ["DERIVED", "SECONDARY"] and image.ConversionType == "SYN"
-        assert "NOT FOR DIAGNOSIS" in image.SeriesDescription and image.ImageComments == IMAGE_COMMENTS
+        assert "NOT FOR DIAGNOSIS" in image.SeriesDescription and "NOT FOR DIAGNOSIS" in image.ImageComments
+        assert "LossyImageCompression" not in image  # the input was never lossy-compressed
         assert image.DerivationDescription == "PRISM counterfactual: 'a' edited to 'b'"
         assert image.SourceImageSequence[0].ReferencedSOPInstanceUID == ds.SOPInstanceUID
+    assert out.ImageComments == IMAGE_COMMENTS and diff.ImageComments == DIFFERENCE_COMMENTS
     assert out.SeriesInstanceUID == diff.SeriesInstanceUID and out.SOPInstanceUID != diff.SOPInstanceUID
     assert out.PhotometricInterpretation == photometric and out.BitsStored == bits
     assert list(out.get("PatientOrientation") or []) == list(ds.get("PatientOrientation") or [])
@@ -221,3 +243,40 @@ def test_a_non_conformant_patient_attribute_is_left_empty_not_fatal():
     out = dcmread(io.BytesIO(files["counterfactual.dcm"]))
     assert out.StudyInstanceUID == STUDY and out.StudyDate == "" and out.PatientSex == ""
     assert (out.PatientID, out.PatientName, out.AccessionNumber) == (ds.PatientID, ds.PatientName, ds.AccessionNumber)
+
+
+def _outputs(data: bytes) -> list[Dataset]:
+    pixels, source = read_dicom(data, LIMIT)
+    files = secondary_captures(source, pixels, np.zeros((*pixels.shape, 3), np.uint8), "edit")
+    return [dcmread(io.BytesIO(files[name])) for name in ("counterfactual.dcm", "difference.dcm")]
+
+
+def test_a_lossy_jpeg_input_gives_outputs_marked_lossy_with_its_method():
+    ds, stored = radiograph(bits_stored=8)
+    pixels, _ = read_dicom(encode(jpeg_baseline(ds, stored)), LIMIT)
+    assert np.abs(pixels - _own_range(stored)).max() > 1e-3  # it did lose something
+    for image in _outputs(encode(ds)):
+        assert image.LossyImageCompression == "01" and image.LossyImageCompressionMethod == "ISO_10918_1"
+        assert "LossyImageCompressionRatio" not in image  # the input did not record one
+
+
+def test_an_input_that_records_an_earlier_lossy_step_passes_its_ratio_and_method_on():
+    ds, _ = radiograph()
+    ds.LossyImageCompression, ds.LossyImageCompressionRatio, ds.LossyImageCompressionMethod = (
+        "01",
+        [12.5],
+        "ISO_15444_1",
+    )
+    for image in _outputs(encode(ds)):
+        assert image.LossyImageCompression == "01" and image.LossyImageCompressionMethod == "ISO_15444_1"
+        assert float(image.LossyImageCompressionRatio) == 12.5
+
+
+def test_grey_stored_in_colour_is_read_as_grey_and_written_monochrome2():
+    ds, stored = radiograph(bits_stored=8)
+    data = encode(grey_in_colour(ds, stored, tint=3))  # within the tolerance
+    decoded = decode_image(data)
+    assert decoded.colour == "RGB"
+    np.testing.assert_allclose(decoded.pixels, _own_range(stored + 0.299 * 3), atol=1e-6)
+    counterfactual, _ = _outputs(data)
+    assert counterfactual.PhotometricInterpretation == "MONOCHROME2" and counterfactual.SamplesPerPixel == 1

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from models.diffusion.components import load_bundle
-from models.imaging.geometry import DecodedImage
+from models.imaging.files import DecodedImage
 from models.pipeline import generate_counterfactual
 from models.request.errors import InvalidInput
 from models.request.params import EditParams

@@ -1,0 +1,64 @@
+"""Example inputs for the README's commands, written by ``prism make-example``: a phantom chest
+radiograph with support devices and cardiomegaly as a PNG and as a DICOM DX image, and the guided
+method's anatomy mask. Synthetic, so nothing in them is anyone's data."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
+
+from phantoms.render import Anatomy, Findings, anatomy_mask, render
+
+EXAMPLE_SEED = 2025
+SIZE = 128
+COLUMNS = slice(12, 116)  # portrait, 128 x 104, as chest films are
+FINDINGS = Findings(cardiomegaly=True, pleural_effusion=False, support_devices=True)
+FILES = ("phantom.png", "study.dcm", "anatomy.png")
+
+
+def _png(pixels: np.ndarray, bits: int) -> bytes:
+    buffer = io.BytesIO()
+    peak = 2**bits - 1
+    stored = np.round(np.clip(pixels, 0, 1) * peak).astype(np.uint16 if bits == 16 else np.uint8)
+    Image.fromarray(stored).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _dicom(pixels: np.ndarray) -> bytes:
+    """A one-frame 12-bit DX For Presentation image of ``pixels`` with a synthetic patient."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = DigitalXRayImageStorageForPresentation
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.PatientName, ds.PatientID, ds.PatientSex, ds.PatientBirthDate = "PHANTOM^EXAMPLE", "PHANTOM-0001", "O", ""
+    ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "", "", "1", "", ""
+    ds.Modality, ds.SeriesNumber, ds.InstanceNumber, ds.PatientOrientation = "DX", 1, 1, ["L", "F"]
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.WindowCenter, ds.WindowWidth = 2048, 4096
+    ds.PixelData = np.round(np.clip(pixels, 0, 1) * 4095).astype(np.uint16).tobytes()
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def write_examples(out: Path) -> list[Path]:
+    """Write :data:`FILES` into ``out``; returns their paths."""
+    anatomy = Anatomy.sample(EXAMPLE_SEED, SIZE)
+    pixels = render(anatomy, FINDINGS)[:, COLUMNS]
+    keep = anatomy_mask(anatomy)[:, COLUMNS].astype(np.float32)
+    out.mkdir(parents=True, exist_ok=True)
+    contents = (_png(pixels, 16), _dicom(pixels), _png(keep, 8))
+    paths = [out / name for name in FILES]
+    for path, data in zip(paths, contents, strict=True):
+        path.write_bytes(data)
+    return paths

@@ -1,0 +1,61 @@
+"""The README's commands are the CLI's: every ``prism`` command in its shell blocks parses with
+the real parser (so no flag in the README is stale), and every input file they name is one that
+``prism make-example`` writes."""
+
+import re
+import shlex
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cli import build_parser
+from models.imaging.files import decode_image, keep_mask
+from phantoms.example import FILES, write_examples
+
+README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+
+
+def _shell_lines() -> list[str]:
+    """The README's sh blocks, one logical line each (continuations joined, prompts cut)."""
+    lines = []
+    for block in re.findall(r"```sh\n(.*?)```", README, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            lines.append(line.removeprefix("$ ").strip())
+    return lines
+
+
+def _prism_commands() -> list[list[str]]:
+    commands = []
+    for line in _shell_lines():
+        words = shlex.split(line, comments=True)
+        while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):  # VAR=value prefixes
+            words.pop(0)
+        if words and Path(words[0]).name == "prism" and "[" not in line:  # [--flag X] is syntax, not a command
+            commands.append([w for w in words[1:] if w != "&"])
+    return commands
+
+
+COMMANDS = _prism_commands()
+
+
+def test_the_readme_has_the_commands_a_newcomer_runs():
+    assert len(COMMANDS) >= 15
+    assert {c[0] for c in COMMANDS} >= {"make-example", "edit", "submit", "keys", "bench-phantom", "finetune"}
+
+
+@pytest.mark.parametrize("argv", COMMANDS, ids=[" ".join(c)[:60] for c in COMMANDS])
+def test_every_readme_command_parses(argv):
+    args = build_parser().parse_args(argv)
+    assert callable(args.func)
+
+
+def test_every_input_file_the_readme_names_is_written_by_make_example(tmp_path):
+    named = set(re.findall(r"(?:--image|--mask|image=@)\s*([\w./-]+\.(?:png|dcm|jpg))", README))
+    named |= set(re.findall(r'submit\("([\w./-]+)"', README))
+    assert named and named <= set(FILES), named - set(FILES)
+    written = write_examples(tmp_path)
+    assert [p.name for p in written] == list(FILES)
+    png, dicom, mask = (decode_image(p.read_bytes()) for p in written)
+    assert dicom.dicom is not None and np.abs(dicom.pixels - png.pixels).max() < 1e-3  # one image, two files
+    assert png.pixels.shape == mask.pixels.shape == (128, 104) and 0.05 < keep_mask(mask).mean() < 0.5

@@ -1,0 +1,67 @@
+"""``prism up``: a Ctrl-C (SIGINT to the terminal's process group) stops the clients while Redis
+still runs, so nothing logs a traceback and RQ's webhook scheduler lock is released; a service
+restarted at once then delivers a webhook retry when it is due, not after the lock expires."""
+
+import os
+import re
+import signal
+import subprocess
+from pathlib import Path
+
+from redis import Redis
+from rq.scheduler import RQScheduler
+
+from cli.local_redis import LocalRedis, free_port
+from service.contract.settings import Settings
+from tests.api.test_webhooks import SECRET, Receiver
+from tests.stack import healthy, poll, prism, service_env, submit, wait_for, wait_ready
+
+LOCK = RQScheduler.get_locking_key(Settings().webhook_queue_name)
+
+
+def _up(env: dict[str, str], port: int, log: Path) -> tuple[subprocess.Popen, str]:
+    """``prism up`` in its own process group, as a terminal runs it; returns it and its Redis URL."""
+    process = subprocess.Popen(
+        prism("up", "--port", str(port)), env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    wait_for(lambda: healthy(url), bool, "the API")
+    wait_ready(url)
+    redis_url = re.findall(r"started redis-server at (\S+)", log.read_text())[-1]
+    wait_for(lambda: Redis.from_url(redis_url).exists(LOCK), bool, "the webhook scheduler's lock")
+    return process, url
+
+
+def _ctrl_c(process: subprocess.Popen) -> None:
+    os.killpg(process.pid, signal.SIGINT)
+    assert process.wait(120) == 0
+
+
+def test_ctrl_c_stops_redis_last_and_a_quick_restart_retries_webhooks_on_time(tmp_path, tiny_model_dir):
+    home = tmp_path / "home"
+    env = service_env("", tiny_model_dir, PRISM_HOME=str(home), PRISM_WEBHOOK_ALLOW_PRIVATE="true",
+                      PRISM_WEBHOOK_SECRET=SECRET, PRISM_WEBHOOK_RETRY_FIRST_S="3")  # fmt: skip
+    del env["PRISM_REDIS_URL"]
+    log = tmp_path / "up.log"
+    first, _ = _up(env, free_port(), log)
+    _ctrl_c(first)
+    text = log.read_text()
+    assert "Traceback" not in text and "ConnectionError" not in text, text[-3000:]
+    with LocalRedis(home / "redis") as stopped:  # the same AOF, read back
+        redis = Redis.from_url(stopped.url)
+        assert not redis.exists(LOCK)
+        assert redis.scard("rq:workers") == 0  # every worker unregistered
+
+    receiver = Receiver(fail=1)
+    second, url = _up(env, free_port(), log)
+    try:
+        job_id = submit(url, webhook=receiver.url, steps="2").json()["id"]
+        assert poll(url, job_id, {"succeeded", "failed"})["status"] == "succeeded"
+        wait_for(lambda: len(receiver.requests), lambda n: n >= 4, "each event delivered on its retry")
+    finally:
+        _ctrl_c(second)
+        receiver.close()
+    tries = [int(headers["webhook-timestamp"]) for headers, body in receiver.requests if b"job.started" in body]
+    # the retry is due 3 s after the first try; a lock left behind would hold it for a minute or more
+    assert len(tries) == 2 and tries[1] - tries[0] < 60, tries
