@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from cli.errors import CliError
@@ -23,6 +24,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     worker = sub.add_parser("worker", help="run a worker: load the model once, then serve jobs")
     worker.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     worker.set_defaults(func=run_worker, log_level=logging.INFO)
+
+    probe = sub.add_parser(
+        "worker-probe", help="exit 0 if this host's worker beat within 3 heartbeats (PRISM_WORKER_HEARTBEAT_FILE)"
+    )
+    probe.set_defaults(func=probe_worker)
 
     hooks = sub.add_parser("webhook-worker", help="deliver webhooks (its own process: receivers never hold a GPU)")
     hooks.add_argument("--burst", action="store_true", help="exit when the queue is empty")
@@ -57,6 +63,26 @@ def run_worker(args: argparse.Namespace) -> int:
         serve_jobs(settings, burst=args.burst)
     except ModelLoadError as exc:
         raise CliError(None, str(exc)) from exc
+    return 0
+
+
+def probe_worker(args: argparse.Namespace) -> int:
+    """A readiness/liveness exec probe: the worker touches the file at each heartbeat Redis took,
+    so a stale file means the worker is stuck, gone or cut off from Redis."""
+    from service.contract.settings import get_settings
+
+    settings = get_settings()
+    if not settings.worker_heartbeat_file:
+        raise CliError("PRISM_WORKER_HEARTBEAT_FILE", "is not set, so there is no heartbeat to probe")
+    limit = 3 * settings.worker_heartbeat_s
+    try:
+        age = time.time() - Path(settings.worker_heartbeat_file).stat().st_mtime
+    except FileNotFoundError:
+        print(f"no heartbeat yet at {settings.worker_heartbeat_file}", file=sys.stderr)
+        return 1
+    if age > limit:
+        print(f"last heartbeat {age:.0f} s ago (limit {limit} s)", file=sys.stderr)
+        return 1
     return 0
 
 

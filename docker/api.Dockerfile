@@ -1,5 +1,7 @@
-# PRISM API: validates requests and enqueues jobs. Slim, no torch.
-FROM python:3.11-slim
+# PRISM API (and the webhook sender): validates requests and enqueues jobs. Slim, no torch.
+# BASE: any image with Python 3.11 and pip (scripts/compose-check.sh builds one with debootstrap).
+ARG BASE=python:3.11-slim
+FROM ${BASE}
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 WORKDIR /app
 COPY docker/requirements-api.txt /app/docker/requirements-api.txt

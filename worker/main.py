@@ -16,6 +16,7 @@ import time
 import traceback
 import uuid
 from datetime import UTC, datetime
+from pathlib import Path
 
 from redis import Redis
 from redis.exceptions import RedisError
@@ -109,13 +110,19 @@ class PrismWorker(SimpleWorker):
         """Refresh the liveness key, and re-queue jobs of workers that stopped beating."""
         while not self._alive.wait(self.heartbeat_s):
             try:
-                self.connection.set(self.alive_key, os.getpid(), ex=3 * self.heartbeat_s)
+                self._mark_alive()
                 recover_lost_jobs(self.connection, self.settings)
             except RedisError:
                 log.warning("heartbeat failed (Redis unreachable); retrying")
 
-    def work(self, *args, **kwargs) -> bool:
+    def _mark_alive(self) -> None:
+        """The liveness key in Redis, then the heartbeat file: the file is fresh only while Redis is."""
         self.connection.set(self.alive_key, os.getpid(), ex=3 * self.heartbeat_s)
+        if self.settings.worker_heartbeat_file:
+            Path(self.settings.worker_heartbeat_file).touch()
+
+    def work(self, *args, **kwargs) -> bool:
+        self._mark_alive()
         thread = threading.Thread(target=self._beat, name="prism-heartbeat", daemon=True)
         thread.start()
         try:

@@ -228,6 +228,13 @@ def backward_through(loss: torch.Tensor, output: torch.Tensor, upcast: torch.Ten
     leaf.grad /= scale
 
 
+def null_text_learning_rate(base: float, step: int, steps: int) -> float:
+    """Adam's rate at outer step ``step``: the reference's ``base * (1 - step / 100)`` at its 50
+    steps, that is a linear fall to half, stretched over ``steps`` (the literal schedule reaches 0
+    at step 100, which Adam refuses, and would fail any job of 101 steps or more)."""
+    return base * (1.0 - step / (2.0 * steps))
+
+
 def null_text_optimize(
     unet,
     sampler: DDIMSampler,
@@ -251,7 +258,7 @@ def null_text_optimize(
         with torch.no_grad():
             eps_cond = _eps(unet, x, t, cond).float()
         uncond = uncond.detach().clone().requires_grad_(True)
-        optimizer = torch.optim.Adam([uncond], lr=settings.learning_rate * (1.0 - i / 100.0))
+        optimizer = torch.optim.Adam([uncond], lr=null_text_learning_rate(settings.learning_rate, i, n))
         threshold = settings.early_stop + i * settings.early_stop_growth
         loss_value = float("nan")
         for _ in range(settings.inner_steps):

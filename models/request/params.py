@@ -59,7 +59,8 @@ MAX_STEPS = 999
 
 
 class NullTextSettings(BaseModel):
-    """Null-text optimisation (Mokady et al.) as PRISM runs it: Adam, lr 1e-2 * (1 - i/100)."""
+    """Null-text optimisation (Mokady et al.) as PRISM runs it: Adam, lr 1e-2 * (1 - i/100) at 50
+    steps (1 - i/(2n) at n steps)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 

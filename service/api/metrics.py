@@ -16,20 +16,25 @@ from service.contract.keys import alive_key
 from service.contract.settings import Settings
 
 
+def job_counts(redis: Redis, settings: Settings) -> dict[str, int]:
+    """Jobs kept in Redis by status: the queue's list and RQ's registries (running = started)."""
+    queue = job_queue(redis, settings)
+    return {
+        "queued": queue.count,
+        "running": StartedJobRegistry(queue=queue).get_job_count(cleanup=False),
+        "succeeded": FinishedJobRegistry(queue=queue).get_job_count(cleanup=False),
+        "failed": FailedJobRegistry(queue=queue).get_job_count(cleanup=False),
+        "canceled": CanceledJobRegistry(queue=queue).get_job_count(cleanup=False),
+    }
+
+
 class QueueCollector(Collector):
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self.redis = redis
         self.settings = settings
 
     def collect(self) -> Iterator:
-        queue = job_queue(self.redis, self.settings)
-        counts = {
-            "queued": queue.count,
-            "running": StartedJobRegistry(queue=queue).get_job_count(cleanup=False),
-            "succeeded": FinishedJobRegistry(queue=queue).get_job_count(cleanup=False),
-            "failed": FailedJobRegistry(queue=queue).get_job_count(cleanup=False),
-            "canceled": CanceledJobRegistry(queue=queue).get_job_count(cleanup=False),
-        }
+        counts = job_counts(self.redis, self.settings)
         jobs = GaugeMetricFamily("prism_jobs", "Jobs kept in Redis, by status", labels=["status"])
         for status, count in counts.items():
             jobs.add_metric([status], count)

@@ -74,3 +74,12 @@ class Health(BaseModel):
     status: Literal["ok", "unavailable"]
     redis: bool | None = None
     workers: int | None = None
+
+
+class ScalingDemand(BaseModel):
+    """What an autoscaler (KEDA's metrics-api trigger) reads: one GPU worker serves one job at a
+    time, so the workers wanted are the jobs waiting plus the jobs running."""
+
+    queued: int
+    running: int
+    workers_wanted: Annotated[int, Field(description="queued + running")]

@@ -51,6 +51,11 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(4096 * 4096, ge=64 * 64)
     retry_after_s: int = Field(2, ge=1, description="Retry-After of 202 and 503 answers")
     worker_heartbeat_s: int = Field(10, ge=1, description="worker heartbeat period; a worker is dead after 3 missed")
+    worker_heartbeat_file: str | None = Field(
+        None,
+        description="a file the worker touches at each heartbeat Redis took, for an exec probe "
+        "(prism worker-probe, as Kubernetes runs it); unset: none",
+    )
     max_requeues: int = Field(1, ge=0, description="times a job whose worker died is re-queued before it fails")
     max_queue_depth: int = Field(100, ge=1, description="above this many queued jobs, POST answers 503")
     auth: Literal["on", "off"] = Field("on", description="'off' only for local use: no API keys, one tenant")
@@ -74,9 +79,13 @@ class Settings(BaseSettings):
     )
     log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per log line")
 
-    @field_validator("inversion_cache_dir")
+    @field_validator(
+        "model_dir", "unet_weights", "clip_model", "classifier", "inversion_cache_dir", "api_keys_file",
+        "webhook_secret", "worker_heartbeat_file",
+    )  # fmt: skip
     @classmethod
     def _empty_means_none(cls, value: str | None) -> str | None:
+        """An empty value is unset: how a container clears a path its image sets (Compose cannot unset)."""
         return value or None
 
 

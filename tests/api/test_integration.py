@@ -16,7 +16,7 @@ from PIL import Image
 
 from service.client import PrismClient, PrismError
 from tests.helpers import EDIT, SOURCE, png_bytes, write_png, xray_like
-from tests.stack import ApiProcess, Cluster, poll, prism, service_env, submit, wait_for
+from tests.stack import ApiProcess, Cluster, poll, prism, service_env, submit, wait_for, wait_running
 
 
 def _generator() -> str:
@@ -188,6 +188,18 @@ def test_metrics_show_jobs_by_status_and_phase_timings(service):
         assert lines[f'prism_phase_seconds_count{{phase="{phase}"}}'] >= 1
         assert lines[f'prism_phase_seconds_bucket{{le="+Inf",phase="{phase}"}}'] >= 1
     assert lines["prism_queue_wait_seconds_count"] >= 1 and lines["prism_run_seconds_count"] >= 1
+
+
+def test_scaling_counts_running_jobs_beside_queued_ones(service):
+    """KEDA's metrics-api trigger reads this: a running job has left the queue's list but still
+    needs its worker, so a pool scaled on the list alone would shrink under it."""
+    running = submit(service.url, steps="60").json()["id"]
+    wait_running(service.url, running)
+    queued = submit(service.url, steps="2").json()["id"]
+    assert httpx.get(f"{service.url}/scaling").json() == {"queued": 1, "running": 1, "workers_wanted": 2}
+    assert httpx.post(f"{service.url}/jobs/{running}/cancel").status_code == 202
+    poll(service.url, queued, {"succeeded"})
+    assert httpx.get(f"{service.url}/scaling").json() == {"queued": 0, "running": 0, "workers_wanted": 0}
 
 
 def test_request_ids_are_returned_and_logged(service):

@@ -200,6 +200,16 @@ def test_the_settings_other_forms_are_accepted(variable, value, monkeypatch):
     assert getattr(Settings(), variable.removeprefix("PRISM_").lower()) == value
 
 
+@pytest.mark.parametrize(
+    "variable", ["PRISM_MODEL_DIR", "PRISM_UNET_WEIGHTS", "PRISM_CLIP_MODEL", "PRISM_API_KEYS_FILE"]
+)
+def test_an_empty_path_setting_is_unset(variable, monkeypatch):
+    """How a container clears a path its image sets (the worker image sets PRISM_MODEL_DIR): the
+    built-in model, not the working directory."""
+    monkeypatch.setenv(variable, "")
+    assert getattr(Settings(), variable.removeprefix("PRISM_").lower()) is None
+
+
 def test_a_worker_without_its_model_exits_2_naming_the_directory(tmp_path):
     env = {**os.environ, "PRISM_MODEL_DIR": str(tmp_path / "missing"), "PRISM_REDIS_URL": "redis://127.0.0.1:1/0"}
     proc = subprocess.run([sys.executable, "-m", "cli", "worker"], env=env, capture_output=True, text=True, timeout=600)

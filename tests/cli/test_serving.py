@@ -14,7 +14,7 @@ from rq.scheduler import RQScheduler
 from cli.local_redis import LocalRedis, free_port
 from service.contract.settings import Settings
 from tests.api.test_webhooks import SECRET, Receiver
-from tests.stack import healthy, poll, prism, service_env, submit, wait_for, wait_ready
+from tests.stack import healthy, poll, prism, service_env, start_worker, stop, submit, wait_for, wait_ready
 
 LOCK = RQScheduler.get_locking_key(Settings().webhook_queue_name)
 
@@ -65,3 +65,23 @@ def test_ctrl_c_stops_redis_last_and_a_quick_restart_retries_webhooks_on_time(tm
     tries = [int(headers["webhook-timestamp"]) for headers, body in receiver.requests if b"job.started" in body]
     # the retry is due 3 s after the first try; a lock left behind would hold it for a minute or more
     assert len(tries) == 2 and tries[1] - tries[0] < 60, tries
+
+
+def _probe(env: dict[str, str]) -> int:
+    return subprocess.run(prism("worker-probe"), env=env, capture_output=True).returncode
+
+
+def test_worker_probe_follows_the_heartbeat_that_reached_redis(tmp_path, tiny_model_dir):
+    """What the Kubernetes readiness probe runs: ready while the worker beats into Redis, not
+    before it has, and not once Redis stops taking the beats."""
+    server = LocalRedis().start()
+    env = service_env(server.url, tiny_model_dir, PRISM_WORKER_HEARTBEAT_FILE=str(tmp_path / "beat"))
+    assert _probe(env) == 1  # no worker yet
+    worker = start_worker(env, tmp_path / "worker.log")
+    try:
+        wait_for(lambda: _probe(env), lambda rc: rc == 0, "a ready worker")
+        server.stop()
+        wait_for(lambda: _probe(env), lambda rc: rc == 1, "the probe failing while Redis is gone")
+    finally:
+        stop(worker)
+        server.close()

@@ -58,3 +58,21 @@ def test_images_copy_every_package_they_install():
         dockerfile = (ROOT / "docker" / f"{name}.Dockerfile").read_text()
         missing = [p for p in packages if f"COPY {p} /app/{p}" not in dockerfile]
         assert not missing, f"{name}.Dockerfile does not copy {missing}"
+
+
+def test_both_images_run_unprivileged_with_healthchecks_and_a_small_context():
+    for name, probe in (("api", "/healthz"), ("worker", "worker-probe")):
+        dockerfile = (ROOT / "docker" / f"{name}.Dockerfile").read_text()
+        assert "USER prism" in dockerfile and "--uid 10001" in dockerfile
+        assert "HEALTHCHECK" in dockerfile and probe in dockerfile.split("HEALTHCHECK")[1]
+        assert dockerfile.count("ARG BASE=") == 1 and "FROM ${BASE}" in dockerfile  # compose-check's CPU bases
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".venv", ".git", "tests"} <= set(ignored)  # the context is the packages, not gigabytes of virtualenv
+    worker = (ROOT / "docker" / "worker.Dockerfile").read_text()
+    assert "chown -R prism /cache" in worker  # the inversion cache volume is writable by the worker
+
+
+def test_the_check_override_keeps_every_container_on_the_host_network():
+    override = yaml.safe_load((ROOT / "docker" / "compose.check.yml").read_text())
+    assert set(override["services"]) == set(_compose()["services"])
+    assert all(service["network_mode"] == "host" for service in override["services"].values())

@@ -57,3 +57,17 @@ def test_expired_input_fails_with_its_code(tmp_path, tiny_model_dir):
         final = poll(c.url, job_id, {"succeeded", "failed"})
         assert final["status"] == "failed" and final["error"]["code"] == "input_expired", final
         assert final["result"] is None and final["links"]["files"] == {}
+
+
+def test_sigterm_finishes_the_current_job_then_exits(tmp_path, tiny_model_dir):
+    """What a Kubernetes scale-in or rollout sends: the job in hand completes, the worker exits 0
+    and takes no other job (deploy/k8s gives it PRISM_JOB_TIMEOUT_S plus a minute to do so)."""
+    with Cluster(tmp_path, tiny_model_dir, workers=1) as c:
+        running = submit(c.url, steps="12", self_replace_steps="0.4,0.8").json()["id"]
+        wait_running(c.url, running)
+        waiting = submit(c.url, steps="2").json()["id"]
+        c.workers[0].send_signal(signal.SIGTERM)
+        assert c.workers[0].wait(600) == 0
+        assert job_state(c.url, running)["status"] == "succeeded"
+        assert job_state(c.url, waiting)["status"] == "queued"  # left for the next worker
+        assert "Traceback" not in c.logs()

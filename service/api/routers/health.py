@@ -12,7 +12,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from service.api.deps import SettingsDep, Store
 from service.api.docs import RETRY_AFTER
 from service.api.errors import retry_after
-from service.api.schemas import Health
+from service.api.metrics import job_counts
+from service.api.schemas import Health, ScalingDemand
 
 router = APIRouter(tags=["health"])
 observability = APIRouter(tags=["observability"])
@@ -58,3 +59,18 @@ def readyz(store: Store, settings: SettingsDep) -> Health | JSONResponse:
 )
 def metrics(request: Request) -> Response:
     return Response(generate_latest(request.app.state.metrics), media_type=CONTENT_TYPE_LATEST)
+
+
+@observability.get(
+    "/scaling",
+    operation_id="scaling",
+    response_model=ScalingDemand,
+    summary="Jobs queued and running: the workers an autoscaler should keep (KEDA metrics-api, JSON)",
+)
+def scaling(request: Request, settings: SettingsDep) -> ScalingDemand:
+    """Running jobs count too: they have left the queue's list, and a pool scaled on the list alone
+    would shrink under busy workers."""
+    counts = job_counts(request.app.state.redis, settings)
+    return ScalingDemand(
+        queued=counts["queued"], running=counts["running"], workers_wanted=counts["queued"] + counts["running"]
+    )

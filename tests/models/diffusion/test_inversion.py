@@ -5,7 +5,14 @@ import torch
 from models.diffusion.components import embed_prompts, encode_latent
 from models.diffusion.ddim import DDIMSampler
 from models.diffusion.editing import denoise
-from models.diffusion.inversion import Inversion, InversionCache, ddim_invert, inversion_key, null_text_optimize
+from models.diffusion.inversion import (
+    Inversion,
+    InversionCache,
+    ddim_invert,
+    inversion_key,
+    null_text_learning_rate,
+    null_text_optimize,
+)
 from models.methods.prism import invert
 from models.request.params import EditParams, NullTextSettings
 
@@ -46,6 +53,25 @@ def test_null_text_stops_early_when_loss_is_small(bundle):
         hook.remove()
     # per outer step: one conditional pass, one inner step (then early stop), one advancing pass
     assert len(calls) == 4 * 3
+
+
+def test_the_learning_rate_is_the_references_at_50_steps_and_stays_positive_at_any_count():
+    assert [null_text_learning_rate(1e-2, i, 50) for i in (0, 10, 49)] == pytest.approx([1e-2, 9e-3, 5.1e-3])
+    for steps in (1, 100, 101, 999):
+        rates = [null_text_learning_rate(1e-2, i, steps) for i in range(steps)]
+        assert rates[0] == 1e-2 and min(rates) > 0.5e-2 - 1e-12 and rates == sorted(rates, reverse=True)
+
+
+def test_null_text_runs_past_100_steps(bundle):
+    """The reference's literal schedule gives Adam a rate of 0 at step 100 (a job of 200 steps
+    failed so in the containers of scripts/compose-check.sh)."""
+    sampler = DDIMSampler(bundle.scheduler, 101)
+    cond, uncond = embed_prompts(bundle.text_encoder, bundle.tokenizer, [PROMPT, ""]).chunk(2)
+    latents = ddim_invert(bundle.unet, sampler, torch.zeros(1, 4, 8, 8), cond)
+    embeddings, losses = null_text_optimize(
+        bundle.unet, sampler, latents, cond, uncond, 7.5, NullTextSettings(inner_steps=1)
+    )
+    assert embeddings.shape[0] == 101 and np.isfinite(losses).all()
 
 
 @pytest.mark.parametrize("offsets", [None, torch.randn(5, 1, 4, 8, 8)])
