@@ -33,7 +33,8 @@ CHECKS = [
 ]
 EXAMPLES = {"POST /counterfactual": 600, "GET /jobs/{job_id}": 250, "GET /jobs/{job_id}/files/{name}": 150,
             "POST /jobs/{job_id}/cancel": 100, "GET /jobs": 60, "GET /healthz": 20, "GET /livez": 20,
-            "GET /readyz": 20, "GET /metrics": 10, "GET /service-info": 10, "POST /preview": 60}  # fmt: skip
+            "GET /readyz": 20, "GET /metrics": 10, "GET /scaling": 10, "GET /service-info": 10,
+            "POST /preview": 60}  # fmt: skip
 
 
 def _png(side: int, value: int) -> bytes:
