@@ -2,6 +2,7 @@
 still runs, so nothing logs a traceback and RQ's webhook scheduler lock is released; a service
 restarted at once then delivers a webhook retry when it is due, not after the lock expires."""
 
+import contextlib
 import os
 import re
 import signal
@@ -9,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 from redis import Redis
+from redis.exceptions import RedisError
 from rq.scheduler import RQScheduler
 
 from cli.local_redis import LocalRedis, free_port
@@ -26,11 +28,24 @@ def _up(env: dict[str, str], port: int, log: Path) -> tuple[subprocess.Popen, st
         start_new_session=True,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    wait_for(lambda: healthy(url), bool, "the API")
-    wait_ready(url)
-    redis_url = re.findall(r"started redis-server at (\S+)", log.read_text())[-1]
-    wait_for(lambda: Redis.from_url(redis_url).exists(LOCK), bool, "the webhook scheduler's lock")
+    try:
+        wait_for(lambda: healthy(url), bool, "the API")
+        wait_ready(url)
+        redis_url = re.findall(r"started redis-server at (\S+)", log.read_text())[-1]
+        wait_for(lambda: Redis.from_url(redis_url).exists(LOCK), bool, "the webhook scheduler's lock")
+    except BaseException:
+        _kill(process, log)
+        raise
     return process, url
+
+
+def _kill(process: subprocess.Popen, log: Path) -> None:
+    """Nothing of a ``prism up`` outlives a failed test: its group, then its Redis (a session of its own)."""
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    for url in re.findall(r"started redis-server at (\S+)", log.read_text()):
+        with contextlib.suppress(RedisError):
+            Redis.from_url(url, socket_timeout=2).shutdown(nosave=True)
 
 
 def _ctrl_c(process: subprocess.Popen) -> None:
@@ -45,7 +60,11 @@ def test_ctrl_c_stops_redis_last_and_a_quick_restart_retries_webhooks_on_time(tm
     del env["PRISM_REDIS_URL"]
     log = tmp_path / "up.log"
     first, _ = _up(env, free_port(), log)
-    _ctrl_c(first)
+    try:
+        _ctrl_c(first)
+    finally:
+        if first.poll() is None:
+            _kill(first, log)
     text = log.read_text()
     assert "Traceback" not in text and "ConnectionError" not in text, text[-3000:]
     with LocalRedis(home / "redis") as stopped:  # the same AOF, read back
@@ -60,8 +79,8 @@ def test_ctrl_c_stops_redis_last_and_a_quick_restart_retries_webhooks_on_time(tm
         assert poll(url, job_id, {"succeeded", "failed"})["status"] == "succeeded"
         wait_for(lambda: len(receiver.requests), lambda n: n >= 4, "each event delivered on its retry")
     finally:
-        _ctrl_c(second)
         receiver.close()
+        _ctrl_c(second)
     tries = [int(headers["webhook-timestamp"]) for headers, body in receiver.requests if b"job.started" in body]
     # the retry is due 3 s after the first try; a lock left behind would hold it for a minute or more
     assert len(tries) == 2 and tries[1] - tries[0] < 60, tries
