@@ -8,10 +8,10 @@ import io
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
 
+from models.imaging.files import encode_png
 from phantoms.render import Anatomy, Findings, anatomy_mask, render
 
 EXAMPLE_SEED = 2025
@@ -19,14 +19,6 @@ SIZE = 128
 COLUMNS = slice(12, 116)  # portrait, 128 x 104, as chest films are
 FINDINGS = Findings(cardiomegaly=True, pleural_effusion=False, support_devices=True)
 FILES = ("phantom.png", "study.dcm", "anatomy.png")
-
-
-def _png(pixels: np.ndarray, bits: int) -> bytes:
-    buffer = io.BytesIO()
-    peak = 2**bits - 1
-    stored = np.round(np.clip(pixels, 0, 1) * peak).astype(np.uint16 if bits == 16 else np.uint8)
-    Image.fromarray(stored).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def _dicom(pixels: np.ndarray) -> bytes:
@@ -57,7 +49,7 @@ def write_examples(out: Path) -> list[Path]:
     pixels = render(anatomy, FINDINGS)[:, COLUMNS]
     keep = anatomy_mask(anatomy)[:, COLUMNS].astype(np.float32)
     out.mkdir(parents=True, exist_ok=True)
-    contents = (_png(pixels, 16), _dicom(pixels), _png(keep, 8))
+    contents = (encode_png(pixels, 16), _dicom(pixels), encode_png(keep, 8))
     paths = [out / name for name in FILES]
     for path, data in zip(paths, contents, strict=True):
         path.write_bytes(data)

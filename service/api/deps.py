@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader
+from python_multipart.multipart import parse_options_header
 
 from models.request.errors import InvalidInput
 from service.api.errors import NonUtf8Fields, RateLimited, Unauthorized, UnsupportedMediaType
@@ -48,7 +49,7 @@ Tenant = Annotated[str, Depends(get_tenant)]
 
 def require_multipart(request: Request, tenant: Tenant) -> None:
     """415 for a body that is not a multipart form (JSON, urlencoded): the image is a file part."""
-    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "multipart/form-data":
+    if parse_options_header(request.headers.get("content-type", ""))[0] != b"multipart/form-data":
         raise UnsupportedMediaType
 
 

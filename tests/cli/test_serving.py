@@ -31,7 +31,7 @@ def _up(env: dict[str, str], port: int, log: Path) -> tuple[subprocess.Popen, st
     try:
         wait_for(lambda: healthy(url), bool, "the API")
         wait_ready(url)
-        redis_url = re.findall(r"started redis-server at (\S+)", log.read_text())[-1]
+        redis_url = _redis_urls(log)[-1]
         wait_for(lambda: Redis.from_url(redis_url).exists(LOCK), bool, "the webhook scheduler's lock")
     except BaseException:
         _kill(process, log)
@@ -39,11 +39,16 @@ def _up(env: dict[str, str], port: int, log: Path) -> tuple[subprocess.Popen, st
     return process, url
 
 
+def _redis_urls(log: Path) -> list[str]:
+    """The Redis URLs the ``prism up`` runs logging to ``log`` started, oldest first."""
+    return re.findall(r"started redis-server at (\S+)", log.read_text())
+
+
 def _kill(process: subprocess.Popen, log: Path) -> None:
     """Nothing of a ``prism up`` outlives a failed test: its group, then its Redis (a session of its own)."""
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    for url in re.findall(r"started redis-server at (\S+)", log.read_text()):
+    for url in _redis_urls(log):
         with contextlib.suppress(RedisError):
             Redis.from_url(url, socket_timeout=2).shutdown(nosave=True)
 
