@@ -1,7 +1,8 @@
 """The ``prism`` command: the composition root. Nothing imports it.
 
 One module per command group: ``edit`` (the engine on one image), ``submit`` (one image through a
-running service), ``serving`` (API, workers, all of it), ``keys`` (API keys), ``training`` (test
+running service), ``batch`` (a folder and its manifest, locally or through a service),
+``serving`` (API, workers, all of it), ``keys`` (API keys), ``training`` (test
 models, the built-in model, fine-tuning), ``bench`` (benchmarks and evaluation). Heavy imports
 happen inside each command, so ``prism serve`` never loads torch. A command that cannot go on
 raises :class:`~cli.errors.CliError`: one line on stderr naming the flag, exit status 2.
@@ -14,10 +15,10 @@ import logging
 import sys
 import warnings
 
-from cli import bench, edit, keys, serving, submit, training
+from cli import batch, bench, edit, keys, serving, submit, training
 from cli.errors import CliError
 
-GROUPS = (edit, submit, serving, keys, training, bench)
+GROUPS = (edit, submit, batch, serving, keys, training, bench)
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(correlation_id)s] %(message)s"
 JSON_FIELDS = "%(asctime)s %(levelname)s %(name)s %(correlation_id)s %(message)s"
 

@@ -1,5 +1,6 @@
 """Measuring models: ``bench-phantom`` (edits against true counterfactuals), ``evaluate`` (the papers'
-metrics over a folder) and ``bench-speed`` (time per phase and inversion mode)."""
+metrics over a folder), ``bench-speed`` (time per phase and inversion mode) and ``bench-batch``
+(a batch through a private stack)."""
 
 from __future__ import annotations
 
@@ -81,6 +82,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     speed.add_argument("--inner-steps", type=int, default=NullTextSettings().inner_steps, help="null-text inner steps")
     add_model_flags(speed.add_argument_group("edit options (as in the API)"), EditOptions, ALIASES)
     speed.set_defaults(func=bench_speed, log_level=logging.INFO)
+    register_batch(sub)
 
 
 def _params(args: argparse.Namespace) -> EditParams:
@@ -204,4 +206,123 @@ def bench_speed(args: argparse.Namespace) -> int:
     (out / "results.json").write_text(report.model_dump_json(indent=2))
     (out / "results.md").write_text(report.markdown())
     print(report.markdown())
+    return 0
+
+
+def register_batch(sub: argparse._SubParsersAction) -> None:
+    batch = sub.add_parser(
+        "bench-batch", help="a batch of phantoms through a private stack: items per minute, API memory while streaming"
+    )
+    batch.add_argument("--items", type=positive(int), default=200)
+    batch.add_argument("--workers", type=positive(int), default=2)
+    batch.add_argument("--out", default="docs/bench/batch", help="directory for results.json and results.md")
+    add_model_flags(batch.add_argument_group("edit options (as in the API)"), EditOptions, ALIASES)
+    batch.set_defaults(func=bench_batch, log_level=logging.INFO, inversion="negative_prompt")
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def bench_batch(args: argparse.Namespace) -> int:
+    """Redis, ``--workers`` workers and the API as ``prism up`` starts them, one batch of
+    ``--items`` phantoms (each row's edit toggles its support devices, so none is skipped), then
+    its dataset streamed while the API's resident memory is sampled."""
+    import csv
+    import io
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    import threading
+    import time
+
+    import httpx
+    from tqdm import tqdm
+
+    from cli.local_redis import LocalRedis, free_port
+    from phantoms.example import phantom_batch
+    from service.client import PrismClient
+
+    options = model_from_args(EditOptions, args).model_dump(exclude_unset=True)
+    archive, _, rows = phantom_batch(args.items)
+    table = io.StringIO()
+    writer = csv.DictWriter(table, [*rows[0], "edit"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({**r, "edit": f"Support Devices={1 - r['Support Devices']}"} for r in rows)
+    with tempfile.TemporaryDirectory() as tmp, LocalRedis(Path(tmp) / "redis") as redis:
+        port = free_port()
+        env = {
+            **os.environ,
+            "PRISM_REDIS_URL": redis.url,
+            "PRISM_AUTH": "off",
+            "PRISM_INVERSION_CACHE_DIR": "",
+            "PRISM_CPU_THREADS": str(max(1, (os.cpu_count() or 1) // args.workers)),
+        }
+        prism = [sys.executable, "-m", "cli"]
+        log = (Path(tmp) / "stack.log").open("wb")
+        children = [subprocess.Popen([*prism, "worker"], env=env, stdout=log, stderr=log) for _ in range(args.workers)]
+        api = subprocess.Popen([*prism, "serve", "--port", str(port)], env=env, stdout=log, stderr=log)
+        children.append(api)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            with PrismClient(url, timeout=600) as client:
+                while True:
+                    try:
+                        if httpx.get(f"{url}/readyz").json().get("workers", 0) >= args.workers:
+                            break
+                    except (httpx.HTTPError, ValueError):
+                        pass
+                    time.sleep(0.5)
+                start = time.monotonic()
+                batch_id = client.submit_batch(archive, table.getvalue().encode(), **options).id
+                submitted_s = time.monotonic() - start
+                with tqdm(total=args.items, desc="bench-batch") as bar:
+                    status = client.wait_batch(batch_id, on_progress=lambda s: bar.update(s["ended"] - bar.n))
+                run_s = time.monotonic() - start
+                samples = [_rss_kib(api.pid)]
+                streaming = threading.Event()
+
+                def sample() -> None:
+                    while not streaming.is_set():
+                        samples.append(_rss_kib(api.pid))
+                        time.sleep(0.02)
+
+                sampler = threading.Thread(target=sample)
+                sampler.start()
+                stream_start = time.monotonic()
+                dataset = client.download_dataset(batch_id, Path(tmp) / "dataset.zip")
+                stream_s = time.monotonic() - stream_start
+                streaming.set()
+                sampler.join()
+        finally:
+            for child in children:
+                child.terminate()
+            for child in children:
+                child.wait(60)
+        zip_mib = dataset.stat().st_size / 2**20
+    result = {
+        "items": args.items,
+        "workers": args.workers,
+        "options": options,
+        "cpu_count": os.cpu_count(),
+        "counts": status["counts"],
+        "submit_s": round(submitted_s, 2),
+        "run_s": round(run_s, 1),
+        "items_per_minute": round(60 * args.items / run_s, 2),
+        "dataset_mib": round(zip_mib, 1),
+        "stream_s": round(stream_s, 2),
+        "api_rss_before_stream_mib": round(samples[0] / 1024, 1),
+        "api_rss_peak_stream_mib": round(max(samples) / 1024, 1),
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    rows_md = "\n".join(f"| {k} | {v} |" for k, v in result.items())
+    (out / "results.md").write_text(f"# prism bench-batch\n\n| measure | value |\n| --- | --- |\n{rows_md}\n")
+    print(json.dumps(result))
     return 0

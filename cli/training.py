@@ -18,7 +18,9 @@ from phantoms.recipe import RECIPES
 
 def register(sub: argparse._SubParsersAction) -> None:
     example = sub.add_parser(
-        "make-example", help="write the README's example inputs: phantom.png, study.dcm and anatomy.png (synthetic)"
+        "make-example",
+        help="write the README's example inputs (synthetic): phantom.png, study.dcm, anatomy.png, "
+        "and batch.zip, batch.csv and batch/ for batches",
     )
     example.add_argument("directory", nargs="?", default=".", help="where to write them (default: here)")
     example.set_defaults(func=make_example)
@@ -63,9 +65,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def make_example(args: argparse.Namespace) -> int:
-    from phantoms.example import write_examples
+    from phantoms.example import write_batch_example, write_examples
 
-    for path in write_examples(Path(args.directory)):
+    for path in [*write_examples(Path(args.directory)), *write_batch_example(Path(args.directory))]:
         print(path)
     return 0
 

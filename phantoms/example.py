@@ -4,7 +4,9 @@ method's anatomy mask. Synthetic, so nothing in them is anyone's data."""
 
 from __future__ import annotations
 
+import csv
 import io
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -12,13 +14,18 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
 
 from models.imaging.files import encode_png
-from phantoms.render import Anatomy, Findings, anatomy_mask, render
+from models.request.findings import CONDITIONS
+from phantoms.captions import labels
+from phantoms.render import Anatomy, Findings, anatomy_mask, render, training_phantom
 
 EXAMPLE_SEED = 2025
 SIZE = 128
 COLUMNS = slice(12, 116)  # portrait, 128 x 104, as chest films are
 FINDINGS = Findings(cardiomegaly=True, pleural_effusion=False, support_devices=True)
 FILES = ("phantom.png", "study.dcm", "anatomy.png")
+BATCH_FILES = ("batch.zip", "batch.csv", "batch")
+"""The batch example: a ZIP of phantoms, its CheXpert manifest, and the same images as a folder."""
+BATCH_SIZE = 8
 
 
 def _dicom(pixels: np.ndarray) -> bytes:
@@ -53,4 +60,33 @@ def write_examples(out: Path) -> list[Path]:
     paths = [out / name for name in FILES]
     for path, data in zip(paths, contents, strict=True):
         path.write_bytes(data)
+    return paths
+
+
+def phantom_batch(n: int, dicom_every: int = 0, folder: str = "scans") -> tuple[bytes, bytes, list[dict]]:
+    """A ZIP of ``n`` training phantoms (every ``dicom_every``-th as DICOM) and its manifest in
+    CheXpert's columns; returns the ZIP, the CSV and the manifest's rows."""
+    rows, buffer = [], io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for i in range(n):
+            pixels, findings = training_phantom(i)
+            dicom = dicom_every and i % dicom_every == dicom_every - 1
+            name = f"{folder}/p{i:03d}.{'dcm' if dicom else 'png'}"
+            intensities = pixels.astype(np.float32) / 255
+            archive.writestr(name, _dicom(intensities) if dicom else encode_png(intensities, 8))
+            rows.append({"Path": name, **dict.fromkeys(CONDITIONS, ""), **labels(findings)})
+    text = io.StringIO()
+    writer = csv.DictWriter(text, ["Path", *CONDITIONS], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue(), text.getvalue().encode(), rows
+
+
+def write_batch_example(out: Path) -> list[Path]:
+    """Write :data:`BATCH_FILES` into ``out``: for ``POST /batches`` and for ``prism batch``."""
+    archive, manifest, _ = phantom_batch(BATCH_SIZE, dicom_every=4)
+    paths = [out / name for name in BATCH_FILES]
+    paths[0].write_bytes(archive)
+    paths[1].write_bytes(manifest)
+    zipfile.ZipFile(io.BytesIO(archive)).extractall(paths[2])
     return paths

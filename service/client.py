@@ -173,3 +173,58 @@ class PrismClient:
     def jobs(self, limit: int = 20, offset: int = 0) -> dict[str, Any]:
         """A page of this key's jobs, newest first."""
         return self._request("GET", "/jobs", params={"limit": limit, "offset": offset}).json()
+
+    def submit_batch(
+        self,
+        images: str | Path | bytes,
+        manifest: str | Path | bytes,
+        *,
+        edit: Mapping[str, int | None] | str | None = None,
+        original_prompt: str | None = None,
+        edit_prompt: str | None = None,
+        idempotency_key: str | None = None,
+        **options: Any,
+    ) -> Submitted:
+        """Submit a ZIP of images (a path or bytes) and its CSV manifest; ``edit`` (labels) or the
+        prompts apply to every row that has none of its own. Answers the batch's id."""
+        images = Path(images).read_bytes() if isinstance(images, str | Path) else images
+        manifest = Path(manifest).read_bytes() if isinstance(manifest, str | Path) else manifest
+        fields = {"edit": edit, "original_prompt": original_prompt, "edit_prompt": edit_prompt, **options}
+        data = {name: _form_value(value) for name, value in fields.items() if value is not None}
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        files = {
+            "images": ("images.zip", images, "application/zip"),
+            "manifest": ("manifest.csv", manifest, "text/csv"),
+        }
+        response = self._request("POST", "/batches", data=data, files=files, headers=headers)
+        return Submitted(response.json()["id"], response.headers["Location"], self.poll_s)
+
+    def batch(self, batch_id: str) -> dict[str, Any]:
+        return self._request("GET", f"/batches/{batch_id}").json()
+
+    def wait_batch(
+        self, batch_id: str, on_progress: Callable[[dict[str, Any]], None] | None = None, poll_s: float | None = None
+    ) -> dict[str, Any]:
+        """Poll until every item of the batch has ended; returns its last status."""
+        while True:
+            status = self.batch(batch_id)
+            if on_progress:
+                on_progress(status)
+            if status["status"] == "completed":
+                return status
+            time.sleep(poll_s or self.poll_s)
+
+    def download_dataset(self, batch_id: str, to: str | Path, passed_only: bool = False) -> Path:
+        """The batch's dataset ZIP, streamed into the file ``to``."""
+        params = {"passed_only": "true"} if passed_only else {}
+        with self.http.stream("GET", f"/batches/{batch_id}/dataset.zip", params=params) as response:
+            if response.status_code >= 400:
+                response.read()
+                raise PrismError(response.status_code, response.json().get("detail", []))
+            with Path(to).open("wb") as f:
+                for chunk in response.iter_bytes():
+                    f.write(chunk)
+        return Path(to)
+
+    def cancel_batch(self, batch_id: str) -> dict[str, Any]:
+        return self._request("POST", f"/batches/{batch_id}/cancel").json()

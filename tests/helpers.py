@@ -34,3 +34,11 @@ def png_bytes(pixels: np.ndarray, bit_depth: int = 8, **save) -> bytes:
 def write_png(path: Path, pixels: np.ndarray, bit_depth: int = 8) -> Path:
     path.write_bytes(png_bytes(pixels, bit_depth))
     return path
+
+
+def phantom_batch(n: int, dicom_every: int = 0, folder: str = "scans") -> tuple[bytes, bytes, list[dict]]:
+    """A ZIP of ``n`` training phantoms (every ``dicom_every``-th as DICOM), its CheXpert manifest
+    and the manifest's rows (:func:`phantoms.example.phantom_batch`)."""
+    from phantoms.example import phantom_batch as make
+
+    return make(n, dicom_every, folder)

@@ -26,11 +26,11 @@ from rq.registry import CanceledJobRegistry, FailedJobRegistry
 from rq.serializers import JSONSerializer
 
 from service.contract import metrics
+from service.contract.batches import job_ended
 from service.contract.jobs import ErrorCode, job_queue, read_failure, record_failure
 from service.contract.keys import alive_key
 from service.contract.recovery import recover_lost_jobs
 from service.contract.settings import Settings
-from service.contract.webhooks import notify_job
 from worker import tasks
 from worker.loading import bundle_from_settings, classifier_from_settings
 from worker.runner import JobCanceled, JobRunner, failure_of
@@ -98,7 +98,7 @@ class PrismWorker(SimpleWorker):
             if job.started_at is not None:
                 elapsed = (datetime.now(UTC) - job.started_at.replace(tzinfo=UTC)).total_seconds()
                 metrics.observe(self.connection, "run_seconds", elapsed)
-            notify_job(self.connection, self.settings, job, "completed", data)
+            job_ended(self.connection, self.settings, job, data)
         except RedisError:
             log.warning("job %s: could not record its end (Redis unreachable)", job.id)
 

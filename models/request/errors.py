@@ -12,6 +12,11 @@ class InvalidInput(ValueError):
         self.message = message
 
 
+class NothingToEdit(InvalidInput):
+    """The edit would not change the caption of these findings (no devices to remove, say): in a
+    batch such a row is skipped with this reason rather than failed."""
+
+
 class ImageError(ValueError):
     """The input image cannot be used; ``kind`` says why: ``invalid`` (undecodable, or a shape the
     engine does not take), ``unsupported`` (a format or encoding it does not read) or ``too_large``."""

@@ -18,7 +18,7 @@ import json
 from collections.abc import Mapping
 from typing import Literal, get_args
 
-from models.request.errors import InvalidInput
+from models.request.errors import InvalidInput, NothingToEdit
 
 Condition = Literal[
     "No Finding",
@@ -107,5 +107,5 @@ def findings_prompts(
     after = before | dict(edit)
     changed = tuple(c for c in CONDITIONS if (before.get(c) == 1) != (after.get(c) == 1))
     if not changed:
-        raise InvalidInput("edit", "changes no condition's presence, so the caption would not change")
+        raise NothingToEdit("edit", "changes no condition's presence, so the caption would not change")
     return caption(before), caption(after), changed

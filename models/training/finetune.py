@@ -41,6 +41,7 @@ from models.imaging.geometry import to_model_input
 from models.pipeline import generate_counterfactual
 from models.request.errors import InvalidInput, ModelLoadError
 from models.request.findings import CONDITIONS, caption, normalize_labels
+from models.request.manifest import find_file
 from models.request.params import FinetuneConfig
 from models.request.resolve import ResolvedEdit
 from models.training.stopping import StopSwitch
@@ -58,18 +59,6 @@ class Example(BaseModel):
 
     path: Path
     captions: list[str] = Field(min_length=1)
-
-
-def _find_image(images: Path, written: str) -> Path | None:
-    """``written`` under ``images``, else its shorter tails: CheXpert's ``Path`` starts with the
-    dataset's own folder (``CheXpert-v1.0/train/patient…/study1/view1_frontal.jpg``), which
-    ``images`` may already be."""
-    parts = Path(written).parts
-    for start in range(len(parts)):
-        candidate = images.joinpath(*parts[start:])
-        if candidate.is_file():
-            return candidate
-    return None
 
 
 def _columns(header: list[str]) -> dict[str, str]:
@@ -100,7 +89,7 @@ def read_examples(images: Path, table: Path) -> list[Example]:
         raise InvalidInput("labels", f"{table} has neither a 'caption' column nor the conditions {missing}")
     examples: dict[Path, Example] = {}
     for n, row in enumerate(rows, start=2):
-        path = _find_image(images, (row[columns["Path"]] or "").strip())
+        path = find_file(images, (row[columns["Path"]] or "").strip())
         if path is None:
             raise InvalidInput("images", f"{table} line {n}: no image {row[columns['Path']]} under {images}")
         if has_caption:

@@ -18,7 +18,7 @@ from service.api.errors import install_handlers
 from service.api.metrics import QueueCollector
 from service.api.middleware import BodySizeLimit, ContentSecurityPolicy, Utf8FormFields
 from service.api.ratelimit import RateLimit
-from service.api.routers import counterfactual, health, jobs, page
+from service.api.routers import batches, counterfactual, health, jobs, page
 from service.contract.settings import Settings, get_settings
 from service.contract.tenants import TenantFile
 
@@ -52,7 +52,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = CollectorRegistry()
     app.state.metrics.register(QueueCollector(app.state.redis, settings))
     app.add_middleware(Utf8FormFields)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(
+        BodySizeLimit, max_bytes=settings.max_upload_bytes, overrides={"/batches": settings.batch_max_upload_bytes}
+    )
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -66,7 +68,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         CorrelationIdMiddleware, header_name=REQUEST_ID, validator=lambda value: bool(SAFE_REQUEST_ID.fullmatch(value))
     )
     install_handlers(app)
-    for router in (counterfactual.router, jobs.router, health.router, health.observability, page.router):
+    for router in (
+        counterfactual.router,
+        jobs.router,
+        batches.router,
+        health.router,
+        health.observability,
+        page.router,
+    ):
         app.include_router(router)
     app.mount("/ui", StaticFiles(directory=page.STATIC), name="ui")
     return app

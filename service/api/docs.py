@@ -15,6 +15,10 @@ RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before the next r
 TAGS = [
     {"name": "counterfactuals", "description": "Submit an image and prompts (or findings) for a counterfactual."},
     {"name": "jobs", "description": "Status, progress, scores, result files and cancellation of jobs."},
+    {
+        "name": "batches",
+        "description": "A ZIP of images and a manifest as one submission; its progress; its dataset as one ZIP.",
+    },
     {"name": "health", "description": "Probes for orchestrators and load balancers."},
     {"name": "observability", "description": "Prometheus metrics."},
 ]
@@ -28,3 +32,14 @@ def error_responses(described: dict[int, str]) -> dict[int | str, dict[str, Any]
         if status in (429, 503):
             responses[status]["headers"] = RETRY_AFTER
     return responses
+
+
+def accepted(what: str) -> dict[str, Any]:
+    """The 202 of a submission: where to poll ``what``, and when."""
+    return {
+        "description": f"Accepted: follow the {what} at `Location`, after `Retry-After` seconds",
+        "headers": {
+            "Location": {"description": f"the {what}'s status URL", "schema": {"type": "string"}},
+            **RETRY_AFTER,
+        },
+    }

@@ -69,6 +69,14 @@ class JobNotFound(ApiError):
     status_code, kind, loc, message = 404, "not_found", ("path", "job_id"), "no such job"
 
 
+class BatchNotFound(ApiError):
+    status_code, kind, loc, message = 404, "not_found", ("path", "batch_id"), "no such batch"
+
+
+class BatchTooLarge(ApiError):
+    status_code, kind, loc = 413, "too_large", ("body", "manifest")
+
+
 class FileNotFound(ApiError):
     status_code, kind, loc = 404, "not_found", ("path", "name")
 
@@ -102,6 +110,16 @@ class QueueFull(RetryLater):
     status_code, kind, message = 503, "queue_full", "queue is full; retry later"
 
 
+class ManifestErrors(Exception):
+    """A batch's manifest has bad rows: one 422 listing each (at most :data:`MAX_LISTED`)."""
+
+    MAX_LISTED = 100
+
+    def __init__(self, errors: list) -> None:
+        super().__init__(f"{len(errors)} bad rows")
+        self.errors = errors
+
+
 class NonUtf8Fields(Exception):
     def __init__(self, names: list[str]) -> None:
         super().__init__(", ".join(names))
@@ -128,6 +146,19 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(NonUtf8Fields)
     async def non_utf8(request: Request, exc: NonUtf8Fields) -> JSONResponse:
         detail = [ErrorDetail(loc=["body", name], msg="must be UTF-8 text", type="encoding") for name in exc.names]
+        return JSONResponse(ErrorBody(detail=detail).model_dump(), status_code=422)
+
+    @app.exception_handler(ManifestErrors)
+    async def bad_manifest(request: Request, exc: ManifestErrors) -> JSONResponse:
+        detail = [
+            ErrorDetail(
+                loc=["body", "manifest", e.line, e.column], msg=f"line {e.line}: {e.message}", type="value_error"
+            )
+            for e in exc.errors[: exc.MAX_LISTED]
+        ]
+        if len(exc.errors) > exc.MAX_LISTED:
+            more = f"and {len(exc.errors) - exc.MAX_LISTED} more bad rows"
+            detail.append(ErrorDetail(loc=["body", "manifest"], msg=more, type="value_error"))
         return JSONResponse(ErrorBody(detail=detail).model_dump(), status_code=422)
 
     @app.exception_handler(InvalidInput)

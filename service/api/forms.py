@@ -15,6 +15,8 @@ from fastapi import UploadFile
 from fastapi.exceptions import RequestValidationError
 from pydantic import Field, ValidationError
 
+from models.request.errors import InvalidInput
+from models.request.resolve import EditRequest
 from service.contract.jobs import JobRequest
 
 LABELS_SYNTAX = 'a JSON object such as {"Support Devices": 1} or pairs such as "Support Devices=1; Edema=0"'
@@ -60,3 +62,44 @@ def _repeatable(annotation: object) -> bool:
 REPEATABLE = frozenset(name for name, f in CounterfactualForm.model_fields.items() if _repeatable(f.annotation))
 """Fields that may come as repeated parts (``self_replace_steps=0.4`` twice); any other field sent
 twice is refused rather than one of its values silently kept."""
+
+
+class BatchForm(EditRequest):
+    """The multipart form of ``POST /batches``: the ZIP, its manifest, and the edit and options
+    every row shares (a row's own cells take precedence)."""
+
+    images: Annotated[
+        UploadFile,
+        Field(
+            description="a ZIP of the images (PNG, JPEG or DICOM), in any folders",
+            json_schema_extra={"format": "binary"},
+        ),
+    ]
+    manifest: Annotated[
+        UploadFile,
+        Field(
+            description="CSV, one row per image: `Path` (its name in the ZIP) and either CheXpert condition "
+            "columns (1, 0, -1 or blank) or `original_prompt`/`caption` and `edit_prompt` columns; an `edit` "
+            "column overrides `edit` per row",
+            json_schema_extra={"format": "binary"},
+        ),
+    ]
+    findings: Annotated[
+        str | None, Field(description="not used by a batch: the findings are the manifest's condition columns")
+    ] = None
+    edit: Annotated[
+        str | None, Field(description=f"with condition columns: the labels to change in every row, as {LABELS_SYNTAX}")
+    ] = None
+    webhook: Annotated[
+        str | None,
+        Field(max_length=2000, description="http(s) URL that receives `batch.completed` once every item has ended"),
+    ] = None
+
+    def base_request(self) -> EditRequest:
+        """What every row shares; a 422 naming the field if a value does not parse."""
+        if self.findings:
+            raise InvalidInput("findings", "a batch's findings are its manifest's condition columns, one row per image")
+        try:
+            return EditRequest.model_validate(self.model_dump(exclude={"images", "manifest", "webhook", "findings"}))
+        except ValidationError as exc:
+            raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from exc

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 from redis import Redis
 from rq.registry import CanceledJobRegistry, FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
@@ -49,3 +49,10 @@ class QueueCollector(Collector):
             for label, (buckets, total) in sorted(metrics.read(self.redis, name).items()):
                 family.add_metric([label] if labels else [], buckets, total)
             yield family
+        batches = metrics.read_counter(self.redis, "batches")
+        yield CounterMetricFamily("prism_batches", metrics.COUNTERS["batches"], value=batches.get("", 0.0))
+        items = CounterMetricFamily("prism_batch_items", metrics.COUNTERS["batch_items"], labels=["outcome"])
+        counted = metrics.read_counter(self.redis, "batch_items")
+        for outcome in ("submitted", "skipped", "succeeded", "failed", "canceled"):
+            items.add_metric([outcome], counted.get(outcome, 0.0))
+        yield items

@@ -83,3 +83,54 @@ class ScalingDemand(BaseModel):
     queued: int
     running: int
     workers_wanted: Annotated[int, Field(description="queued + running")]
+
+
+ItemState = Literal["queued", "running", "succeeded", "failed", "canceled", "skipped"]
+
+
+class BatchItemStatus(BaseModel):
+    """One manifest row of a batch and where its job is."""
+
+    line: Annotated[int, Field(description="its line in the manifest (the header is line 1)")]
+    path: Annotated[str, Field(description="the image's name in the ZIP")]
+    status: ItemState
+    job_id: str | None = None
+    reason: Annotated[str | None, Field(description="why it was skipped, or why its job failed")] = None
+    error_code: Annotated[str | None, Field(description="a failed job's error code")] = None
+    s_clip: float | None = None
+    passed: Annotated[bool | None, Field(description="s_clip >= s_clip_threshold")] = None
+    links: Annotated[dict[str, str], Field(description="the job's status and, once it succeeded, its files")] = Field(
+        default_factory=dict
+    )
+
+
+class BatchLinks(BaseModel):
+    self: str = Field(examples=["/batches/7c1e0f9a2b3d4e5f6a7b8c9d0e1f2a3b"])
+    dataset: Annotated[str, Field(description="the dataset ZIP: the finished items' files and manifest.csv")]
+
+
+class BatchSummary(BaseModel):
+    id: str
+    status: Annotated[Literal["running", "completed"], Field(description="completed once every job has ended")]
+    created_at: datetime
+    total: Annotated[int, Field(description="manifest rows")]
+    ended: Annotated[int, Field(description="rows skipped, or whose job has succeeded, failed or been canceled")]
+    links: BatchLinks
+
+
+class BatchStatus(BatchSummary):
+    """A batch: its counts per state, its progress, its errors by code and each item."""
+
+    counts: Annotated[dict[ItemState, int], Field(description="items per state")]
+    progress: Annotated[float, Field(description="fraction of the items that have ended, in [0, 1]")]
+    errors: Annotated[dict[str, int], Field(description="failed items per error code")]
+    passed: Annotated[int, Field(description="succeeded items whose S_CLIP reached the threshold")]
+    items: list[BatchItemStatus]
+
+
+class BatchList(BaseModel):
+    """A page of the caller's batches, newest first."""
+
+    batches: list[BatchSummary]
+    total: int
+    next: str | None = None

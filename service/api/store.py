@@ -17,6 +17,7 @@ from models.request.report import FILE_NAMES, EditReport
 from models.request.resolve import ResolvedEdit
 from service.api.errors import IdempotencyConflict, NotCancelable, QueueFull
 from service.api.schemas import JobLinks, JobResult, JobState, JobStatus, Prompts
+from service.contract.batches import job_ended
 from service.contract.jobs import (
     JobRequest,
     enqueue,
@@ -37,11 +38,10 @@ from service.contract.keys import (
 )
 from service.contract.recovery import recover_lost_jobs, worker_lost
 from service.contract.settings import Settings
-from service.contract.webhooks import notify_job
 
 JOB_ID = re.compile(r"[0-9a-f]{32}")
 
-_STATES: dict[str, JobState] = {
+STATES: dict[str, JobState] = {
     RQStatus.QUEUED: "queued",
     RQStatus.DEFERRED: "queued",
     RQStatus.SCHEDULED: "queued",
@@ -78,31 +78,58 @@ class JobStore:
 
         With an Idempotency-Key (``client_key``), a repeat of the same request returns the first job's id.
         """
-        ttl = self.settings.job_ttl_s
         job_id = uuid.uuid4().hex
-        idem = None
         if client_key is not None:
             digest = hashlib.sha256(image + (mask or b"") + request.model_dump_json().encode()).hexdigest()
-            idem = idempotency_key(owner, client_key)
-            if not self.redis.set(idem, f"{job_id}:{digest}", nx=True, ex=ttl):
-                existing_id, _, existing_digest = (self.redis.get(idem) or b"").decode().partition(":")
-                if existing_digest != digest:
-                    raise IdempotencyConflict
-                return existing_id
-        queue = job_queue(self.redis, self.settings)
-        if queue.count >= self.settings.max_queue_depth:
-            if idem is not None:
-                self.redis.delete(idem)
+            if (existing := self.claim(owner, client_key, job_id, digest)) is not None:
+                return existing
+        if self.queue_room() < 1:
+            self.release(owner, client_key)
             raise QueueFull(self.settings.retry_after_s)
+        self.add(job_id, image, request, edit, owner, mask)
+        return job_id
+
+    def claim(self, owner: str, client_key: str, new_id: str, digest: str) -> str | None:
+        """Bind the owner's Idempotency-Key to ``new_id`` and None; or, if it is bound already, the
+        id it is bound to when ``digest`` (of the request's content) is the same, else 409."""
+        key = idempotency_key(owner, client_key)
+        if self.redis.set(key, f"{new_id}:{digest}", nx=True, ex=self.settings.job_ttl_s):
+            return None
+        existing_id, _, existing_digest = (self.redis.get(key) or b"").decode().partition(":")
+        if existing_digest != digest:
+            raise IdempotencyConflict
+        return existing_id
+
+    def release(self, owner: str, client_key: str | None) -> None:
+        """Unbind a key whose request was refused, so that its retry is a new request."""
+        if client_key is not None:
+            self.redis.delete(idempotency_key(owner, client_key))
+
+    def queue_room(self) -> int:
+        """How many more jobs the queue takes before POSTs answer 503."""
+        return self.settings.max_queue_depth - job_queue(self.redis, self.settings).count
+
+    def add(
+        self,
+        job_id: str,
+        image: bytes,
+        request: JobRequest,
+        edit: ResolvedEdit,
+        owner: str,
+        mask: bytes | None = None,
+        batch: str | None = None,
+    ) -> None:
+        """Store the input (and mask) under TTL'd keys, enqueue the job and list it among the owner's."""
+        ttl = self.settings.job_ttl_s
         self.redis.set(input_key(job_id), image, ex=ttl)
         if mask is not None:
             self.redis.set(mask_key(job_id), mask, ex=ttl)
-        enqueue(queue, job_id, request, edit, owner, self.settings, with_mask=mask is not None)
+        queue = job_queue(self.redis, self.settings)
+        enqueue(queue, job_id, request, edit, owner, self.settings, with_mask=mask is not None, batch=batch)
         with self.redis.pipeline() as pipe:
             pipe.zadd(jobs_index_key(owner), {job_id: time.time()})
             pipe.expire(jobs_index_key(owner), ttl)
             pipe.execute()
-        return job_id
 
     def list(self, owner: str, limit: int, offset: int) -> tuple[list[JobStatus], int]:
         """A page of the owner's jobs, newest first, and how many are kept; expired jobs leave the index."""
@@ -133,7 +160,7 @@ class JobStore:
         if worker_lost(self.redis, self.settings, job):
             recover_lost_jobs(self.redis, self.settings)
             job = self._fetch(job_id, owner)
-        state = _STATES.get(job.get_status(refresh=False), "queued")
+        state = STATES.get(job.get_status(refresh=False), "queued")
         result = error = report = None
         if state == "succeeded":
             report = EditReport.model_validate(job.return_value())
@@ -164,10 +191,10 @@ class JobStore:
         if status in (RQStatus.QUEUED, RQStatus.DEFERRED, RQStatus.SCHEDULED):
             job.cancel()
             self.redis.delete(input_key(job_id))
-            notify_job(self.redis, self.settings, job, "completed", {"status": "canceled"})
+            job_ended(self.redis, self.settings, job, {"status": "canceled"})
         elif status == RQStatus.STARTED:
             self.redis.set(cancel_key(job_id), 1, ex=self.settings.job_ttl_s)
-        elif _STATES.get(status) != "canceled":
+        elif STATES.get(status) != "canceled":
             raise NotCancelable
         return self.status(job_id, owner)
 

@@ -95,10 +95,12 @@ def enqueue(
     owner: str,
     settings: Settings,
     with_mask: bool = False,
+    batch: str | None = None,
 ) -> Job:
     """Enqueue the job for an image already stored at ``input_key(job_id)`` (and its anatomy mask at
     ``mask_key(job_id)`` if ``with_mask``). The job carries the client's ``request`` (its webhook
-    settings) and the ``edit`` it was resolved to, which the worker runs and a status shows."""
+    settings), the ``edit`` it was resolved to, which the worker runs and a status shows, and the
+    ``batch`` it belongs to, if any."""
     ttl = settings.job_ttl_s
     kwargs = {
         "input_key": input_key(job_id),
@@ -114,8 +116,13 @@ def enqueue(
         failure_ttl=ttl,
         ttl=ttl,
         description="prism counterfactual",
-        meta={"owner": owner},
+        meta={"owner": owner, **({"batch": batch} if batch else {})},
     )
+
+
+def fetch_many(redis: Redis, job_ids: list[str]) -> list[Job | None]:
+    """The jobs in one round trip; None for each that no longer exists."""
+    return Job.fetch_many(job_ids, connection=redis, serializer=JSONSerializer)
 
 
 def job_edit(job: Job) -> ResolvedEdit:

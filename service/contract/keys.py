@@ -39,6 +39,26 @@ def jobs_index_key(owner: str) -> str:
     return f"prism:jobs:{owner}"
 
 
+def batch_key(batch_id: str) -> str:
+    """A batch's record (JSON): its items, each with its job id or why it was skipped."""
+    return f"prism:batch:{batch_id}"
+
+
+def batch_ended_key(batch_id: str) -> str:
+    """The set of a batch's job ids that have ended (succeeded, failed or canceled)."""
+    return f"prism:batch:{batch_id}:ended"
+
+
+def batch_done_key(batch_id: str) -> str:
+    """Set once, by whoever ends a batch's last job: ``batch.completed`` is sent once."""
+    return f"prism:batch:{batch_id}:done"
+
+
+def batches_index_key(owner: str) -> str:
+    """A sorted set of the owner's batch ids by submission time (``GET /batches``)."""
+    return f"prism:batches:{owner}"
+
+
 def recovery_lock(job_id: str, execution_id: str) -> str:
     """Taken once per lost execution, so concurrent recovery sweeps handle it once."""
     return f"prism:recover:{job_id}:{execution_id}"

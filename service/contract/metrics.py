@@ -45,3 +45,22 @@ def read(redis: Redis, name: str) -> dict[str, tuple[list[tuple[str, float]], fl
         buckets = [("+Inf" if b == math.inf else repr(float(b)), values.get(repr(b), 0.0)) for b in BUCKETS_S]
         out[label] = buckets, values.get("sum", 0.0)
     return out
+
+
+COUNTERS = {
+    "batches": "Batches submitted",
+    "batch_items": "Items of batches, by outcome: submitted, skipped, then succeeded, failed or canceled",
+}
+
+
+def _counter_key(name: str) -> str:
+    return f"{PREFIX}:counter:{name}"
+
+
+def count(redis: Redis, name: str, label: str = "", n: int = 1) -> None:
+    """Add ``n`` to the counter ``name`` (for ``label``)."""
+    redis.hincrby(_counter_key(name), label, n)
+
+
+def read_counter(redis: Redis, name: str) -> dict[str, float]:
+    return {k.decode(): float(v) for k, v in redis.hgetall(_counter_key(name)).items()}

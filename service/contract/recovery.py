@@ -15,6 +15,7 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 
+from service.contract.batches import job_ended
 from service.contract.jobs import (
     ErrorCode,
     JobError,
@@ -27,7 +28,6 @@ from service.contract.jobs import (
 )
 from service.contract.keys import alive_key, recovery_lock
 from service.contract.settings import Settings
-from service.contract.webhooks import notify_job
 
 log = logging.getLogger("prism.recovery")
 
@@ -66,7 +66,7 @@ def recover_lost_jobs(redis: Redis, settings: Settings) -> list[str]:
             job.set_status(JobStatus.FAILED)
             FailedJobRegistry(queue=queue).add(job, ttl=settings.job_ttl_s, exc_string="worker lost")
             error = read_failure(job).model_dump(mode="json")
-            notify_job(redis, settings, job, "completed", {"status": "failed", "error": error})
+            job_ended(redis, settings, job, {"status": "failed", "error": error})
             log.warning("job %s: worker %s lost; failed", job_id, job.worker_name)
         handled.append(job_id)
     return handled

@@ -57,7 +57,16 @@ class Settings(BaseSettings):
         "(prism worker-probe, as Kubernetes runs it); unset: none",
     )
     max_requeues: int = Field(1, ge=0, description="times a job whose worker died is re-queued before it fails")
-    max_queue_depth: int = Field(100, ge=1, description="above this many queued jobs, POST answers 503")
+    max_queue_depth: int = Field(
+        500, ge=1, description="above this many queued jobs, POST answers 503 (a batch must fit whole)"
+    )
+    batch_max_items: int = Field(500, ge=1, description="rows of one batch's manifest (413 above)")
+    batch_max_upload_bytes: int = Field(
+        1024**3, ge=1024, description="request body limit of POST /batches (the ZIP and the manifest)"
+    )
+    batch_max_uncompressed_bytes: int = Field(
+        2 * 1024**3, ge=1024, description="what one batch's ZIP may decompress to, all files together (413 above)"
+    )
     auth: Literal["on", "off"] = Field("on", description="'off' only for local use: no API keys, one tenant")
     api_keys_file: str | None = Field(None, description="file of 'name:sha256(key)' lines (prism keys add NAME)")
     rate_limit_per_minute: int = Field(

@@ -32,9 +32,10 @@ RETRIES = 7
 
 
 class WebhookEvent(BaseModel):
-    """The body of a webhook: ``job.started`` or ``job.completed`` (succeeded, failed or canceled)."""
+    """The body of a webhook: ``job.started``, ``job.completed`` (succeeded, failed or canceled) or
+    ``batch.completed`` (every item of a batch has ended)."""
 
-    type: Literal["job.started", "job.completed"]
+    type: Literal["job.started", "job.completed", "batch.completed"]
     timestamp: datetime
     data: Annotated[dict[str, Any], Field(description="id, status, and the result or error once completed")]
 
@@ -80,8 +81,8 @@ def notify(redis: Redis, settings: Settings, owner: str, url: str, event: Webhoo
     )
 
 
-def event(name: EventName, data: dict[str, Any]) -> WebhookEvent:
-    return WebhookEvent(type=f"job.{name}", timestamp=datetime.fromtimestamp(time.time(), UTC), data=data)
+def event(name: EventName, data: dict[str, Any], subject: Literal["job", "batch"] = "job") -> WebhookEvent:
+    return WebhookEvent(type=f"{subject}.{name}", timestamp=datetime.fromtimestamp(time.time(), UTC), data=data)
 
 
 def notify_job(redis: Redis, settings: Settings, job, name: EventName, data: dict[str, Any]) -> None:

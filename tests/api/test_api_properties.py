@@ -22,6 +22,7 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
+from tests.helpers import phantom_batch
 from tests.stack import Cluster
 
 CHECKS = [
@@ -34,7 +35,8 @@ CHECKS = [
 EXAMPLES = {"POST /counterfactual": 600, "GET /jobs/{job_id}": 250, "GET /jobs/{job_id}/files/{name}": 150,
             "POST /jobs/{job_id}/cancel": 100, "GET /jobs": 60, "GET /healthz": 20, "GET /livez": 20,
             "GET /readyz": 20, "GET /metrics": 10, "GET /scaling": 10, "GET /service-info": 10,
-            "POST /preview": 60}  # fmt: skip
+            "POST /preview": 60, "POST /batches": 80, "GET /batches": 10, "GET /batches/{batch_id}": 30,
+            "POST /batches/{batch_id}/cancel": 20, "GET /batches/{batch_id}/dataset.zip": 20}  # fmt: skip
 
 
 def _png(side: int, value: int) -> bytes:
@@ -53,6 +55,17 @@ VALID_FORM = st.fixed_dictionaries(
     }
 )
 
+_BATCH_ZIP, _BATCH_CSV, _ = phantom_batch(2)
+VALID_BATCH = st.fixed_dictionaries(
+    {
+        "images": st.just(_BATCH_ZIP),
+        "manifest": st.just(_BATCH_CSV),
+        "edit": st.sampled_from(["Support Devices=0", "Cardiomegaly=1", "Edema=1"]),
+        "steps": st.integers(1, 3),
+        "self_replace_steps": st.just("0.5"),
+    }
+)
+
 
 @pytest.fixture(scope="module")
 def api(tmp_path_factory, tiny_model_dir):
@@ -64,6 +77,7 @@ def api(tmp_path_factory, tiny_model_dir):
 def test_openapi_contract_holds_for_generated_requests(api):
     schema = schemathesis.openapi.from_url(f"{api.url}/openapi.json")
     known_jobs: list[str] = []
+    known_batches: list[str] = []
     counter = itertools.count()
     calls = {}
     for operation in schema.get_all_operations():
@@ -72,8 +86,12 @@ def test_openapi_contract_holds_for_generated_requests(api):
         strategy = op.as_strategy()
         if label == "POST /counterfactual":
             strategy = st.one_of(strategy, st.tuples(strategy, VALID_FORM).map(lambda p: _with_body(*p)))
+        elif label == "POST /batches":
+            strategy = st.one_of(strategy, st.tuples(strategy, VALID_BATCH).map(lambda p: _with_body(*p)))
         elif "{job_id}" in op.path:
-            strategy = st.tuples(strategy, st.booleans()).map(lambda p: _with_known_job(*p, known_jobs))
+            strategy = st.tuples(strategy, st.booleans()).map(lambda p: _with_known(*p, "job_id", known_jobs))
+        elif "{batch_id}" in op.path:
+            strategy = st.tuples(strategy, st.booleans()).map(lambda p: _with_known(*p, "batch_id", known_batches))
 
         @settings(
             max_examples=EXAMPLES[label],
@@ -88,13 +106,16 @@ def test_openapi_contract_holds_for_generated_requests(api):
             next(counter)
             calls[case.operation.label] = calls.get(case.operation.label, 0) + 1
             case.validate_response(response, checks=CHECKS)
-            if response.status_code == 202:
+            if response.status_code == 202 and case.operation.path == "/counterfactual":
                 known_jobs.append(response.json()["id"])
+            elif response.status_code == 202 and case.operation.path == "/batches":
+                known_batches.append(response.json()["id"])
 
         run()
     total = next(counter)
     assert total >= 1000, calls
     assert len(known_jobs) >= 50, "valid submissions should reach the success path"
+    assert len(known_batches) >= 10, "valid batches should reach the success path"
     finished = [httpx.get(f"{api.url}/jobs/{j}").json()["status"] for j in known_jobs[:5]]
     assert all(s in ("queued", "running", "succeeded", "failed", "canceled") for s in finished)
 
@@ -104,7 +125,7 @@ def _with_body(case, form):
     return case
 
 
-def _with_known_job(case, use_known, known_jobs):
-    if use_known and known_jobs:
-        case.path_parameters = {**case.path_parameters, "job_id": known_jobs[len(known_jobs) // 2]}
+def _with_known(case, use_known, name, known):
+    if use_known and known:
+        case.path_parameters = {**case.path_parameters, name: known[len(known) // 2]}
     return case

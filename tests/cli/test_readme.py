@@ -4,6 +4,7 @@ the real parser (so no flag in the README is stale), and every input file they n
 
 import re
 import shlex
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,9 @@ import pytest
 
 from cli import build_parser
 from models.imaging.files import decode_image, keep_mask
-from phantoms.example import FILES, write_examples
+from models.request.manifest import find_file, read_manifest
+from models.request.resolve import EditRequest
+from phantoms.example import BATCH_FILES, FILES, write_batch_example, write_examples
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 
@@ -41,7 +44,7 @@ COMMANDS = _prism_commands()
 
 def test_the_readme_has_the_commands_a_newcomer_runs():
     assert len(COMMANDS) >= 15
-    assert {c[0] for c in COMMANDS} >= {"make-example", "edit", "submit", "keys", "bench-phantom", "finetune"}
+    assert {c[0] for c in COMMANDS} >= {"make-example", "edit", "submit", "batch", "keys", "bench-phantom", "finetune"}
 
 
 @pytest.mark.parametrize("argv", COMMANDS, ids=[" ".join(c)[:60] for c in COMMANDS])
@@ -59,3 +62,18 @@ def test_every_input_file_the_readme_names_is_written_by_make_example(tmp_path):
     png, dicom, mask = (decode_image(p.read_bytes()) for p in written)
     assert dicom.dicom is not None and np.abs(dicom.pixels - png.pixels).max() < 1e-3  # one image, two files
     assert png.pixels.shape == mask.pixels.shape == (128, 104) and 0.05 < keep_mask(mask).mean() < 0.5
+
+
+def test_the_batch_example_is_what_make_example_writes_and_it_resolves(tmp_path):
+    named = set(re.findall(r"(?:images=@|manifest=@)([\w./-]+)", README))
+    for argv in (c for c in COMMANDS if c[0] == "batch"):
+        args = build_parser().parse_args(argv)
+        named |= {args.images, args.manifest}
+    assert named == set(BATCH_FILES), named
+    archive, manifest, folder = write_batch_example(tmp_path)
+    plan = read_manifest(manifest.read_bytes(), EditRequest(edit="Support Devices=0"))
+    assert not plan.errors and len(plan.items) == 8
+    assert 0 < sum(item.skipped is not None for item in plan.items) < 8
+    names = set(zipfile.ZipFile(archive).namelist())
+    assert names == {item.path for item in plan.items}
+    assert all(find_file(folder, item.path) for item in plan.items)

@@ -18,7 +18,7 @@ from service.api.deps import (
     require_multipart,
     require_utf8_form,
 )
-from service.api.docs import RETRY_AFTER, error_responses
+from service.api.docs import accepted, error_responses
 from service.api.errors import retry_after
 from service.api.forms import CounterfactualForm
 from service.api.schemas import JobAccepted
@@ -38,13 +38,7 @@ router = APIRouter(tags=["counterfactuals"])
     summary="Submit an image for a counterfactual edit",
     dependencies=[Depends(require_multipart), Depends(require_utf8_form), Depends(one_part_per_field)],
     responses={
-        202: {
-            "description": "Accepted: poll the job at `Location`, after `Retry-After` seconds",
-            "headers": {
-                "Location": {"description": "the job's status URL", "schema": {"type": "string"}},
-                **RETRY_AFTER,
-            },
-        },
+        202: accepted("job"),
         **error_responses(
             {
                 401: "missing or invalid X-API-Key",

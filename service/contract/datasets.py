@@ -1,0 +1,73 @@
+"""The layout of a counterfactual dataset, one for ``GET /batches/{id}/dataset.zip`` and for the
+folder ``prism batch`` writes: result files in one folder per kind, named after the input's path
+(its folders kept, its extension replaced), and ``manifest.csv`` with one line per manifest row.
+
+    counterfactuals/<path>.png   counterfactuals/<path>.dcm  (DICOM inputs: a Secondary Capture)
+    differences/<path>.png       differences/<path>.npy       differences/<path>.dcm
+    results/<path>.json          manifest.csv
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterable
+from pathlib import PurePosixPath
+
+from pydantic import BaseModel
+
+MANIFEST = "manifest.csv"
+LAYOUT = {
+    "counterfactual.png": "counterfactuals/{stem}.png",
+    "counterfactual.dcm": "counterfactuals/{stem}.dcm",
+    "difference.png": "differences/{stem}.png",
+    "difference.npy": "differences/{stem}.npy",
+    "difference.dcm": "differences/{stem}.dcm",
+    "result.json": "results/{stem}.json",
+}
+"""Which of a job's files a dataset holds, and where; the reconstruction (a check of the
+inversion) stays with the job."""
+
+
+def stem(path: str) -> str:
+    """The input's path without its extension: two inputs with one stem would share outputs."""
+    return str(PurePosixPath(path).with_suffix(""))
+
+
+def dataset_names(path: str, file_names: Iterable[str]) -> dict[str, str]:
+    """A job's file name -> its name in the dataset, for the files a dataset holds."""
+    return {name: LAYOUT[name].format(stem=stem(path)) for name in file_names if name in LAYOUT}
+
+
+class ManifestLine(BaseModel):
+    """One row of ``manifest.csv``: a manifest row and how it ended."""
+
+    line: int
+    path: str
+    status: str
+    reason: str = ""
+    error_code: str = ""
+    original_prompt: str = ""
+    edit_prompt: str = ""
+    s_clip: float | None = None
+    passed: bool | None = None
+    chosen_self_replace: float | None = None
+    counterfactual: str = ""
+    job_id: str = ""
+
+
+COLUMNS = tuple(ManifestLine.model_fields)
+
+
+def manifest_csv(lines: Iterable[ManifestLine]) -> bytes:
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for line in lines:
+        writer.writerow({k: "" if v is None else v for k, v in line.model_dump().items()})
+    return buffer.getvalue().encode()
+
+
+def read_manifest_csv(data: bytes) -> list[ManifestLine]:
+    rows = csv.DictReader(io.StringIO(data.decode(), newline=""))
+    return [ManifestLine.model_validate({k: v for k, v in row.items() if v != ""}) for row in rows]

@@ -1,0 +1,111 @@
+"""``POST /batches`` before any worker runs: idempotency, the queue's room, the row limit, other
+tenants, and the archive checks on entries a ZIP writer would not make."""
+
+import io
+import stat
+import uuid
+import zipfile
+
+import pytest
+from fastapi.testclient import TestClient
+from redis import Redis
+
+from service.api.app import create_app
+from service.api.archive import ArchiveLimits, open_archive
+from service.api.uploads import UploadRejected
+from service.contract.settings import Settings
+from tests.helpers import phantom_batch
+
+EDIT = {"edit": "Support Devices=0", "steps": "3"}
+
+
+@pytest.fixture
+def client(redis_server):
+    queue = f"batch-test-{uuid.uuid4().hex[:8]}"
+    settings = Settings(redis_url=redis_server.url, auth="off", queue_name=queue, max_queue_depth=6, batch_max_items=8)
+    with TestClient(create_app(settings)) as c:
+        yield c
+    Redis.from_url(redis_server.url).delete(f"rq:queue:{queue}")
+
+
+def post(client, archive, manifest, headers=None, **fields):
+    files = {"images": ("b.zip", archive), "manifest": ("m.csv", manifest)}
+    return client.post("/batches", files=files, data={**EDIT, **fields}, headers=headers or {})
+
+
+def test_an_idempotency_key_gives_the_same_batch_and_refuses_other_content(client):
+    archive, manifest, _ = phantom_batch(4)
+    before = client.get("/batches").json()["total"]  # one Redis serves the session's tests
+    first = post(client, archive, manifest, {"Idempotency-Key": "k1"})
+    again = post(client, archive, manifest, {"Idempotency-Key": "k1"})
+    assert first.status_code == again.status_code == 202
+    assert first.json()["id"] == again.json()["id"]
+    other = post(client, archive, manifest, {"Idempotency-Key": "k1"}, steps="4")
+    assert other.status_code == 409
+    assert client.get("/batches").json()["total"] == before + 1
+
+
+def test_a_batch_that_does_not_fit_the_queue_is_refused_whole(client):
+    archive, manifest, rows = phantom_batch(8)
+    applicable = sum(1 for r in rows if r["Support Devices"] == 1)
+    assert applicable <= 6
+    before = client.get("/batches").json()["total"]
+    assert post(client, archive, manifest).status_code == 202
+    refused = post(client, archive, manifest)
+    assert refused.status_code == 503 and refused.headers["retry-after"]
+    assert f"room for {6 - applicable} jobs" in refused.json()["detail"][0]["msg"]
+    assert client.get("/batches").json()["total"] == before + 1
+    assert client.get("/scaling").json()["queued"] == applicable
+
+
+def test_more_rows_than_the_limit_is_413_and_findings_are_the_manifests(client):
+    archive, manifest, _ = phantom_batch(9)
+    too_many = post(client, archive, manifest)
+    assert too_many.status_code == 413 and "limit is 8" in too_many.json()["detail"][0]["msg"]
+    findings = post(client, archive, manifest, findings="Edema=1")
+    assert findings.status_code == 422 and findings.json()["detail"][0]["loc"] == ["body", "findings"]
+
+
+def test_another_tenants_batch_is_not_found(client):
+    assert client.get(f"/batches/{uuid.uuid4().hex}").status_code == 404
+    assert client.get("/batches/not-an-id/dataset.zip").status_code == 404
+    assert client.post(f"/batches/{uuid.uuid4().hex}/cancel").status_code == 404
+
+
+def _zip(*infos: tuple[zipfile.ZipInfo, bytes]) -> io.BytesIO:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as z:
+        for info, data in infos:
+            z.writestr(info, data)
+    buffer.seek(0)
+    return buffer
+
+
+LIMITS = ArchiveLimits(max_entries=10, max_entry_bytes=1000, max_total_bytes=1500)
+
+
+def test_links_duplicates_and_lying_sizes_are_refused():
+    link = zipfile.ZipInfo("scans/a.png")
+    link.create_system, link.external_attr = 3, (stat.S_IFLNK | 0o777) << 16
+    with pytest.raises(UploadRejected, match="link") as refused:
+        open_archive(_zip((link, b"/etc/passwd")), LIMITS)
+    assert refused.value.status_code == 422 and refused.value.field == "images"
+
+    with pytest.warns(UserWarning, match="Duplicate name"):
+        twice = _zip((zipfile.ZipInfo("a.png"), b"1"), (zipfile.ZipInfo("a.png"), b"2"))
+    with pytest.raises(UploadRejected, match="appears twice"):
+        open_archive(twice, LIMITS)
+
+    archive = open_archive(_zip((zipfile.ZipInfo("a.png"), b"x" * 900)), LIMITS)
+    assert archive.read("a.png") == b"x" * 900
+    with pytest.raises(UploadRejected, match="more than 1500 bytes") as over:
+        archive.read("a.png")  # what is read is summed as it is read, not only as declared
+    assert over.value.status_code == 413
+
+    # an entry whose header declares fewer bytes than it holds is cut at its declared size and fails its CRC
+    lying = _zip((zipfile.ZipInfo("a.png"), b"z" * 900))
+    raw = bytearray(lying.getvalue())
+    raw[raw.rindex(b"PK\x01\x02") + 24 : raw.rindex(b"PK\x01\x02") + 28] = (10).to_bytes(4, "little")
+    archive = open_archive(io.BytesIO(bytes(raw)), LIMITS)
+    with pytest.raises(UploadRejected, match="cannot be decompressed"):
+        archive.read("a.png")
