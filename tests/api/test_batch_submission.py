@@ -14,6 +14,7 @@ from service.api.app import create_app
 from service.api.archive import ArchiveLimits, open_archive
 from service.api.uploads import UploadRejected
 from service.contract.settings import Settings
+from service.contract.tenants import add_tenant
 from tests.helpers import phantom_batch
 
 EDIT = {"edit": "Support Devices=0", "steps": "3"}
@@ -109,3 +110,22 @@ def test_links_duplicates_and_lying_sizes_are_refused():
     archive = open_archive(io.BytesIO(bytes(raw)), LIMITS)
     with pytest.raises(UploadRejected, match="cannot be decompressed"):
         archive.read("a.png")
+
+
+def test_batches_belong_to_the_key_that_made_them(redis_server, tmp_path):
+    keys = tmp_path / "keys"
+    alice, _ = add_tenant(keys, "alice")
+    bob, _ = add_tenant(keys, "bob")
+    queue = f"batch-keys-{uuid.uuid4().hex[:8]}"
+    settings = Settings(redis_url=redis_server.url, auth="on", api_keys_file=str(keys), queue_name=queue)
+    archive, manifest, _ = phantom_batch(3)
+    with TestClient(create_app(settings)) as client:
+        assert post(client, archive, manifest).status_code == 401
+        batch_id = post(client, archive, manifest, {"X-API-Key": alice}).json()["id"]
+        for path in (f"/batches/{batch_id}", f"/batches/{batch_id}/dataset.zip"):
+            assert client.get(path, headers={"X-API-Key": bob}).status_code == 404
+            assert client.get(path, headers={"X-API-Key": alice}).status_code == 200
+        assert client.post(f"/batches/{batch_id}/cancel", headers={"X-API-Key": bob}).status_code == 404
+        assert client.get("/batches", headers={"X-API-Key": bob}).json()["total"] == 0
+        assert client.get("/batches", headers={"X-API-Key": alice}).json()["batches"][0]["id"] == batch_id
+    Redis.from_url(redis_server.url).delete(f"rq:queue:{queue}")
