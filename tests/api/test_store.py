@@ -1,6 +1,8 @@
 """The API's store reads a job's prompts from what was resolved at submission: status polls and
 job lists never resolve findings again."""
 
+import uuid
+
 import pytest
 from redis import Redis
 
@@ -23,19 +25,20 @@ def store(redis_server):
 
 
 def test_status_and_list_show_the_submitted_prompts_after_the_findings_table_changes(store, monkeypatch):
+    owner = f"alice-{uuid.uuid4().hex}"  # the session's Redis holds other tests' jobs of other owners named alice
     request = JobRequest(findings=FINDINGS, edit={"Support Devices": 0})
     edit = resolve(request)
-    job_id = store.submit(png_bytes(xray_like(16, 16)), request, edit, "alice")
+    job_id = store.submit(png_bytes(xray_like(16, 16)), request, edit, owner)
 
     def changed_table(*_):
         raise AssertionError("findings resolved again")
 
     monkeypatch.setattr(models.request.resolve, "findings_prompts", changed_table)
     monkeypatch.setattr(models.request.resolve, "resolve", changed_table)
-    status = store.status(job_id, "alice")
+    status = store.status(job_id, owner)
     assert status.status == "queued"
     assert status.prompts.original_prompt == "Chest X-ray showing Cardiomegaly, Support Devices"
     assert status.prompts.edit_prompt == "Chest X-ray showing Cardiomegaly"
-    listed, total = store.list("alice", limit=10, offset=0)
+    listed, total = store.list(owner, limit=10, offset=0)
     assert total == 1 and listed[0].prompts == status.prompts
     assert store.status(job_id, "bob") is None
