@@ -14,6 +14,8 @@ from pathlib import Path
 from cli.errors import CliError
 from cli.options import port, positive
 
+BATCH_HELP = "jobs a worker runs as one batch (PRISM_WORKER_BATCH; default 1): see the README on sizing it"
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     serve = sub.add_parser("serve", help="run the HTTP API (uvicorn)")
@@ -23,6 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     worker = sub.add_parser("worker", help="run a worker: load the model once, then serve jobs")
     worker.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    worker.add_argument("--batch", type=positive(int), help=BATCH_HELP)
     worker.set_defaults(func=run_worker, log_level=logging.INFO)
 
     probe = sub.add_parser(
@@ -38,6 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=port, default=8000)
     up.add_argument("--workers", type=positive(int), default=1, help="GPU workers, each holding the model once")
+    up.add_argument("--batch", type=positive(int), help=BATCH_HELP)
     up.set_defaults(func=run_all, log_level=logging.INFO)
 
 
@@ -51,11 +55,18 @@ def run_api(args: argparse.Namespace) -> int:
 
 
 def run_worker(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from models.request.errors import ModelLoadError
     from models.weights.layout import locate_model
     from service.contract.settings import get_settings
 
     settings = get_settings()
+    if args.batch is not None:
+        try:
+            settings = type(settings)(**{**settings.model_dump(), "worker_batch": args.batch})
+        except ValidationError as exc:
+            raise CliError("--batch", exc.errors()[0]["msg"]) from None
     try:
         locate_model(settings.model_dir, settings.clip_model)
         from worker.main import run_worker as serve_jobs  # torch and diffusers: once the files are known there
@@ -105,6 +116,8 @@ def run_all(args: argparse.Namespace) -> int:
         local = LocalRedis(Path(get_settings().home).expanduser() / "redis").start()
         env["PRISM_REDIS_URL"] = local.url
         print(f"started redis-server at {local.url}", file=sys.stderr)
+    if args.batch is not None:
+        env["PRISM_WORKER_BATCH"] = str(args.batch)
     if not env.get("PRISM_CPU_THREADS"):
         env["PRISM_CPU_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.workers))
     prism = [sys.executable, "-m", "cli"]

@@ -1,5 +1,6 @@
 """The whole PRISM counterfactual: run the request's method, score its candidates with S_CLIP,
-keep the best, map it back to the input, and report.
+keep the best, map it back to the input, and report; for one input, or for a batch of inputs
+whose edits can share their passes (a worker's batch of jobs).
 
 Plain arrays and a resolved request in (:func:`models.request.resolve.resolve`); plain arrays and a
 typed :class:`~models.request.report.EditReport` out; no HTTP, no queue.
@@ -8,23 +9,25 @@ typed :class:`~models.request.report.EditReport` out; no HTTP, no queue.
 from __future__ import annotations
 
 import io
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from models.diffusion.batching import BatchProgress, LeaveBatch, ProgressCallback
 from models.diffusion.components import ModelBundle, decode_latents
-from models.diffusion.inversion import InversionCache, ProgressCallback
+from models.diffusion.inversion import InversionCache
 from models.imaging.dicom import DicomSource, secondary_captures
 from models.imaging.difference import difference, encode_rgb_png, render_difference
 from models.imaging.files import DecodedImage, encode_png
 from models.imaging.geometry import from_model_output, quantize, to_model_input
-from models.methods.base import Edit, Method, PhaseTimer, RunContext, Source
+from models.methods.base import BatchMethod, Edit, Method, PhaseTimer, RunContext, Source
 from models.methods.guided import Guided
 from models.methods.prism import Prism
 from models.methods.sdedit import SDEdit
-from models.request.errors import InvalidInput
+from models.request.errors import ImageError, InvalidInput
 from models.request.params import EditParams
 from models.request.report import (
     CandidateScores,
@@ -39,7 +42,7 @@ from models.scoring.classifier import FindingClassifier
 from models.scoring.clip import ClipScorer, score_candidates
 
 SCORE_REFERENCE = "reconstruction"
-METHODS: dict[str, Method] = {method.name: method for method in (Prism(), SDEdit(), Guided())}
+METHODS: dict[str, Method | BatchMethod] = {method.name: method for method in (Prism(), SDEdit(), Guided())}
 
 
 @dataclass
@@ -89,6 +92,24 @@ class Counterfactual:
         return files
 
 
+@dataclass(frozen=True)
+class BatchItem:
+    """One counterfactual of a batch: the decoded input, the resolved edit, its progress callback
+    and, for ``guided``, the anatomy to keep (an image-sized mask, True = keep)."""
+
+    image: DecodedImage
+    edit: ResolvedEdit
+    callback: ProgressCallback | None = None
+    keep: np.ndarray | None = None
+
+
+def batch_key(params: EditParams) -> Hashable | None:
+    """Edits with equal keys can run as one batch (:func:`generate_counterfactuals`); None for an
+    edit whose method runs one image at a time."""
+    method = METHODS[params.method]
+    return (params.method, method.batch_key(params)) if isinstance(method, BatchMethod) else None
+
+
 def generate_counterfactual(
     bundle: ModelBundle,
     image: DecodedImage,
@@ -104,16 +125,83 @@ def generate_counterfactual(
 
     ``prism`` makes one candidate per self_replace value and keeps the one with the highest S_CLIP;
     ``sdedit`` and ``guided`` make one; ``guided`` needs a ``classifier`` and keeps the anatomy
-    where ``keep`` (an image-sized mask, True = keep) is set.
+    where ``keep`` (an image-sized mask, True = keep) is set. Raises what stopped it: the
+    callback's exception, or the engine's :class:`InvalidInput` for the request.
     """
-    if keep is not None and keep.shape != image.pixels.shape:
-        raise InvalidInput("mask", f"the mask is {keep.shape[::-1]} pixels, the image {image.pixels.shape[::-1]}")
+    (result,) = generate_counterfactuals(
+        bundle, [BatchItem(image, edit, callback, keep)], cache=cache, classifier=classifier
+    )
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def generate_counterfactuals(
+    bundle: ModelBundle,
+    items: Sequence[BatchItem],
+    *,
+    cache: InversionCache | None = None,
+    classifier: FindingClassifier | None = None,
+) -> list[Counterfactual | Exception]:
+    """The counterfactuals of several inputs run as one batch (their edits share a :func:`batch_key`;
+    one item may have any), each as :func:`generate_counterfactual` would make it alone.
+
+    An item leaves the batch without stopping the others when its callback raises
+    :class:`~models.diffusion.batching.LeaveBatch` (a canceled job) or the engine finds its own
+    input unusable (:class:`InvalidInput`, :class:`ImageError`): its place in the result holds that
+    exception. Any other exception stops the whole batch. Timings are the batch's: an item is
+    charged each phase it took part in.
+    """
+    keys = {batch_key(item.edit.params) for item in items}
+    if len(items) > 1 and (len(keys) > 1 or None in keys):
+        raise ValueError("these edits cannot share a batch: see batch_key")
+    progress = BatchProgress([item.callback for item in items])
+    timers = [PhaseTimer(bundle.device) for _ in items]
+    sources: list[Source] = []
+    for index, item in enumerate(items):
+        model_image, geometry = to_model_input(item.image.pixels, bundle.resolution)
+        sources.append(Source(model_image, geometry, item.edit.original_prompt, item.edit.edit_prompt, item.keep))
+        if item.keep is not None and item.keep.shape != item.image.pixels.shape:
+            shapes = item.keep.shape[::-1], item.image.pixels.shape[::-1]
+            progress.fail(index, InvalidInput("mask", "the mask is {} pixels, the image {}".format(*shapes)))
+    contexts = [
+        RunContext(bundle, item.edit.params, timer, progress=item.callback, cache=cache, classifier=classifier)
+        for item, timer in zip(items, timers, strict=True)
+    ]
+    method = METHODS[items[0].edit.params.method]
+    edits = _run(method, sources, contexts, progress)
+    results: list[Counterfactual | Exception] = []
+    for index, item in enumerate(items):
+        if index in progress.left:
+            results.append(progress.left[index])
+        else:
+            results.append(_finish(bundle, item, sources[index], edits[index], timers[index]))
+    return results
+
+
+ITEM_ERRORS = (LeaveBatch, InvalidInput, ImageError)
+"""What ends one item of a batch, not the batch."""
+
+
+def _run(
+    method: Method | BatchMethod, sources: list[Source], contexts: list[RunContext], progress: BatchProgress
+) -> dict[int, Edit]:
+    """The method's edits of the items still in ``progress``, by item."""
+    if isinstance(method, BatchMethod):
+        return method.run_batch(sources, contexts, progress) if progress.alive else {}
+    edits = {}
+    for index in progress.alive:
+        try:
+            edits[index] = method.run(sources[index], contexts[index])
+        except ITEM_ERRORS as exc:
+            progress.fail(index, exc)
+    return edits
+
+
+def _finish(bundle: ModelBundle, item: BatchItem, source: Source, result: Edit, timer: PhaseTimer) -> Counterfactual:
+    """Decode one item's candidates, score them, keep the best, map it back to the input, report."""
+    image, edit, callback = item.image, item.edit, item.callback
     params = edit.params
-    timer = PhaseTimer(bundle.device)
-    model_image, geometry = to_model_input(image.pixels, bundle.resolution)
-    source = Source(model_image, geometry, edit.original_prompt, edit.edit_prompt, keep)
-    context = RunContext(bundle, params, timer, progress=callback, cache=cache, classifier=classifier)
-    result = METHODS[params.method].run(source, context)
     images = timer.measure("decode", lambda: decode_latents(bundle.vae, result.latents).cpu())
     regions = edited_regions(result.latents, bundle.resolution).cpu()
     if callback:
@@ -125,7 +213,7 @@ def generate_counterfactual(
     best = max(range(len(scores)), key=lambda k: scores[k].s_clip)
     if callback:
         callback("scoring", 1, 1)
-    outputs = map_outputs(image, geometry, images[0, 0], images[1 + best, 0], regions[best], params.output)
+    outputs = map_outputs(image, source.geometry, images[0, 0], images[1 + best, 0], regions[best], params.output)
     report = edit_report(
         result=result,
         best=best,
@@ -134,7 +222,7 @@ def generate_counterfactual(
         params=params,
         bundle=bundle,
         image=image,
-        geometry=geometry,
+        geometry=source.geometry,
         timings=timer.timings,
         original_prompt=edit.original_prompt,
     )

@@ -21,6 +21,12 @@ def bundle(tiny_model_dir: Path) -> ModelBundle:
 
 
 @pytest.fixture(scope="session")
+def builtin() -> ModelBundle:
+    """The shipped phantom model, whose edits are real (the tiny model's are noise)."""
+    return load_bundle(None, device="cpu")
+
+
+@pytest.fixture(scope="session")
 def redis_server():
     from cli.local_redis import LocalRedis
 

@@ -4,6 +4,8 @@ RQ's default worker forks a child per job, which cannot reuse a CUDA model; Simp
 jobs in-process. One worker per GPU (choose it with CUDA_VISIBLE_DEVICES); any number of
 workers on any hosts may serve one Redis. A heartbeat thread keeps a short-lived
 ``prism:alive:<queue>:<name>`` key so the API can tell live workers from dead ones within seconds.
+With ``PRISM_WORKER_BATCH`` > 1 a worker runs compatible queued jobs as one batch
+(``worker.batching``), each job keeping RQ's life of a job.
 """
 
 from __future__ import annotations
@@ -20,10 +22,14 @@ from pathlib import Path
 
 from redis import Redis
 from redis.exceptions import RedisError
-from rq import SimpleWorker
+from rq import Queue, SimpleWorker
+from rq.executions import Execution
 from rq.job import Job
 from rq.registry import CanceledJobRegistry, FailedJobRegistry
 from rq.serializers import JSONSerializer
+from rq.timeouts import JobTimeoutException
+from rq.utils import now
+from rq.worker import WorkerStatus
 
 from service.contract import metrics
 from service.contract.batches import job_ended
@@ -32,8 +38,9 @@ from service.contract.keys import alive_key
 from service.contract.recovery import recover_lost_jobs
 from service.contract.settings import Settings
 from worker import tasks
+from worker.batching import claim_companions
 from worker.loading import bundle_from_settings, classifier_from_settings
-from worker.runner import JobCanceled, JobRunner, failure_of
+from worker.runner import JobCanceled, JobRunner, Outcome, failure_of
 
 log = logging.getLogger("prism.worker")
 
@@ -46,10 +53,58 @@ class PrismWorker(SimpleWorker):
         kwargs.setdefault("serializer", JSONSerializer)
         super().__init__(queues, log_job_description=False, **kwargs)
         tasks.install(runner)
+        self.runner = runner
         self.settings = settings
         self.heartbeat_s = settings.worker_heartbeat_s
         self._alive = threading.Event()
         self.stopping = False
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        """Run the job, with up to ``PRISM_WORKER_BATCH`` - 1 queued jobs that can share its batch."""
+        companions = claim_companions(self.connection, queue, job, self.settings.worker_batch - 1)
+        if not companions:
+            super().execute_job(job, queue)
+            return
+        self._execute_batch([job, *companions], queue)
+        self.set_state(WorkerStatus.IDLE)
+
+    def _execute_batch(self, jobs: list[Job], queue: Queue) -> None:
+        """RQ's life of a job (execution, started, finished or failed), for several jobs at once.
+
+        All are marked started under this worker's name before any work, so the recovery sweep
+        re-queues every one of them if the worker dies. A canceled job is finished as it leaves
+        the batch; the others once the batch ends. The time limit is the jobs' own, counted from
+        the batch's start (they start together); exceeding it, or any fault of the batch as a
+        whole, fails every job still in it with that reason."""
+        executions = {job.id: self.prepare_execution(job) for job in jobs}
+        for job in jobs:
+            self.prepare_job_execution(job, remove_from_intermediate_queue=True)
+            job.started_at = now()
+        log.info("batch of %d jobs: %s", len(jobs), ", ".join(job.id for job in jobs))
+        outcomes: dict[str, Outcome] = {}
+
+        def ended(job: Job, outcome: Outcome) -> None:
+            if isinstance(outcome, JobCanceled):
+                self._finalize(job, queue, executions[job.id], outcome)
+            outcomes[job.id] = outcome
+
+        timeout = min(job.timeout or queue.DEFAULT_TIMEOUT for job in jobs)
+        try:
+            with self.death_penalty_class(timeout, JobTimeoutException, job_id=jobs[0].id):
+                self.runner.run_batch(jobs, ended)
+        except Exception as exc:  # the whole batch stops: each job still in it ends with the reason
+            for job in jobs:
+                outcomes.setdefault(job.id, exc)
+        for job in jobs:
+            if not isinstance(outcomes[job.id], JobCanceled):
+                self._finalize(job, queue, executions[job.id], outcomes[job.id])
+
+    def _finalize(self, job: Job, queue: Queue, execution: Execution, outcome: Outcome) -> None:
+        """End a job of a batch as RQ ends one it performed: its result, or its exception."""
+        if isinstance(outcome, BaseException):
+            self._finalize_failure(job, queue, execution, (type(outcome), outcome, outcome.__traceback__))
+        else:
+            self._finalize_success(job, queue, execution, outcome)
 
     def request_stop(self, signum, frame) -> None:
         """SIGTERM/SIGINT: finish the current job, then leave for good (no reconnect)."""

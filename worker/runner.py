@@ -1,13 +1,16 @@
 """Adapts the engine to jobs: input from Redis, progress into job meta, outputs back to Redis.
 
-A job that cannot finish raises: :class:`JobFailed` with its :class:`JobError`, or the engine's
-own exception, which :func:`failure_of` turns into one. The worker records it (see ``main``).
+A job that cannot finish ends with an exception: :class:`JobFailed` with its :class:`JobError`,
+or the engine's own, which :func:`failure_of` turns into one. The worker records it (see
+``main``). Jobs run one at a time or as a batch (``PRISM_WORKER_BATCH``), where each still ends
+on its own: canceled, failed or succeeded.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -15,10 +18,11 @@ from pydantic import ValidationError
 from rq.job import Job
 from rq.timeouts import JobTimeoutException
 
+from models.diffusion.batching import LeaveBatch
 from models.diffusion.components import ModelBundle
 from models.diffusion.inversion import InversionCache
 from models.imaging.files import decode_image, keep_mask
-from models.pipeline import generate_counterfactual
+from models.pipeline import ITEM_ERRORS, BatchItem, Counterfactual, generate_counterfactuals
 from models.request.errors import ImageError, InvalidInput
 from models.request.resolve import ResolvedEdit
 from models.scoring.classifier import FindingClassifier
@@ -32,8 +36,8 @@ log = logging.getLogger("prism.worker")
 PROGRESS_EVERY_S = 0.5
 
 
-class JobCanceled(Exception):
-    """Raised from the progress callback when the client canceled the job."""
+class JobCanceled(LeaveBatch):
+    """Raised from the progress callback when the client canceled the job: it leaves its batch."""
 
 
 class JobFailed(Exception):
@@ -58,8 +62,17 @@ def failure_of(exc: BaseException, job_id: str) -> JobError:
     return JobError(code=ErrorCode.internal, message=f"the worker failed on this job; its log has job id {job_id}")
 
 
+ITEM_FAILURES = (JobFailed, ValidationError, *ITEM_ERRORS)
+"""What fails one job of a batch, not the batch."""
+
+
+Outcome = dict | BaseException
+"""How a job ended: the engine's report as JSON, or why it did not finish."""
+Ended = Callable[[Job, Outcome], None]
+
+
 class JobRunner:
-    """Holds the model bundle for the worker's lifetime and runs one job at a time."""
+    """Holds the model bundle for the worker's lifetime and runs jobs, one or a batch at a time."""
 
     def __init__(self, bundle: ModelBundle, settings: Settings, classifier: FindingClassifier | None = None) -> None:
         self.bundle = bundle
@@ -70,15 +83,53 @@ class JobRunner:
             directory = Path(settings.inversion_cache_dir).expanduser()
             self.cache = InversionCache(directory, settings.inversion_cache_max_bytes)
 
-    def run(self, job: Job, input_key: str, edit: dict, mask_key: str | None = None) -> dict:
-        """Run one job, the ``edit`` the API resolved its request to; returns the engine's report as JSON."""
+    def run(self, job: Job) -> dict:
+        """Run one job (the arguments the API gave it are in ``job.kwargs``); returns the engine's
+        report as JSON, or raises what stopped it."""
+        outcomes: list[Outcome] = []
+        self.run_batch([job], lambda _, outcome: outcomes.append(outcome))
+        (outcome,) = outcomes
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def run_batch(self, jobs: Sequence[Job], ended: Ended) -> None:
+        """Run jobs that share a :func:`~models.pipeline.batch_key` as one batch, calling ``ended``
+        once per job with its outcome: at once for a job that cannot start (its input expired or
+        undecodable) or is canceled mid-run, which leaves the batch while the others go on; at
+        the end for the others, after their outputs are stored. What stops the whole batch (a
+        timeout, an engine fault) is raised, and no ``ended`` is called for the jobs it stopped."""
+        started: list[Job] = []
+        items: list[BatchItem] = []
+        for job in jobs:
+            try:
+                items.append(self._prepare(job, ended))
+            except ITEM_FAILURES as exc:
+                if not isinstance(exc, JobCanceled):  # a canceled job ended as it left
+                    ended(job, exc)
+                continue
+            started.append(job)
+        if not items:
+            return
+        results = generate_counterfactuals(self.bundle, items, cache=self.cache, classifier=self.classifier)
+        for job, result in zip(started, results, strict=True):
+            if isinstance(result, JobCanceled):
+                continue  # ended when it left
+            if isinstance(result, Exception):
+                ended(job, result)
+            else:
+                ended(job, self._store(job, result))
+
+    def _prepare(self, job: Job, ended: Ended) -> BatchItem:
+        """The job's input from Redis, decoded, and its progress callback; the ``started`` webhook."""
         redis = job.connection
+        input_key, mask_key = job.kwargs["input_key"], job.kwargs.get("mask_key")
         data = redis.get(input_key)
         mask = redis.get(mask_key) if mask_key else None
         if data is None:
             message = "the uploaded image is no longer stored; submit the job again"
             raise JobFailed(JobError(code=ErrorCode.input_expired, message=message))
-        resolved = ResolvedEdit.model_validate(edit)
+        resolved = ResolvedEdit.model_validate(job.kwargs["edit"])
         image = decode_image(data, self.settings.max_image_pixels)
         keep = None
         if mask is not None:
@@ -88,7 +139,10 @@ class JobRunner:
         def progress(phase: str, step: int, total: int) -> None:
             nonlocal last_save
             if redis.exists(cancel_key(job.id)):
-                raise JobCanceled
+                redis.delete(input_key, cancel_key(job.id))
+                canceled = JobCanceled()
+                ended(job, canceled)
+                raise canceled
             now = time.monotonic()
             if step in (0, 1, total) or now - last_save > PROGRESS_EVERY_S:
                 save_progress(job, Progress(phase=phase, step=step, total=total))
@@ -100,14 +154,13 @@ class JobRunner:
                 redis, "queue_wait_seconds", (datetime.now(UTC) - job.enqueued_at.replace(tzinfo=UTC)).total_seconds()
             )
         notify_job(redis, self.settings, job, "started", {"status": "running"})
-        try:
-            progress("decode", 0, 1)
-            result = generate_counterfactual(
-                self.bundle, image, resolved, cache=self.cache, callback=progress, keep=keep, classifier=self.classifier
-            )
-        except JobCanceled:
-            redis.delete(input_key, cancel_key(job.id))
-            raise
+        progress("decode", 0, 1)
+        return BatchItem(image, resolved, progress, keep)
+
+    def _store(self, job: Job, result: Counterfactual) -> dict:
+        """The outputs into Redis under the job's TTL, the input gone; the report as JSON."""
+        redis = job.connection
+        input_key, mask_key = job.kwargs["input_key"], job.kwargs.get("mask_key")
         ttl = self.settings.job_ttl_s
         with redis.pipeline() as pipe:
             for name, content in result.files().items():

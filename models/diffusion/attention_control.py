@@ -304,6 +304,51 @@ class AttentionControl(Protocol):
         """The probabilities (batch * heads, queries, keys) to use instead of ``probs``."""
 
 
+class StackedControl:
+    """The controls of several images' passes run as one UNet batch, ``[uncond of pass 1..P, cond
+    of pass 1..P]``: each control sees its own pass's rows as the batch it expects, ``[uncond x n,
+    cond x n]``. ``controls`` (None: a pass without control) and ``sizes`` (rows per pass) are set
+    by the denoising loop before each UNet call."""
+
+    def __init__(self) -> None:
+        self.controls: list[AttentionControl | None] = []
+        self.sizes: list[int] = []
+
+    def _passes(self, batch: int) -> Iterable[tuple[AttentionControl, int, list[int]]]:
+        """Each pass with a control, its rows per half, and where its rows are in the whole batch."""
+        half, offset = batch // 2, 0
+        for control, n in zip(self.controls, self.sizes, strict=True):
+            if control is not None:
+                yield control, n, [*range(offset, offset + n), *range(half + offset, half + offset + n)]
+            offset += n
+
+    def needs_probs(self, is_cross: bool, queries: int) -> bool:
+        return any(c.needs_probs(is_cross, queries) for c in self.controls if c is not None)
+
+    def self_attention_rows(self, queries: int, batch: int) -> list[int] | None:
+        if len(self.controls) == 1:
+            return self.controls[0].self_attention_rows(queries, batch)
+        out, changed = list(range(batch)), False
+        for control, n, index in self._passes(batch):
+            own = control.self_attention_rows(queries, 2 * n)
+            if own is not None:
+                changed = True
+                for row, source in enumerate(own):
+                    out[index[row]] = index[source]
+        return out if changed else None
+
+    def __call__(self, probs: torch.Tensor, is_cross: bool, batch: int) -> torch.Tensor:
+        if len(self.controls) == 1:
+            return self.controls[0](probs, is_cross, batch)
+        heads = probs.shape[0] // batch
+        p = probs.view(batch, heads, *probs.shape[1:])
+        out = p.clone()
+        for control, n, index in self._passes(batch):
+            own = p[index].reshape(2 * n * heads, *probs.shape[1:])
+            out[index] = control(own, is_cross, 2 * n).view(2 * n, heads, *probs.shape[1:])
+        return out.view_as(probs)
+
+
 class ControlledAttnProcessor:
     """Attention whose probabilities a controller reads or edits where it asks to (``needs_probs``);
     everywhere else the fused ``scaled_dot_product_attention`` runs, as in diffusers' default

@@ -1,7 +1,8 @@
 """Prompt-to-prompt editing: one batched denoising pass for a source and K edit candidates.
 
 Each candidate is an (edit prompt, self_replace_steps) pair, so several edit prompts and the
-PRISM sweep of self_replace_steps share the source branch and one UNet call per step.
+PRISM sweep of self_replace_steps share the source branch and one UNet call per step; the passes
+of several images (a worker's batch of jobs) share the UNet calls too.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from models.diffusion.attention_control import (
     ControlledAttnProcessor,
     LocalBlend,
     PromptToPromptControl,
+    StackedControl,
 )
+from models.diffusion.batching import BatchProgress
 from models.diffusion.ddim import DDIMSampler
-from models.diffusion.inversion import ProgressCallback
 from models.diffusion.token_maps import refinement_mapper, replacement_mapper
 from models.request.constants import TOKEN_WINDOW
 from models.request.params import BlendEditMaps, EditParams
@@ -116,54 +118,79 @@ def build_control(
     return PromptToPromptControl(candidates, num_steps, latent_hw, blend)
 
 
+@dataclass
+class DenoisePass:
+    """One image's guided DDIM sampling: its branches (source, candidates) from one x_T.
+
+    ``uncond_embeddings`` (steps, 77, D) are the unconditional embeddings of each step and
+    ``cond_embeddings`` (branches, 77, D) the prompts. With a ``control`` the candidates run as the
+    control's shared branches, forked when their edits part. ``latent_offsets`` (steps, 1, C, h, w),
+    from a direct inversion, are added to the source branch after each step, before LocalBlend.
+    """
+
+    x_T: torch.Tensor
+    uncond_embeddings: torch.Tensor
+    cond_embeddings: torch.Tensor
+    control: PromptToPromptControl | None = None
+    latent_offsets: torch.Tensor | None = None
+
+    def rows(self) -> list[int]:
+        """For each branch running now, its prompt's row in ``cond_embeddings``."""
+        return self.control.branch_rows() if self.control is not None else list(range(self.cond_embeddings.shape[0]))
+
+
 @torch.no_grad()
 def denoise(
     unet,
     sampler: DDIMSampler,
-    x_T: torch.Tensor,
-    uncond_embeddings: torch.Tensor,
-    cond_embeddings: torch.Tensor,
+    passes: Sequence[DenoisePass],
     guidance_scale: float,
-    control: PromptToPromptControl | None = None,
-    callback: ProgressCallback | None = None,
-    latent_offsets: torch.Tensor | None = None,
+    progress: BatchProgress | None = None,
     fused: bool = True,
-) -> torch.Tensor:
-    """Guided DDIM sampling of the branches of ``cond_embeddings`` (source, candidates) from one x_T;
-    returns their final latents in that order.
+) -> list[torch.Tensor]:
+    """Several images' guided DDIM sampling as one batch: every UNet call takes all their branches,
+    ``[uncond of pass 1..P, cond of pass 1..P]``. Returns each pass's final latents (source,
+    candidates in the order of its ``cond_embeddings``), for the passes whose item did not leave
+    ``progress``.
 
-    ``uncond_embeddings`` (steps, 77, D) are the unconditional embeddings of each step. With a
-    ``control`` the UNet's attention processors are swapped for controlled ones for the pass
-    (``fused``: fused attention wherever the control reads no probabilities), and candidates run as
-    the control's shared branches, forked when their edits part. ``latent_offsets``
-    (steps, 1, C, h, w), from a direct inversion, are added to the source branch (element 0) after
-    each step, before LocalBlend.
+    With controls the UNet's attention processors are swapped for controlled ones for the call
+    (``fused``: fused attention wherever no control reads probabilities) and restored after it.
     """
-    dtype, device = unet.dtype, x_T.device
-    cond_embeddings = cond_embeddings.to(device)
-    rows = control.branch_rows() if control is not None else list(range(cond_embeddings.shape[0]))
-    x = x_T.float().expand(len(rows), *x_T.shape[1:]).clone()
+    passes = list(passes)
+    device = passes[0].x_T.device
+    rows = [p.rows() for p in passes]
+    xs = [p.x_T.float().expand(len(r), *p.x_T.shape[1:]).clone() for p, r in zip(passes, rows, strict=True)]
+    stacked = StackedControl()
     original = unet.attn_processors
-    if control is not None:
-        unet.set_attn_processor(ControlledAttnProcessor(control, fused))
+    if any(p.control is not None for p in passes):
+        unet.set_attn_processor(ControlledAttnProcessor(stacked, fused))
     try:
         for i, t in enumerate(sampler.timesteps):
-            if control is not None:
-                control.step = i
-                if (parents := control.fork(i)) is not None:
-                    x, rows = x[parents], control.branch_rows()
-            batch = len(rows)
-            uncond = uncond_embeddings[i].to(device).expand(batch, -1, -1)
-            context = torch.cat([uncond, cond_embeddings[rows]])
-            eps = unet(torch.cat([x, x]).to(dtype), t, encoder_hidden_states=context.to(dtype)).sample.float()
+            for k, p in enumerate(passes):
+                if p.control is not None:
+                    p.control.step = i
+                    if (parents := p.control.fork(i)) is not None:
+                        xs[k], rows[k] = xs[k][parents], p.control.branch_rows()
+            sizes = [len(r) for r in rows]
+            stacked.controls, stacked.sizes = [p.control for p in passes], sizes
+            uncond = torch.cat(
+                [p.uncond_embeddings[i].to(device).expand(n, -1, -1) for p, n in zip(passes, sizes, strict=True)]
+            )
+            cond = torch.cat([p.cond_embeddings.to(device)[r] for p, r in zip(passes, rows, strict=True)])
+            x = torch.cat(xs)
+            context = torch.cat([uncond, cond]).to(unet.dtype)
+            eps = unet(torch.cat([x, x]).to(unet.dtype), t, encoder_hidden_states=context).sample.float()
             eps_uncond, eps_cond = eps.chunk(2)
-            x = sampler.step(eps_uncond + guidance_scale * (eps_cond - eps_uncond), t, x)
-            if latent_offsets is not None:
-                x = torch.cat([x[:1] + latent_offsets[i].to(x), x[1:]])
-            if control is not None:
-                x = control.after_step(x)
-            if callback:
-                callback("editing", i + 1, sampler.num_steps)
+            xs = list(sampler.step(eps_uncond + guidance_scale * (eps_cond - eps_uncond), t, x).split(sizes))
+            for k, p in enumerate(passes):
+                if p.latent_offsets is not None:
+                    xs[k] = torch.cat([xs[k][:1] + p.latent_offsets[i].to(xs[k]), xs[k][1:]])
+                if p.control is not None:
+                    xs[k] = p.control.after_step(xs[k])
+            if progress is not None and (stay := progress.report("editing", i + 1, sampler.num_steps)) is not None:
+                passes, rows, xs = [passes[k] for k in stay], [rows[k] for k in stay], [xs[k] for k in stay]
+                if not passes:
+                    break
     finally:
         unet.set_attn_processor(original)
-    return control.per_candidate(x) if control is not None else x
+    return [p.control.per_candidate(x) if p.control is not None else x for p, x in zip(passes, xs, strict=True)]

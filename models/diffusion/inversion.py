@@ -5,7 +5,7 @@ Three ways (``InversionMode``), all after a DDIM inversion under the source prom
 * ``null_text`` (Mokady et al., PRISM's): one optimised unconditional embedding per step, so that
   guided sampling retraces the inversion latents. The loss and the optimiser run in fp32 whatever
   the UNet's dtype; with a reduced-precision UNet the gradient entering it is scaled into the
-  dtype's range (:func:`backward_through`), since the losses (about 1e-5 or less) underflow fp16.
+  dtype's range (:func:`input_gradient`), since the losses (about 1e-5 or less) underflow fp16.
 * ``negative_prompt`` (Miyake et al.): the source prompt's embedding as the unconditional one at
   every step; no optimisation.
 * ``direct`` (Ju et al., "PnP inversion"): the empty prompt as the unconditional embedding, and for
@@ -22,10 +22,8 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,10 +33,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from models.atomic import write_aside
+from models.diffusion.batching import BatchProgress
 from models.diffusion.ddim import DDIMSampler
 from models.request.params import InversionMode, NullTextSettings
 
-ProgressCallback = Callable[[str, int, int], None]
 log = logging.getLogger("prism.inversion")
 
 GRAD_PEAK = 2.0**8
@@ -191,41 +189,49 @@ def ddim_invert(
     sampler: DDIMSampler,
     z0: torch.Tensor,
     cond: torch.Tensor,
-    callback: ProgressCallback | None = None,
+    progress: BatchProgress | None = None,
 ) -> list[torch.Tensor]:
-    """Latents [z_0, ..., z_T] of a DDIM inversion with the conditional prompt only (guidance 1)."""
+    """Latents [z_0, ..., z_T] (each (B, C, h, w)) of a DDIM inversion of a batch of latents, each
+    with its conditional prompt only (guidance 1); rows of items that leave ``progress`` are dropped."""
     latents = [z0.float()]
     x = z0.float()
     for i, t in enumerate(reversed(sampler.timesteps)):
         x = sampler.invert_step(_eps(unet, x, t, cond).float(), t, x)
         latents.append(x)
-        if callback:
-            callback("inversion", i + 1, sampler.num_steps)
+        if progress is not None and (rows := progress.report("inversion", i + 1, sampler.num_steps)) is not None:
+            latents, cond = [z[rows] for z in latents], cond[rows]
+            x = latents[-1]
+            if not rows:
+                break
     return latents
 
 
-def backward_through(loss: torch.Tensor, output: torch.Tensor, upcast: torch.Tensor, leaf: torch.Tensor) -> None:
-    """``loss.backward()`` for a ``loss`` computed in fp32 from ``upcast = output.float()``.
+def input_gradient(
+    loss: torch.Tensor, output: torch.Tensor, upcast: torch.Tensor, inputs: torch.Tensor
+) -> torch.Tensor:
+    """The gradient of a ``loss`` computed in fp32 from ``upcast = output.float()`` at ``inputs``,
+    which the batch of ``output`` (rows = samples) was computed from, row for row.
 
-    For an fp32 ``output`` that is all. For fp16/bf16, the gradient at ``upcast`` (computed in
-    fp32, through the loss only) is scaled by a power of two so that its peak is near
-    :data:`GRAD_PEAK` before it enters the UNet's backward pass, and ``leaf.grad`` is unscaled
-    after it. Should the scaled backward overflow, it is repeated with a scale 256 times smaller.
+    For an fp32 ``output`` that is plain autograd. For fp16/bf16, the gradient at ``upcast``
+    (computed in fp32, through the loss only) is scaled, row by row, by a power of two that puts
+    the row's peak near :data:`GRAD_PEAK` before it enters the UNet's backward pass, and unscaled
+    at ``inputs``: a sample's gradient does not depend on how small another's is (the UNet mixes no
+    samples). A row whose scaled backward overflows is repeated with a scale 256 times smaller.
     """
     if output.dtype == torch.float32:
-        loss.backward()
-        return
-    (grad,) = torch.autograd.grad(loss, upcast)
-    peak = float(grad.abs().max())
-    shift = math.floor(math.log2(GRAD_PEAK / peak)) if peak > 0 else 0
+        (grad,) = torch.autograd.grad(loss, inputs)
+        return grad
+    (grad,) = torch.autograd.grad(loss, upcast, retain_graph=True)
+    peak = grad.flatten(1).abs().amax(1)
+    shift = torch.where(peak > 0, torch.floor(torch.log2(GRAD_PEAK / peak)), torch.zeros_like(peak))
+    shape = (-1,) + (1,) * (grad.dim() - 1)
     while True:
-        scale = 2.0**shift
-        leaf.grad = None
-        output.backward((grad * scale).to(output.dtype), retain_graph=True)
-        if torch.isfinite(leaf.grad).all() or shift < -64:
-            break
-        shift -= 8
-    leaf.grad /= scale
+        scale = torch.exp2(shift)
+        (scaled,) = torch.autograd.grad(output, inputs, (grad * scale.view(shape)).to(output.dtype), retain_graph=True)
+        overflow = ~torch.isfinite(scaled.flatten(1)).all(1) & (shift >= -64)
+        if not overflow.any():
+            return scaled / scale.view((-1,) + (1,) * (scaled.dim() - 1)).to(scaled)
+        shift = shift - 8 * overflow
 
 
 def null_text_learning_rate(base: float, step: int, steps: int) -> float:
@@ -243,15 +249,22 @@ def null_text_optimize(
     uncond_init: torch.Tensor,
     guidance_scale: float,
     settings: NullTextSettings = NullTextSettings(),
-    callback: ProgressCallback | None = None,
-) -> tuple[torch.Tensor, list[float]]:
-    """Per-step unconditional embeddings that make guided DDIM sampling retrace ``latents``.
+    progress: BatchProgress | None = None,
+) -> tuple[torch.Tensor, list[list[float]]]:
+    """Per-step unconditional embeddings that make guided DDIM sampling retrace ``latents``, for a
+    batch of B inversions (``cond`` (B, 77, D); ``uncond_init`` (1 or B, 77, D)).
 
-    Returns the (steps, 77, D) embeddings and the last loss of each outer step.
+    Each image has its own embedding and its own Adam moments (Adam is elementwise), and its own
+    early stop: once its loss is below the step's threshold it is frozen for the rest of the outer
+    step, neither run through the UNet nor moved by the optimiser's momentum, exactly as if it ran
+    alone. Returns the (B, steps, 77, D) embeddings and each image's last loss of each outer step,
+    for the items that did not leave ``progress``.
     """
-    uncond = uncond_init.detach().float().clone()
     x = latents[-1]
-    embeddings, losses = [], []
+    batch = x.shape[0]
+    uncond = uncond_init.detach().float().expand(batch, -1, -1).clone()
+    embeddings: list[torch.Tensor] = []
+    losses: list[list[float]] = [[] for _ in range(batch)]
     n = sampler.num_steps
     for i, t in enumerate(sampler.timesteps):
         target = latents[n - i - 1]
@@ -260,27 +273,42 @@ def null_text_optimize(
         uncond = uncond.detach().clone().requires_grad_(True)
         optimizer = torch.optim.Adam([uncond], lr=null_text_learning_rate(settings.learning_rate, i, n))
         threshold = settings.early_stop + i * settings.early_stop_growth
-        loss_value = float("nan")
+        running = torch.ones(uncond.shape[0], dtype=torch.bool)
+        last = [float("nan")] * uncond.shape[0]
         for _ in range(settings.inner_steps):
-            output = _eps(unet, x, t, uncond)
+            rows = running.nonzero()[:, 0]
+            active = uncond[rows]
+            output = _eps(unet, x[rows], t, active)
             eps_uncond = output.float()
-            eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
-            loss = torch.nn.functional.mse_loss(sampler.step(eps, t, x), target)
-            optimizer.zero_grad()
-            backward_through(loss, output, eps_uncond, uncond)
+            eps = eps_uncond + guidance_scale * (eps_cond[rows] - eps_uncond)
+            per_image = (sampler.step(eps, t, x[rows]) - target[rows]).pow(2).flatten(1).mean(1)
+            uncond.grad = torch.zeros_like(uncond).index_copy(
+                0, rows, input_gradient(per_image.sum(), output, eps_uncond, active)
+            )
+            frozen = uncond.detach().clone()
             optimizer.step()
-            loss_value = loss.item()
-            if loss_value < threshold:
+            with torch.no_grad():
+                uncond.copy_(torch.where(running[:, None, None], uncond, frozen))
+            for row, value in zip(rows.tolist(), per_image.tolist(), strict=True):
+                last[row] = value
+                running[row] = value >= threshold
+            if not running.any():
                 break
         uncond = uncond.detach()
-        embeddings.append(uncond[0].cpu())
-        losses.append(loss_value)
+        embeddings.append(uncond.cpu())
+        for history, value in zip(losses, last, strict=True):
+            history.append(value)
         with torch.no_grad():
             eps_uncond = _eps(unet, x, t, uncond).float()
             x = sampler.step(eps_uncond + guidance_scale * (eps_cond - eps_uncond), t, x)
-        if callback:
-            callback("null_text", i + 1, n)
-    return torch.stack(embeddings), losses
+        if progress is not None and (rows := progress.report("null_text", i + 1, n)) is not None:
+            x, cond, uncond = x[rows], cond[rows], uncond[rows]
+            latents = [z[rows] for z in latents]
+            embeddings = [e[rows] for e in embeddings]
+            losses = [losses[r] for r in rows]
+            if not rows:
+                break
+    return torch.stack(embeddings, dim=1) if embeddings else torch.empty(0), losses
 
 
 @torch.no_grad()
@@ -291,16 +319,19 @@ def direct_offsets(
     cond: torch.Tensor,
     uncond: torch.Tensor,
     guidance_scale: float,
-    callback: ProgressCallback | None = None,
+    progress: BatchProgress | None = None,
 ) -> torch.Tensor:
-    """(steps, 1, C, h, w): z*_{t-1} minus one guided DDIM step from z*_t, for each step."""
+    """(steps, B, C, h, w): z*_{t-1} minus one guided DDIM step from z*_t, for each step and each
+    of a batch of inversions (``cond`` (B, 77, D), ``uncond`` (1 or B, 77, D))."""
     n = sampler.num_steps
-    context = torch.cat([uncond, cond])
-    offsets = []
+    offsets: list[torch.Tensor] = []
     for i, t in enumerate(sampler.timesteps):
         x = latents[n - i]
+        context = torch.cat([uncond.expand(x.shape[0], -1, -1), cond])
         eps_uncond, eps_cond = _eps(unet, torch.cat([x, x]), t, context).float().chunk(2)
         offsets.append(latents[n - i - 1] - sampler.step(eps_uncond + guidance_scale * (eps_cond - eps_uncond), t, x))
-        if callback:
-            callback("offsets", i + 1, n)
+        if progress is not None and (rows := progress.report("offsets", i + 1, n)) is not None:
+            latents, cond, offsets = [z[rows] for z in latents], cond[rows], [o[rows] for o in offsets]
+            if not rows:
+                break
     return torch.stack(offsets).cpu()

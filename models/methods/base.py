@@ -4,15 +4,16 @@ edit a method returns, and the protocol the pipeline calls (no dispatch by ``if`
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Protocol, TypeVar
+from typing import ClassVar, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 import torch
 
+from models.diffusion.batching import BatchProgress, ProgressCallback
 from models.diffusion.components import ModelBundle
-from models.diffusion.inversion import InversionCache, ProgressCallback
+from models.diffusion.inversion import InversionCache
 from models.request.params import EditParams
 from models.request.report import Geometry, InversionInfo
 from models.scoring.classifier import FindingClassifier
@@ -28,12 +29,21 @@ class PhaseTimer:
         self.cuda = device is not None and device.type == "cuda"
 
     def measure(self, name: str, fn: Callable[[], T]) -> T:
-        start = time.perf_counter()
-        result = fn()
-        if self.cuda:
-            torch.cuda.synchronize()
-        self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - start, 4)
-        return result
+        return measure_all([self], name, fn)
+
+    def charge(self, name: str, seconds: float) -> None:
+        self.timings[name] = round(self.timings.get(name, 0.0) + seconds, 4)
+
+
+def measure_all(timers: Sequence[PhaseTimer], name: str, fn: Callable[[], T]) -> T:
+    """Run ``fn`` once and charge its seconds to every timer: the items of a batch share its phases."""
+    start = time.perf_counter()
+    result = fn()
+    if any(timer.cuda for timer in timers):
+        torch.cuda.synchronize()
+    for timer in timers:
+        timer.charge(name, time.perf_counter() - start)
+    return result
 
 
 @dataclass(frozen=True)
@@ -73,8 +83,25 @@ class Edit:
 
 
 class Method(Protocol):
-    """A counterfactual method: the latents of the reference and of each candidate edit."""
+    """A counterfactual method run on one image: the latents of the reference and of each candidate."""
 
     name: ClassVar[str]
 
     def run(self, source: Source, context: RunContext) -> Edit: ...
+
+
+@runtime_checkable
+class BatchMethod(Protocol):
+    """A counterfactual method that runs several images as one batch (a worker's batch of jobs).
+
+    ``run_batch`` returns the edits of the items still in ``progress`` when it ends; an item that
+    leaves (canceled, or its own input unusable) is in ``progress.left`` instead. ``batch_key``
+    says which edits may share a batch."""
+
+    name: ClassVar[str]
+
+    def batch_key(self, params: EditParams) -> Hashable: ...
+
+    def run_batch(
+        self, sources: Sequence[Source], contexts: Sequence[RunContext], progress: BatchProgress
+    ) -> dict[int, Edit]: ...

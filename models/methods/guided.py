@@ -15,9 +15,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from models.diffusion.batching import BatchProgress, ProgressCallback
 from models.diffusion.components import decode_latents, embed_prompts, encode_latent
 from models.diffusion.ddim import DDIMSampler
-from models.diffusion.inversion import ProgressCallback, _eps, ddim_invert
+from models.diffusion.inversion import _eps, ddim_invert
 from models.imaging.geometry import to_model_input
 from models.methods.base import Edit, RunContext, Source
 from models.request.errors import InvalidInput
@@ -114,7 +115,10 @@ class Guided:
         keep = None
         if source.keep is not None:
             keep = latent_mask(source.keep, source.geometry, tuple(z0.shape[2:])).to(bundle.device)
-        latents = timer.measure("inversion", lambda: ddim_invert(bundle.unet, sampler, z0, original, context.progress))
+        progress = BatchProgress.single(context.progress)
+        latents = timer.measure("inversion", lambda: ddim_invert(bundle.unet, sampler, z0, original, progress))
+        if progress.left:  # a run of one: the item's reason to leave ends it
+            raise progress.left[0]
         classifier = classifier.to(bundle.device)
         latent = timer.measure(
             "editing",

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import torch
 
+from models.diffusion.batching import ProgressCallback
 from models.diffusion.components import embed_prompts, encode_latent
 from models.diffusion.ddim import DDIMSampler
-from models.diffusion.inversion import ProgressCallback, _eps
+from models.diffusion.inversion import _eps
 from models.methods.base import Edit, RunContext, Source
 
 

@@ -56,6 +56,18 @@ class Settings(BaseSettings):
         description="a file the worker touches at each heartbeat Redis took, for an exec probe "
         "(prism worker-probe, as Kubernetes runs it); unset: none",
     )
+    worker_batch: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="jobs a worker runs as one batch: with a job it takes up to this many minus one more queued "
+        "jobs that can share its passes (prism batch); size it to the GPU's memory",
+    )
+    compile: Literal["off", "compile", "cudagraph"] = Field(
+        "off",
+        description="the UNet of inversion and null-text: 'compile' (torch.compile), 'cudagraph' (torch.compile "
+        "with CUDA graphs, CUDA only), warmed at worker start; eager with a log line where unavailable",
+    )
     max_requeues: int = Field(1, ge=0, description="times a job whose worker died is re-queued before it fails")
     max_queue_depth: int = Field(
         500, ge=1, description="above this many queued jobs, POST answers 503 (a batch must fit whole)"

@@ -1,17 +1,24 @@
-"""How the counterfactual is formed from the decoded edit: residual (default) and decoded."""
+"""How the counterfactual is formed from the decoded edit (residual, the default, and decoded), and
+batches of counterfactuals."""
 
 from dataclasses import replace
 
 import numpy as np
+import pytest
 import torch
 
 from models.diffusion.attention_control import BlendMaps
+from models.diffusion.batching import LeaveBatch
 from models.diffusion.inversion import InversionCache
 from models.imaging.files import DecodedImage
-from models.pipeline import edited_regions, generate_counterfactual
+from models.pipeline import BatchItem, batch_key, edited_regions, generate_counterfactual, generate_counterfactuals
+from models.request.errors import InvalidInput
 from models.request.params import EditParams, NullTextSettings
 from models.request.report import FILE_NAMES
 from models.request.resolve import ResolvedEdit
+from phantoms.bench import bench_case
+from phantoms.captions import explicit_caption
+from phantoms.render import render
 from tests.helpers import xray_like
 
 SOURCE = "chest x-ray of a patient with support devices"
@@ -85,3 +92,73 @@ def test_edited_regions_are_where_a_candidate_latent_differs_from_the_source():
     assert regions.shape == (2, 32, 32)
     assert regions[0].sum() == 16 and regions[0, 12:16, 20:24].all()
     assert regions[1].all()
+
+
+def _batch_items(callbacks=(None, None, None)) -> list[BatchItem]:
+    """Three phantom counterfactuals of the built-in model (the tiny model's edits are noise, and so
+    its S_CLIP) that can share a batch: other images, prompts, sweeps and outputs; 16-bit, so that
+    the comparison is not of 8-bit rounding."""
+    params = EditParams(steps=10, null_text=NullTextSettings(inner_steps=4))
+    items = []
+    for k, (task, own) in enumerate(
+        [
+            ("remove_devices", {}),
+            ("remove_devices", {"self_replace_steps": (0.3, 0.9), "output": "decoded"}),
+            ("remove_cardiomegaly", {"blend_threshold": 0.5}),
+        ]
+    ):
+        anatomy, source, target, _ = bench_case(task, k, 128)
+        edit = ResolvedEdit(
+            original_prompt=explicit_caption(source), edit_prompt=explicit_caption(target), params=params.replace(**own)
+        )
+        items.append(BatchItem(DecodedImage(render(anatomy, source), 16), edit, callbacks[k]))
+    return items
+
+
+def _assert_same(alone, batched) -> None:
+    """A batched counterfactual is the one made alone: same candidate, intensities and S_CLIP within 1e-3."""
+    assert batched.report.chosen_self_replace == alone.report.chosen_self_replace
+    assert np.abs(batched.counterfactual - alone.counterfactual).max() <= 1e-3
+    assert abs(batched.report.s_clip - alone.report.s_clip) <= 1e-3
+    assert batched.report.edit_prompt == alone.report.edit_prompt
+
+
+def test_a_batch_gives_each_item_what_it_gets_alone(builtin, tmp_path):
+    items = _batch_items()
+    alone = [generate_counterfactual(builtin, item.image, item.edit) for item in items]
+    cache = InversionCache(tmp_path)
+    generate_counterfactual(builtin, items[1].image, items[1].edit, cache=cache)  # cached: it joins at editing
+    batched = generate_counterfactuals(builtin, items, cache=cache)
+    for one, many in zip(alone, batched, strict=True):
+        _assert_same(one, many)
+    assert [b.report.inversion.cached for b in batched] == [False, True, False]
+    assert "null_text" in batched[0].report.timings and "null_text" not in batched[1].report.timings
+    assert min(b.report.s_clip for b in batched) > 0.1  # real edits, not noise
+
+
+def test_an_item_that_leaves_or_fails_does_not_stop_the_others(builtin):
+    class Canceled(LeaveBatch):
+        pass
+
+    def cancel_in_null_text(phase, step, total):
+        if (phase, step) == ("null_text", 2):
+            raise Canceled
+
+    items = _batch_items((None, cancel_in_null_text, None))
+    items[2] = replace(items[2], keep=np.ones((3, 3), bool))  # a mask of the wrong size: this item's own error
+    alone = generate_counterfactual(builtin, items[0].image, items[0].edit)
+    first, canceled, failed = generate_counterfactuals(builtin, items)
+    _assert_same(alone, first)
+    assert isinstance(canceled, Canceled)
+    assert isinstance(failed, InvalidInput) and failed.field == "mask"
+
+
+def test_only_edits_with_one_batch_key_share_a_batch(bundle):
+    items = _batch_items()
+    sdedit = replace(items[0], edit=items[0].edit.model_copy(update={"params": EditParams(method="sdedit")}))
+    assert batch_key(sdedit.edit.params) is None
+    other_steps = replace(items[1], edit=items[1].edit.model_copy(update={"params": EditParams(steps=7)}))
+    assert batch_key(items[0].edit.params) == batch_key(items[1].edit.params) != batch_key(other_steps.edit.params)
+    for mixed in ([items[0], sdedit], [items[0], other_steps]):
+        with pytest.raises(ValueError, match="cannot share a batch"):
+            generate_counterfactuals(bundle, mixed)

@@ -8,18 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.diffusion.components import load_bundle
 from models.evaluation.quality import load_cases
 from models.request.params import EditParams, NullTextSettings
 from models.scoring.classifier import FindingClassifier
-from models.weights.builtin import BUILTIN_DIR, builtin_model_dir
+from models.weights.builtin import BUILTIN_DIR
 from phantoms.bench import bench_case, case_indices, method_variants, run_benchmark, truth_latent_ratio, varied
 from phantoms.render import render
-
-
-@pytest.fixture(scope="module")
-def builtin():
-    return load_bundle(builtin_model_dir(), device="cpu")
 
 
 def test_shipped_weights_are_small_and_load_offline(builtin):

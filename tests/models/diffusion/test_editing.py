@@ -2,7 +2,7 @@ import torch
 
 from models.diffusion.components import embed_prompts, encode_latent
 from models.diffusion.ddim import DDIMSampler
-from models.diffusion.editing import EditSpec, build_control, denoise
+from models.diffusion.editing import DenoisePass, EditSpec, build_control, denoise
 from models.methods.prism import invert
 from models.request.params import EditParams, NullTextSettings
 
@@ -13,7 +13,7 @@ STEPS = 8
 
 def _setup(bundle, image):
     params = EditParams(steps=STEPS, null_text=NullTextSettings(inner_steps=2))
-    inversion, _ = invert(bundle, image, SOURCE, params)
+    ((inversion, _),) = invert(bundle, [image], [SOURCE], params).values()
     return inversion
 
 
@@ -22,7 +22,9 @@ def _run(bundle, inversion, specs, blend_threshold=0.3):
     control = build_control(bundle.tokenizer, SOURCE, specs, STEPS, latent_hw, blend_threshold)
     cond = embed_prompts(bundle.text_encoder, bundle.tokenizer, [SOURCE] + [s.edit_prompt for s in specs])
     sampler = DDIMSampler(bundle.scheduler, STEPS)
-    latents = denoise(bundle.unet, sampler, inversion.x_T, inversion.uncond_embeddings, cond, 7.5, control)
+    (latents,) = denoise(
+        bundle.unet, sampler, [DenoisePass(inversion.x_T, inversion.uncond_embeddings, cond, control)], 7.5
+    )
     return latents, control
 
 

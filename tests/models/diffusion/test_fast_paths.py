@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from models.diffusion.components import embed_prompts, encode_latent
 from models.diffusion.ddim import DDIMSampler
-from models.diffusion.editing import EditSpec, build_control, denoise
-from models.diffusion.inversion import Inversion, InversionCache, _eps, backward_through, ddim_invert, direct_offsets
+from models.diffusion.editing import DenoisePass, EditSpec, build_control, denoise
+from models.diffusion.inversion import Inversion, InversionCache, _eps, ddim_invert, direct_offsets, input_gradient
 from models.imaging.files import DecodedImage
 from models.methods.prism import invert
 from models.pipeline import generate_counterfactual
@@ -25,13 +25,6 @@ STEPS = 8
 
 def _image(bundle, seed: int) -> torch.Tensor:
     return torch.rand(1, 1, bundle.resolution, bundle.resolution, generator=torch.Generator().manual_seed(seed))
-
-
-@pytest.fixture(scope="module")
-def builtin():
-    from models.diffusion.components import load_bundle
-
-    return load_bundle(None, device="cpu")
 
 
 def _first_update(bundle, unet, scaled: bool) -> tuple[torch.Tensor, float]:
@@ -57,7 +50,7 @@ def _first_update(bundle, unet, scaled: bool) -> tuple[torch.Tensor, float]:
     upcast = output.float()
     loss = F.mse_loss(sampler.step(upcast + 7.5 * (eps_c - upcast), t, x), target)
     if scaled:
-        backward_through(loss, output, upcast, embedding)
+        embedding.grad = input_gradient(loss, output, upcast, embedding)
     else:
         loss.backward()
     optimizer.step()
@@ -77,15 +70,19 @@ def test_fp16_null_text_gradients_follow_fp32(builtin):
 
 def test_fused_attention_gives_the_materialised_result(bundle):
     params = EditParams(steps=STEPS, null_text=NullTextSettings(inner_steps=2))
-    inversion, _ = invert(bundle, _image(bundle, 0), SOURCE, params)
+    inversion, _ = invert(bundle, [_image(bundle, 0)], [SOURCE], params)[0]
     specs = [EditSpec(EDIT, v) for v in (0.25, 0.75)]
     cond = embed_prompts(bundle.text_encoder, bundle.tokenizer, [SOURCE, EDIT, EDIT])
     sampler = DDIMSampler(bundle.scheduler, STEPS)
     results = {}
     for fused in (True, False):
         control = build_control(bundle.tokenizer, SOURCE, specs, STEPS, tuple(inversion.x_T.shape[2:]), 0.995)
-        results[fused] = denoise(
-            bundle.unet, sampler, inversion.x_T, inversion.uncond_embeddings, cond, 7.5, control, fused=fused
+        (results[fused],) = denoise(
+            bundle.unet,
+            sampler,
+            [DenoisePass(inversion.x_T, inversion.uncond_embeddings, cond, control)],
+            7.5,
+            fused=fused,
         )
     assert torch.allclose(results[True], results[False], atol=1e-4), (results[True] - results[False]).abs().max()
 
@@ -98,8 +95,8 @@ def test_direct_inversion_keeps_the_source_branch_on_the_inversion_trajectory(bu
     offsets = direct_offsets(bundle.unet, sampler, latents, cond, uncond, 7.5)
     assert offsets.shape == (STEPS, *z0.shape)
     uncond_steps = uncond.expand(STEPS, -1, -1)
-    kept = denoise(bundle.unet, sampler, latents[-1], uncond_steps, cond, 7.5, latent_offsets=offsets)
-    free = denoise(bundle.unet, sampler, latents[-1], uncond_steps, cond, 7.5)
+    (kept,) = denoise(bundle.unet, sampler, [DenoisePass(latents[-1], uncond_steps, cond, latent_offsets=offsets)], 7.5)
+    (free,) = denoise(bundle.unet, sampler, [DenoisePass(latents[-1], uncond_steps, cond)], 7.5)
     kept_error, free_error = (kept - z0).abs().max(), (free - z0).abs().max()
     assert free_error > 0.1  # without the offsets, guidance pulls the branch away from the image
     assert kept_error < 1e-3 * free_error  # with them it retraces it, to float rounding (grown over the steps)
@@ -107,14 +104,14 @@ def test_direct_inversion_keeps_the_source_branch_on_the_inversion_trajectory(bu
 
 def test_negative_prompt_inversion_reconstructs_better_than_an_empty_prompt(bundle):
     params = EditParams(steps=STEPS, inversion="negative_prompt")
-    inversion, _ = invert(bundle, _image(bundle, 2), SOURCE, params)
+    inversion, _ = invert(bundle, [_image(bundle, 2)], [SOURCE], params)[0]
     cond, uncond = embed_prompts(bundle.text_encoder, bundle.tokenizer, [SOURCE, ""]).chunk(2)
     assert torch.equal(inversion.uncond_embeddings, cond.expand(STEPS, -1, -1))
     assert inversion.losses == [] and inversion.latent_offsets is None
     z0 = encode_latent(bundle.vae, _image(bundle, 2))
     sampler = DDIMSampler(bundle.scheduler, STEPS)
-    negative = denoise(bundle.unet, sampler, inversion.x_T, inversion.uncond_embeddings, cond, 7.5)
-    empty = denoise(bundle.unet, sampler, inversion.x_T, uncond.expand(STEPS, -1, -1), cond, 7.5)
+    (negative,) = denoise(bundle.unet, sampler, [DenoisePass(inversion.x_T, inversion.uncond_embeddings, cond)], 7.5)
+    (empty,) = denoise(bundle.unet, sampler, [DenoisePass(inversion.x_T, uncond.expand(STEPS, -1, -1), cond)], 7.5)
     assert (negative - z0).pow(2).mean() < 0.5 * (empty - z0).pow(2).mean()
 
 

@@ -2,9 +2,10 @@ import numpy as np
 import pytest
 import torch
 
+from models.diffusion.batching import BatchProgress, LeaveBatch
 from models.diffusion.components import embed_prompts, encode_latent
 from models.diffusion.ddim import DDIMSampler
-from models.diffusion.editing import denoise
+from models.diffusion.editing import DenoisePass, denoise
 from models.diffusion.inversion import (
     Inversion,
     InversionCache,
@@ -28,9 +29,9 @@ def test_null_text_optimisation_lowers_reconstruction_error(bundle):
     latents = ddim_invert(bundle.unet, sampler, z0, cond)
     assert len(latents) == STEPS + 1
 
-    plain = denoise(bundle.unet, sampler, latents[-1], uncond.expand(STEPS, -1, -1), cond, 7.5)
-    embeddings, losses = null_text_optimize(bundle.unet, sampler, latents, cond, uncond, 7.5)
-    optimised = denoise(bundle.unet, sampler, latents[-1], embeddings, cond, 7.5)
+    (plain,) = denoise(bundle.unet, sampler, [DenoisePass(latents[-1], uncond.expand(STEPS, -1, -1), cond)], 7.5)
+    (embeddings,), (losses,) = null_text_optimize(bundle.unet, sampler, latents, cond, uncond, 7.5)
+    (optimised,) = denoise(bundle.unet, sampler, [DenoisePass(latents[-1], embeddings, cond)], 7.5)
 
     plain_error = torch.mean((plain - z0) ** 2).item()
     optimised_error = torch.mean((optimised - z0) ** 2).item()
@@ -68,7 +69,7 @@ def test_null_text_runs_past_100_steps(bundle):
     sampler = DDIMSampler(bundle.scheduler, 101)
     cond, uncond = embed_prompts(bundle.text_encoder, bundle.tokenizer, [PROMPT, ""]).chunk(2)
     latents = ddim_invert(bundle.unet, sampler, torch.zeros(1, 4, 8, 8), cond)
-    embeddings, losses = null_text_optimize(
+    (embeddings,), (losses,) = null_text_optimize(
         bundle.unet, sampler, latents, cond, uncond, 7.5, NullTextSettings(inner_steps=1)
     )
     assert embeddings.shape[0] == 101 and np.isfinite(losses).all()
@@ -120,9 +121,9 @@ def test_cached_inversion_is_reused_only_when_every_part_matches(bundle, tmp_pat
     cache = InversionCache(tmp_path)
     image = torch.rand(1, 1, bundle.resolution, bundle.resolution, generator=torch.Generator().manual_seed(5))
     params = EditParams(steps=4, null_text=NullTextSettings(inner_steps=1))
-    first, cached = invert(bundle, image, PROMPT, params, cache)
+    first, cached = invert(bundle, [image], [PROMPT], params, cache)[0]
     assert not cached and len(list(tmp_path.glob("*.safetensors"))) == 1
-    again, cached = invert(bundle, image, PROMPT, params, cache)
+    again, cached = invert(bundle, [image], [PROMPT], params, cache)[0]
     assert cached and torch.equal(again.uncond_embeddings, first.uncond_embeddings)
     for other_image, prompt, p in [
         (image.flip(-1), PROMPT, params),
@@ -130,13 +131,13 @@ def test_cached_inversion_is_reused_only_when_every_part_matches(bundle, tmp_pat
         (image, PROMPT, params.replace(steps=5)),
         (image, PROMPT, params.replace(guidance_scale=5.0)),
     ]:
-        _, cached = invert(bundle, other_image, prompt, p, cache)
+        _, cached = invert(bundle, [other_image], [prompt], p, cache)[0]
         assert not cached
     assert len(list(tmp_path.glob("*.safetensors"))) == 5
 
 
-def test_progress_callback_can_cancel(bundle):
-    class Cancelled(Exception):
+def test_a_callback_takes_its_item_out_and_any_other_error_stops_the_run(bundle):
+    class Cancelled(LeaveBatch):
         pass
 
     seen = []
@@ -147,10 +148,18 @@ def test_progress_callback_can_cancel(bundle):
             raise Cancelled
 
     image = torch.rand(1, 1, bundle.resolution, bundle.resolution)
-    with pytest.raises(Cancelled):
-        invert(bundle, image, PROMPT, EditParams(steps=6, null_text=NullTextSettings(inner_steps=1)), callback=callback)
+    params = EditParams(steps=6, null_text=NullTextSettings(inner_steps=1))
+    progress = BatchProgress([callback])
+    assert invert(bundle, [image], [PROMPT], params, progress=progress) == {}
+    assert isinstance(progress.left[0], Cancelled) and progress.alive == []
     assert seen[-1] == ("null_text", 2, 6)
     assert [s for s in seen if s[0] == "inversion"][-1] == ("inversion", 6, 6)
+
+    def broken(phase, step, total):
+        raise RuntimeError("not a reason to leave")
+
+    with pytest.raises(RuntimeError):
+        invert(bundle, [image, image.flip(-1)], [PROMPT, PROMPT], params, progress=BatchProgress([None, broken]))
 
 
 def test_inversion_key_ignores_diffusers_private_config_entries():

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 
-from models.diffusion.components import load_bundle
 from models.imaging.files import DecodedImage
 from models.pipeline import generate_counterfactual
 from models.request.errors import InvalidInput
@@ -15,11 +14,6 @@ from models.weights.builtin import BUILTIN_DIR
 from phantoms.bench import bench_case
 from phantoms.captions import explicit_caption
 from phantoms.render import anatomy_mask, render
-
-
-@pytest.fixture(scope="module")
-def builtin():
-    return load_bundle(BUILTIN_DIR, device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,61 @@
+"""Which queued jobs a batching worker takes beside the one RQ gave it, and how it takes them.
+
+A worker with ``PRISM_WORKER_BATCH`` N > 1 that dequeues a job looks at the jobs queued behind it
+and takes, in queue order, up to N - 1 whose edits share its :func:`~models.pipeline.batch_key`
+(PRISM's method, the same inversion mode, steps, guidance and null-text settings). It does not
+wait for more: a lone job runs at once. Each is moved from the queue to RQ's intermediate queue
+in one Redis script, as RQ's own dequeue moves the first, so no other worker can take it too;
+the worker then marks each started under its own name, from where the recovery sweep re-queues
+them all should the worker die.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+
+from pydantic import ValidationError
+from redis import Redis
+from rq import Queue
+from rq.job import Job
+
+from models.pipeline import batch_key
+from service.contract.jobs import TASK, fetch_many, job_edit
+
+LOOKAHEAD = 8
+"""Queued jobs looked at per free place in the batch."""
+
+CLAIM = """
+local taken = {}
+for _, id in ipairs(ARGV) do
+  if redis.call('LREM', KEYS[1], 1, id) == 1 then
+    redis.call('RPUSH', KEYS[2], id)
+    table.insert(taken, id)
+  end
+end
+return taken
+"""
+
+
+def job_batch_key(job: Job) -> Hashable | None:
+    """The key of the job's edit; None (it runs alone) for a job of another task or a malformed one."""
+    if job.func_name != TASK:
+        return None
+    try:
+        return batch_key(job_edit(job).params)
+    except (ValidationError, KeyError, TypeError):
+        return None
+
+
+def claim_companions(redis: Redis, queue: Queue, leader: Job, places: int) -> list[Job]:
+    """Up to ``places`` queued jobs that can share ``leader``'s batch, taken off the queue."""
+    key = job_batch_key(leader)
+    if key is None or places < 1:
+        return []
+    ids = [raw.decode() for raw in redis.lrange(queue.key, 0, LOOKAHEAD * places - 1)]
+    candidates = [job for job in fetch_many(redis, ids) if job is not None and job_batch_key(job) == key]
+    wanted = [job.id for job in candidates[:places]]
+    if not wanted:
+        return []
+    claim = redis.register_script(CLAIM)
+    taken = {raw.decode() for raw in claim(keys=[queue.key, queue.intermediate_queue_key], args=wanted)}
+    return [job for job in candidates if job.id in taken]
