@@ -83,6 +83,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_flags(speed.add_argument_group("edit options (as in the API)"), EditOptions, ALIASES)
     speed.set_defaults(func=bench_speed, log_level=logging.INFO)
     register_batch(sub)
+    register_throughput(sub)
 
 
 def _params(args: argparse.Namespace) -> EditParams:
@@ -167,38 +168,49 @@ def evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def bench_speed(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
+def _bench_model(args: argparse.Namespace):
+    """The model ``--model`` names (builtin, full-size or a directory) on ``--device`` in ``--dtype``."""
     from models.diffusion.components import load_bundle
     from models.diffusion.tiny import full_size_bundle
-    from models.evaluation.speed import bench_speed as measure
+    from models.request.errors import ModelLoadError
+
+    try:
+        if args.model == "full-size":
+            return full_size_bundle(args.device or "cuda", args.dtype)
+        return load_bundle(None if args.model == "builtin" else args.model, device=args.device, dtype=args.dtype)
+    except (ModelLoadError, OSError) as exc:
+        raise CliError("--model", str(exc)) from exc
+
+
+def _bench_case(args: argparse.Namespace, resolution: int, index: int):
+    """Image ``index`` and its source prompt, an edit and a second edit: a held-out phantom and its
+    captions for the built-in model, else a smooth test image and device prompts."""
     from models.evaluation.speed import smooth_image
     from models.imaging.files import DecodedImage
-    from models.request.errors import ModelLoadError
     from phantoms.bench import bench_case
     from phantoms.captions import explicit_caption
     from phantoms.render import render
 
-    params = _params(args)
-    try:
-        if args.model == "full-size":
-            bundle = full_size_bundle(args.device or "cuda", args.dtype)
-        else:
-            bundle = load_bundle(None if args.model == "builtin" else args.model, device=args.device, dtype=args.dtype)
-    except (ModelLoadError, OSError) as exc:
-        raise CliError("--model", str(exc)) from exc
     if args.model == "builtin":
-        anatomy, source, target, _ = bench_case("remove_devices", 0, bundle.resolution)
-        image = DecodedImage(render(anatomy, source), 16)
+        anatomy, source, target, _ = bench_case("remove_devices", index, resolution)
         prompts = (explicit_caption(source), explicit_caption(target), explicit_caption(source.toggled("cardiomegaly")))
-    else:
-        image = smooth_image(bundle.resolution)
-        prompts = (
-            "chest x-ray of a patient with support devices",
-            "chest x-ray of a patient without support devices",
-            "chest x-ray of a patient with pleural effusion",
-        )
+        return DecodedImage(render(anatomy, source), 16), prompts
+    prompts = (
+        "chest x-ray of a patient with support devices",
+        "chest x-ray of a patient without support devices",
+        "chest x-ray of a patient with pleural effusion",
+    )
+    return smooth_image(resolution, seed=index), prompts
+
+
+def bench_speed(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from models.evaluation.speed import bench_speed as measure
+
+    params = _params(args)
+    bundle = _bench_model(args)
+    image, prompts = _bench_case(args, bundle.resolution, 0)
     with tqdm(total=3 * 2 * (args.repeats + 1), desc="bench-speed") as bar:
         report = measure(bundle, image, prompts, params, args.repeats, progress=lambda _: bar.update())
     out = Path(args.out)
@@ -325,4 +337,80 @@ def bench_batch(args: argparse.Namespace) -> int:
     rows_md = "\n".join(f"| {k} | {v} |" for k, v in result.items())
     (out / "results.md").write_text(f"# prism bench-batch\n\n| measure | value |\n| --- | --- |\n{rows_md}\n")
     print(json.dumps(result))
+    return 0
+
+
+def register_throughput(sub: argparse._SubParsersAction) -> None:
+    throughput = sub.add_parser(
+        "bench-throughput", help="jobs per hour of one worker at several batch sizes, through the worker's path"
+    )
+    throughput.add_argument(
+        "--model", default="builtin", help="builtin; full-size (SD v1.5's architecture, random weights); or a directory"
+    )
+    throughput.add_argument("--device", choices=["cpu", "cuda"])
+    throughput.add_argument("--dtype", choices=get_args(DtypeName), help="the UNet's precision")
+    throughput.add_argument(
+        "--batches", type=_counts, default=(1, 2, 4, 8), help="batch sizes, comma-separated (default 1,2,4,8)"
+    )
+    throughput.add_argument(
+        "--jobs", type=positive(int), default=8, help="jobs per batch size, each another image (default 8)"
+    )
+    throughput.add_argument(
+        "--baseline-jobs", type=positive(int), help="run only this many of the jobs at batch 1 (default: all)"
+    )
+    throughput.add_argument(
+        "--compile", choices=["off", "compile", "cudagraph"], default="off", help="the inversion loops' UNet"
+    )
+    throughput.add_argument(
+        "--inner-steps", type=int, default=NullTextSettings().inner_steps, help="null-text inner steps"
+    )
+    throughput.add_argument("--out", default="speed-out", help="directory for throughput.json and throughput.md")
+    add_model_flags(throughput.add_argument_group("edit options (as in the API)"), EditOptions, ALIASES)
+    throughput.set_defaults(func=bench_throughput, log_level=logging.WARNING)
+
+
+def _counts(text: str) -> tuple[int, ...]:
+    """An argparse ``type``: comma-separated batch sizes above 0."""
+    try:
+        counts = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be numbers separated by commas, got {text!r}") from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text!r}")
+    return counts
+
+
+def bench_throughput(args: argparse.Namespace) -> int:
+    """A private redis-server and one in-process worker over ``--model``, compiled as ``--compile``
+    asks, running ``--jobs`` jobs at every batch size of ``--batches``."""
+    import tempfile
+
+    from tqdm import tqdm
+
+    from cli.local_redis import LocalRedis
+    from models.diffusion.compiled import compile_loops
+    from models.imaging.files import encode_png
+    from models.request.resolve import ResolvedEdit
+    from worker.throughput import measure_throughput
+
+    params = _params(args)
+    if params.method != "prism":
+        raise CliError("--method", "only prism's jobs share batches")
+    bundle = compile_loops(_bench_model(args), args.compile, max(args.batches))
+    jobs = []
+    for index in range(args.jobs):
+        image, (source, edit, _) = _bench_case(args, bundle.resolution, index)
+        jobs.append(
+            (encode_png(image.pixels, 16), ResolvedEdit(original_prompt=source, edit_prompt=edit, params=params))
+        )
+    batches = sorted({1, *args.batches})
+    with tempfile.TemporaryDirectory() as tmp, LocalRedis(Path(tmp) / "redis") as redis:
+        baseline = min(args.baseline_jobs or args.jobs, args.jobs)
+        with tqdm(total=(len(batches) - 1) * args.jobs + baseline, desc="bench-throughput") as bar:
+            report = measure_throughput(bundle, jobs, batches, redis.url, bar.update, args.baseline_jobs)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "throughput.json").write_text(report.model_dump_json(indent=2))
+    (out / "throughput.md").write_text(report.markdown())
+    print(report.markdown())
     return 0

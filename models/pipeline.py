@@ -175,7 +175,7 @@ def generate_counterfactuals(
         if index in progress.left:
             results.append(progress.left[index])
         else:
-            results.append(_finish(bundle, item, sources[index], edits[index], timers[index]))
+            results.append(_finish(bundle, item, sources[index], edits[index], timers[index], len(items)))
     return results
 
 
@@ -198,7 +198,9 @@ def _run(
     return edits
 
 
-def _finish(bundle: ModelBundle, item: BatchItem, source: Source, result: Edit, timer: PhaseTimer) -> Counterfactual:
+def _finish(
+    bundle: ModelBundle, item: BatchItem, source: Source, result: Edit, timer: PhaseTimer, batch_size: int
+) -> Counterfactual:
     """Decode one item's candidates, score them, keep the best, map it back to the input, report."""
     image, edit, callback = item.image, item.edit, item.callback
     params = edit.params
@@ -224,6 +226,7 @@ def _finish(bundle: ModelBundle, item: BatchItem, source: Source, result: Edit, 
         image=image,
         geometry=source.geometry,
         timings=timer.timings,
+        batch_size=batch_size,
         original_prompt=edit.original_prompt,
     )
     return Counterfactual(
@@ -289,6 +292,7 @@ def edit_report(
     geometry: Geometry,
     timings: dict[str, float],
     original_prompt: str,
+    batch_size: int,
 ) -> EditReport:
     """What ``result.json`` and the job status say about the kept candidate ``best``."""
     chosen = scores[best]
@@ -305,9 +309,14 @@ def edit_report(
             for s, sc in zip(result.self_replace, scores, strict=True)
         ],
         timings=timings,
+        batch_size=batch_size,
         parameters=params,
         model=ModelInfo(
-            identity=bundle.identity, resolution=bundle.resolution, device=str(bundle.device), dtype=str(bundle.dtype)
+            identity=bundle.identity,
+            resolution=bundle.resolution,
+            device=str(bundle.device),
+            dtype=str(bundle.dtype),
+            compile=bundle.compile,
         ),
         geometry=geometry,
         bit_depth=image.bit_depth,

@@ -68,10 +68,19 @@ class ModelBundle:
     cached inversions: a new decoder, CLIP scorer or ``local_blend.json`` keeps them valid."""
     resolution: int
     blend_maps: BlendMaps = P2P_BLEND_MAPS
+    loop_unet: torch.nn.Module | None = None
+    """``unet`` compiled for the inversion loops (``models.diffusion.compiled``); None: ``unet`` itself."""
+    compile: str = "off"
+    """How ``loop_unet`` was compiled: off, compile or cudagraph."""
 
     @property
     def latent_scale(self) -> float:
         return latent_scale(self.vae)
+
+    @property
+    def inversion_unet(self) -> torch.nn.Module:
+        """The UNet DDIM inversion, null-text optimisation and direct's offsets call."""
+        return self.unet if self.loop_unet is None else self.loop_unet
 
 
 def _fingerprint(h: hashlib._Hash, path: Path) -> None:

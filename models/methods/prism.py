@@ -72,7 +72,7 @@ def invert(
     z0 = measure_all(clock, "encode", lambda: encode_latent(bundle.vae, torch.cat([images[i] for i in missing])))
     embedded = embed_prompts(bundle.text_encoder, bundle.tokenizer, [prompts[i] for i in missing] + [""])
     cond, uncond = embedded[:-1], embedded[-1:]
-    latents = measure_all(clock, "inversion", lambda: ddim_invert(bundle.unet, sampler, z0, cond, misses))
+    latents = measure_all(clock, "inversion", lambda: ddim_invert(bundle.inversion_unet, sampler, z0, cond, misses))
     inverted = misses.alive  # the items of the latents' rows (and of cond's from here on)
     cond = cond[[missing.index(i) for i in inverted]]
     losses: list[list[float]] = [[] for _ in inverted]
@@ -82,7 +82,7 @@ def invert(
             clock,
             "null_text",
             lambda: null_text_optimize(
-                bundle.unet, sampler, latents, cond, uncond, params.guidance_scale, params.null_text, misses
+                bundle.inversion_unet, sampler, latents, cond, uncond, params.guidance_scale, params.null_text, misses
             ),
         )
     else:
@@ -90,7 +90,7 @@ def invert(
             offsets = measure_all(
                 clock,
                 "offsets",
-                lambda: direct_offsets(bundle.unet, sampler, latents, cond, uncond, params.guidance_scale, misses),
+                lambda: direct_offsets(bundle.inversion_unet, sampler, latents, cond, uncond, params.guidance_scale, misses),
             )
         unconditional = cond if mode == "negative_prompt" else uncond.expand(len(inverted), -1, -1)
         kept = [inverted.index(i) for i in misses.alive]

@@ -68,6 +68,9 @@ class ModelInfo(Record):
     resolution: int
     device: str
     dtype: str
+    compile: Annotated[str, Field(description="how the inversion loops' UNet ran: off (eager), compile, cudagraph")] = (
+        "off"
+    )
 
 
 class InversionInfo(Record):
@@ -97,7 +100,12 @@ class EditReport(Record):
     score_reference: Annotated[str, Field(description="which image the scores compare against")]
     chosen_self_replace: float | None
     candidates: list[CandidateScores]
-    timings: Annotated[dict[str, float], Field(description="seconds per phase")]
+    timings: Annotated[
+        dict[str, float], Field(description="seconds per phase (in a batch, the phases this job shared)")
+    ]
+    batch_size: Annotated[
+        int, Field(description="counterfactuals made in one batch with this one (a batching worker's), itself included")
+    ] = 1
     parameters: EditParams
     model: ModelInfo
     geometry: Geometry

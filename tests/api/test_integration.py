@@ -8,13 +8,21 @@ import shutil
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
 from PIL import Image
+from redis import Redis
 
+from models.request.params import EditParams
+from models.request.resolve import ResolvedEdit
+from service.api.app import create_app
 from service.client import PrismClient, PrismError
+from service.contract.jobs import JobRequest, enqueue, job_queue
+from service.contract.settings import Settings
 from tests.helpers import EDIT, SOURCE, png_bytes, write_png, xray_like
 from tests.stack import ApiProcess, Cluster, poll, prism, service_env, submit, wait_for, wait_running
 
@@ -200,6 +208,22 @@ def test_scaling_counts_running_jobs_beside_queued_ones(service):
     assert httpx.post(f"{service.url}/jobs/{running}/cancel").status_code == 202
     poll(service.url, queued, {"succeeded"})
     assert httpx.get(f"{service.url}/scaling").json() == {"queued": 0, "running": 0, "workers_wanted": 0}
+
+
+@pytest.mark.parametrize(("batch", "jobs", "wanted"), [(1, 5, 5), (4, 5, 2), (4, 8, 2), (4, 0, 0)])
+def test_scaling_wants_a_worker_per_batch_of_jobs(redis_server, batch, jobs, wanted):
+    settings = Settings(
+        redis_url=redis_server.url, auth="off", queue_name=f"scaling-{uuid.uuid4().hex[:8]}", worker_batch=batch
+    )
+    queue = job_queue(Redis.from_url(redis_server.url), settings)
+    edit = ResolvedEdit(original_prompt=SOURCE, edit_prompt=EDIT, params=EditParams())
+    for _ in range(jobs):
+        enqueue(queue, uuid.uuid4().hex, JobRequest(), edit, "o", settings)
+    try:
+        with TestClient(create_app(settings)) as client:
+            assert client.get("/scaling").json() == {"queued": jobs, "running": 0, "workers_wanted": wanted}
+    finally:
+        queue.empty()
 
 
 def test_request_ids_are_returned_and_logged(service):

@@ -86,6 +86,13 @@ def disagreements(docs: list[dict]) -> list[str]:
         or triggers["metrics-api"]["valueLocation"] not in ScalingDemand.model_fields
     ):
         problems.append(f"the metrics-api trigger does not read the API's /scaling: {api.geturl()}")
+    if triggers["redis"]["listLength"] != str(settings.worker_batch):
+        problems.append(
+            f"the redis trigger asks for a worker per {triggers['redis']['listLength']} queued jobs, "
+            f"a worker batches {settings.worker_batch}"
+        )
+    if triggers["metrics-api"]["targetValue"] != "1":
+        problems.append("the metrics-api trigger's target is not one worker per workers_wanted")
     grace = _one("Deployment", "prism-worker", docs)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     if grace <= settings.job_timeout_s:
         problems.append(f"grace period {grace} s does not outlast PRISM_JOB_TIMEOUT_S={settings.job_timeout_s}")
@@ -107,6 +114,8 @@ def test_the_worker_pool_scales_and_stops_as_the_code_works():
         (("ConfigMap", "prism-settings", "data", "PRISM_QUEUE_NAME"), "other", "watches"),
         (("ConfigMap", "prism-settings", "data", "PRISM_REDIS_URL"), "redis://elsewhere:6379/0", "reads"),
         (("ConfigMap", "prism-settings", "data", "PRISM_JOB_TIMEOUT_S"), "7200", "grace period"),
+        (("ConfigMap", "prism-settings", "data", "PRISM_WORKER_BATCH"), "8", "batches"),
+        (("ScaledObject", "prism-worker", "spec", "triggers", 1, "metadata", "targetValue"), "4", "target"),
     ],
 )
 def test_a_manifest_that_drifts_from_the_code_is_caught(path, value, needle):

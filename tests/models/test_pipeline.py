@@ -132,6 +132,7 @@ def test_a_batch_gives_each_item_what_it_gets_alone(builtin, tmp_path):
     for one, many in zip(alone, batched, strict=True):
         _assert_same(one, many)
     assert [b.report.inversion.cached for b in batched] == [False, True, False]
+    assert [b.report.batch_size for b in batched] == [3, 3, 3] and alone[0].report.batch_size == 1
     assert "null_text" in batched[0].report.timings and "null_text" not in batched[1].report.timings
     assert min(b.report.s_clip for b in batched) > 0.1  # real edits, not noise
 

@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 from models.diffusion.components import embed_prompts, encode_latent
 from models.diffusion.ddim import DDIMSampler
@@ -85,6 +86,23 @@ def test_fused_attention_gives_the_materialised_result(bundle):
             fused=fused,
         )
     assert torch.allclose(results[True], results[False], atol=1e-4), (results[True] - results[False]).abs().max()
+
+
+def test_the_inversion_loops_run_fused_attention_and_give_the_materialised_result(bundle):
+    """No attention control runs during inversion, null-text or direct's offsets: the UNet keeps its
+    fused (SDPA) processors there, which give what probabilities built in full give."""
+    assert {type(p) for p in bundle.unet.attn_processors.values()} == {AttnProcessor2_0}
+    fused = copy.deepcopy(bundle)
+    materialised = copy.deepcopy(bundle)
+    materialised.unet.set_attn_processor(AttnProcessor())
+    image = _image(bundle, 4)
+    for mode in ("null_text", "direct"):
+        params = EditParams(steps=STEPS, inversion=mode, null_text=NullTextSettings(inner_steps=3))
+        (a, _), (b, _) = (invert(m, [image], [SOURCE], params)[0] for m in (fused, materialised))
+        assert (a.x_T - b.x_T).abs().max() < 1e-4
+        assert (a.uncond_embeddings - b.uncond_embeddings).abs().max() < 5e-3  # Adam's normalised steps
+        if mode == "direct":
+            assert (a.latent_offsets - b.latent_offsets).abs().max() < 1e-4
 
 
 def test_direct_inversion_keeps_the_source_branch_on_the_inversion_trajectory(bundle):

@@ -1,0 +1,180 @@
+"""``prism bench-throughput``: jobs per hour of one worker at several batch sizes, through the
+worker's own path (jobs enqueued on Redis as the API enqueues them, a ``PrismWorker`` taking them
+in batches of ``PRISM_WORKER_BATCH``, results stored and read back).
+
+Every batch size runs the same jobs, so each job's S_CLIP, chosen candidate and counterfactual
+are compared with the batch-of-one run: the table says how far batching moves results.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import statistics
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+import numpy as np
+from pydantic import BaseModel
+from redis import Redis
+
+from models.diffusion.components import ModelBundle
+from models.evaluation.speed import device_name
+from models.imaging.files import decode_image
+from models.request.report import EditReport
+from models.request.resolve import ResolvedEdit
+from service.contract.jobs import JobRequest, enqueue, fetch_job, job_queue
+from service.contract.keys import input_key, output_key
+from service.contract.settings import Settings
+from worker.main import PrismWorker
+from worker.runner import JobRunner
+
+
+class ThroughputRow(BaseModel):
+    batch: int
+    jobs: int
+    seconds: float
+    jobs_per_hour: float
+    seconds_per_job: float
+    running_s: float
+    speedup: float
+    same_candidate: bool
+    max_s_clip_diff: float
+    max_counterfactual_diff: float
+
+
+class ThroughputReport(BaseModel):
+    device: str
+    dtype: str
+    compile: str
+    model: str
+    resolution: int
+    steps: int
+    inversion: str
+    sweep: list[float]
+    rows: list[ThroughputRow]
+
+    def markdown(self) -> str:
+        head = (
+            "| batch | jobs | s | jobs/hour | s per job | s running, per job | × batch 1 | same candidate "
+            "| max ΔS_CLIP | max Δcounterfactual |\n" + "| --- " * 10 + "|\n"
+        )
+        rows = "".join(
+            f"| {r.batch} | {r.jobs} | {r.seconds:.1f} | {r.jobs_per_hour:.0f} | {r.seconds_per_job:.2f} "
+            f"| {r.running_s:.1f} | {r.speedup:.2f} | {'yes' if r.same_candidate else 'no'} "
+            f"| {r.max_s_clip_diff:.1e} | {r.max_counterfactual_diff:.1e} |\n"
+            for r in self.rows
+        )
+        return (
+            f"Device: {self.device}; UNet {self.dtype}, inversion loops {self.compile}; model {self.model} at "
+            f"{self.resolution}²; {self.steps} steps, {self.inversion} inversion, sweep {self.sweep}; one worker, "
+            "every job another image, no inversion cache, after one untimed job. s: from the first job's start "
+            "to the last one's end. Δ: against the same job at batch 1 (counterfactual intensities in [0, 1]; "
+            "over the jobs batch 1 ran).\n\n" + head + rows
+        )
+
+
+@dataclass
+class JobRun:
+    report: EditReport
+    counterfactual: np.ndarray
+    started: datetime
+    ended: datetime
+
+
+def measure_throughput(
+    bundle: ModelBundle,
+    jobs: Sequence[tuple[bytes, ResolvedEdit]],
+    batch_sizes: Sequence[int],
+    redis_url: str,
+    progress: Callable[[], None] | None = None,
+    baseline_jobs: int | None = None,
+) -> ThroughputReport:
+    """Run ``jobs`` (an input file and its edit each) once per batch size, after one untimed job;
+    ``progress`` is called as each job ends. Batch 1, the reference, runs always, and only the
+    first ``baseline_jobs`` of them if given (a GPU's minutes are few)."""
+    redis = Redis.from_url(redis_url)
+    _run(redis, redis_url, bundle, jobs[:1], 1, "warm-up")
+    runs = {
+        b: _run(redis, redis_url, bundle, jobs[:baseline_jobs] if b == 1 else jobs, b, f"batch-{b}", progress)
+        for b in sorted({1, *batch_sizes})
+    }
+    params = jobs[0][1].params
+    return ThroughputReport(
+        device=device_name(bundle.device),
+        dtype=str(bundle.dtype).removeprefix("torch."),
+        compile=bundle.compile,
+        model=bundle.identity,
+        resolution=bundle.resolution,
+        steps=params.steps,
+        inversion=params.inversion,
+        sweep=list(params.self_replace_steps),
+        rows=[_row(batch, run, runs[1]) for batch, run in runs.items()],
+    )
+
+
+def _run(
+    redis: Redis,
+    redis_url: str,
+    bundle: ModelBundle,
+    jobs: Sequence[tuple[bytes, ResolvedEdit]],
+    batch: int,
+    tag: str,
+    progress: Callable[[], None] | None = None,
+) -> list[JobRun]:
+    """Enqueue ``jobs`` on a queue of their own, let one worker of batch ``batch`` take them all."""
+    settings = Settings(redis_url=redis_url, queue_name=f"throughput-{tag}", worker_batch=batch, inversion_cache_dir="")
+    queue = job_queue(redis, settings)
+    ids = []
+    for image, edit in jobs:
+        job_id = uuid.uuid4().hex
+        redis.set(input_key(job_id), image, ex=settings.job_ttl_s)
+        enqueue(queue, job_id, JobRequest(), edit, "bench", settings)
+        ids.append(job_id)
+    runner = JobRunner(bundle, settings)
+    name = f"{socket.gethostname()}.{os.getpid()}.{tag}"
+    worker = _Worker([queue], connection=redis, runner=runner, settings=settings, name=name, progress=progress)
+    worker.work(burst=True, with_scheduler=False, logging_level="WARNING")
+    out = []
+    for job_id in ids:
+        job = fetch_job(redis, job_id)
+        if job.return_value() is None:
+            raise RuntimeError(f"job {job_id} of {tag} did not succeed: {job.get_status()}")
+        png = redis.get(output_key(job_id, "counterfactual.png"))
+        image = decode_image(png, settings.max_image_pixels).pixels
+        out.append(JobRun(EditReport.model_validate(job.return_value()), image, job.started_at, job.ended_at))
+    return out
+
+
+class _Worker(PrismWorker):
+    """The worker, telling ``progress`` as each job ends."""
+
+    def __init__(self, *args, progress: Callable[[], None] | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.progress = progress
+
+    def _ended(self, job, data: dict) -> None:
+        super()._ended(job, data)
+        if self.progress:
+            self.progress()
+
+
+def _row(batch: int, run: list[JobRun], reference: list[JobRun]) -> ThroughputRow:
+    seconds = (max(j.ended for j in run) - min(j.started for j in run)).total_seconds()
+    per_hour = 3600 * len(run) / seconds
+    base_seconds = (max(j.ended for j in reference) - min(j.started for j in reference)).total_seconds()
+    pairs = list(zip(run, reference, strict=False))  # the reference may run fewer jobs
+    return ThroughputRow(
+        batch=batch,
+        jobs=len(run),
+        seconds=round(seconds, 2),
+        jobs_per_hour=round(per_hour, 1),
+        seconds_per_job=round(seconds / len(run), 3),
+        running_s=round(statistics.mean((j.ended - j.started).total_seconds() for j in run), 2),
+        speedup=round(per_hour / (3600 * len(reference) / base_seconds), 3),
+        same_candidate=all(a.report.chosen_self_replace == b.report.chosen_self_replace for a, b in pairs),
+        max_s_clip_diff=max(abs(a.report.s_clip - b.report.s_clip) for a, b in pairs),
+        max_counterfactual_diff=max(float(np.abs(a.counterfactual - b.counterfactual).max()) for a, b in pairs),
+    )
