@@ -32,13 +32,14 @@ def warm_up(unet: torch.nn.Module, batch_sizes: Sequence[int], latent_side: int,
     with the gradient at the text embedding) at each batch size."""
     config = unet.config
     dtype = next(unet.parameters()).dtype
+    timestep = torch.tensor(999, device=device)
     for batch in batch_sizes:
         x = torch.zeros(batch, config.in_channels, latent_side, latent_side, device=device, dtype=dtype)
         text = torch.zeros(batch, TOKEN_WINDOW, config.cross_attention_dim, device=device, dtype=dtype)
         with torch.no_grad():
-            unet(x, 999, encoder_hidden_states=text)
+            unet(x, timestep, encoder_hidden_states=text)
         text.requires_grad_(True)
-        out = unet(x, 999, encoder_hidden_states=text).sample
+        out = unet(x, timestep, encoder_hidden_states=text).sample
         torch.autograd.grad(out.float().sum(), text)
 
 
@@ -66,9 +67,7 @@ def compile_unet(
     return compiled, mode
 
 
-def compile_loops(
-    bundle: ModelBundle, mode: CompileMode, max_batch: int = 1, backend: str = "inductor"
-) -> ModelBundle:
+def compile_loops(bundle: ModelBundle, mode: CompileMode, max_batch: int = 1, backend: str = "inductor") -> ModelBundle:
     """The bundle with its inversion loops' UNet compiled in ``mode``, warmed for batches of one
     and of ``max_batch`` (a batching worker's largest)."""
     unet, used = compile_unet(bundle.unet, mode, sorted({1, max_batch}), bundle.device, backend)

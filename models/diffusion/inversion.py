@@ -178,9 +178,15 @@ def _stamp(path: Path) -> None:
 
 
 def _eps(unet, x: torch.Tensor, t: int, context: torch.Tensor) -> torch.Tensor:
-    """The UNet's noise prediction in the UNet's dtype (the graph stays attached for gradients)."""
+    """The UNet's noise prediction in the UNet's dtype (the graph stays attached for gradients).
+
+    The timestep goes in as a tensor and the latent contiguous: a compiled UNet
+    (``models.diffusion.compiled``) would otherwise be specialised on, and recompiled for, every
+    timestep's value and every memory layout (the VAE's posterior mean is a strided view)."""
     dtype = unet.dtype
-    return unet(x.to(dtype), t, encoder_hidden_states=context.to(dtype)).sample
+    timestep = torch.tensor(t, device=x.device)
+    latent = x.to(dtype).contiguous()
+    return unet(latent, timestep, encoder_hidden_states=context.to(dtype)).sample
 
 
 @torch.no_grad()

@@ -116,7 +116,8 @@ class Guided:
         if source.keep is not None:
             keep = latent_mask(source.keep, source.geometry, tuple(z0.shape[2:])).to(bundle.device)
         progress = BatchProgress.single(context.progress)
-        latents = timer.measure("inversion", lambda: ddim_invert(bundle.inversion_unet, sampler, z0, original, progress))
+        unet = bundle.inversion_unet
+        latents = timer.measure("inversion", lambda: ddim_invert(unet, sampler, z0, original, progress))
         if progress.left:  # a run of one: the item's reason to leave ends it
             raise progress.left[0]
         classifier = classifier.to(bundle.device)

@@ -64,6 +64,7 @@ def invert(
         if cache is not None and (hit := cache.get(keys[item])) is not None:
             out[item] = hit, True
     misses = progress.subset([item for item in progress.alive if item not in out])
+    unet = bundle.inversion_unet
     if not misses.alive:
         return out
     missing = misses.alive
@@ -72,7 +73,7 @@ def invert(
     z0 = measure_all(clock, "encode", lambda: encode_latent(bundle.vae, torch.cat([images[i] for i in missing])))
     embedded = embed_prompts(bundle.text_encoder, bundle.tokenizer, [prompts[i] for i in missing] + [""])
     cond, uncond = embedded[:-1], embedded[-1:]
-    latents = measure_all(clock, "inversion", lambda: ddim_invert(bundle.inversion_unet, sampler, z0, cond, misses))
+    latents = measure_all(clock, "inversion", lambda: ddim_invert(unet, sampler, z0, cond, misses))
     inverted = misses.alive  # the items of the latents' rows (and of cond's from here on)
     cond = cond[[missing.index(i) for i in inverted]]
     losses: list[list[float]] = [[] for _ in inverted]
@@ -82,7 +83,7 @@ def invert(
             clock,
             "null_text",
             lambda: null_text_optimize(
-                bundle.inversion_unet, sampler, latents, cond, uncond, params.guidance_scale, params.null_text, misses
+                unet, sampler, latents, cond, uncond, params.guidance_scale, params.null_text, misses
             ),
         )
     else:
@@ -90,7 +91,7 @@ def invert(
             offsets = measure_all(
                 clock,
                 "offsets",
-                lambda: direct_offsets(bundle.inversion_unet, sampler, latents, cond, uncond, params.guidance_scale, misses),
+                lambda: direct_offsets(unet, sampler, latents, cond, uncond, params.guidance_scale, misses),
             )
         unconditional = cond if mode == "negative_prompt" else uncond.expand(len(inverted), -1, -1)
         kept = [inverted.index(i) for i in misses.alive]

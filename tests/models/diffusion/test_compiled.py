@@ -22,7 +22,7 @@ def test_compiled_inversion_loops_equal_the_eager_ones(bundle):
         (eager, _), (fast, _) = (invert(b, [image], [SOURCE], params)[0] for b in (bundle, compiled))
         assert (fast.x_T - eager.x_T).abs().max() < 1e-5
         assert (fast.uncond_embeddings - eager.uncond_embeddings).abs().max() < 1e-4
-        assert fast.losses == [] or max(abs(a - b) / b for a, b in zip(fast.losses, eager.losses)) < 1e-4
+        assert fast.losses == [] or max(abs(a - b) / b for a, b in zip(fast.losses, eager.losses, strict=True)) < 1e-4
         if mode == "direct":
             assert (fast.latent_offsets - eager.latent_offsets).abs().max() < 1e-5
 
