@@ -48,8 +48,7 @@ def job_batch_key(job: Job) -> Hashable | None:
 
 def claim_companions(redis: Redis, queue: Queue, leader: Job, places: int) -> list[Job]:
     """Up to ``places`` queued jobs that can share ``leader``'s batch, taken off the queue."""
-    key = job_batch_key(leader)
-    if key is None or places < 1:
+    if places < 1 or (key := job_batch_key(leader)) is None:
         return []
     ids = [raw.decode() for raw in redis.lrange(queue.key, 0, LOOKAHEAD * places - 1)]
     candidates = [job for job in fetch_many(redis, ids) if job is not None and job_batch_key(job) == key]

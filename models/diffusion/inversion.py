@@ -230,14 +230,19 @@ def input_gradient(
     (grad,) = torch.autograd.grad(loss, upcast, retain_graph=True)
     peak = grad.flatten(1).abs().amax(1)
     shift = torch.where(peak > 0, torch.floor(torch.log2(GRAD_PEAK / peak)), torch.zeros_like(peak))
-    shape = (-1,) + (1,) * (grad.dim() - 1)
     while True:
         scale = torch.exp2(shift)
-        (scaled,) = torch.autograd.grad(output, inputs, (grad * scale.view(shape)).to(output.dtype), retain_graph=True)
+        scaled_output = (grad * _per_row(scale, grad)).to(output.dtype)
+        (scaled,) = torch.autograd.grad(output, inputs, scaled_output, retain_graph=True)
         overflow = ~torch.isfinite(scaled.flatten(1)).all(1) & (shift >= -64)
         if not overflow.any():
-            return scaled / scale.view((-1,) + (1,) * (scaled.dim() - 1)).to(scaled)
+            return scaled / _per_row(scale, scaled).to(scaled)
         shift = shift - 8 * overflow
+
+
+def _per_row(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B,) ``values`` shaped to scale the rows of ``like`` (B, ...)."""
+    return values.view((-1,) + (1,) * (like.dim() - 1))
 
 
 def null_text_learning_rate(base: float, step: int, steps: int) -> float:

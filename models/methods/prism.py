@@ -64,9 +64,9 @@ def invert(
         if cache is not None and (hit := cache.get(keys[item])) is not None:
             out[item] = hit, True
     misses = progress.subset([item for item in progress.alive if item not in out])
-    unet = bundle.inversion_unet
     if not misses.alive:
         return out
+    unet = bundle.inversion_unet
     missing = misses.alive
     clock = [timers[item] for item in missing]
     sampler = DDIMSampler(bundle.scheduler, params.steps)
