@@ -213,12 +213,16 @@ def bench_speed(args: argparse.Namespace) -> int:
     image, prompts = _bench_case(args, bundle.resolution, 0)
     with tqdm(total=3 * 2 * (args.repeats + 1), desc="bench-speed") as bar:
         report = measure(bundle, image, prompts, params, args.repeats, progress=lambda _: bar.update())
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(report.model_dump_json(indent=2))
-    (out / "results.md").write_text(report.markdown())
-    print(report.markdown())
+    _write_report(Path(args.out), "results", report)
     return 0
+
+
+def _write_report(out: Path, stem: str, report) -> None:
+    """A timing report as ``out/stem.json`` and ``out/stem.md``, and its table on stdout."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(report.model_dump_json(indent=2))
+    (out / f"{stem}.md").write_text(report.markdown())
+    print(report.markdown())
 
 
 def register_batch(sub: argparse._SubParsersAction) -> None:
@@ -408,9 +412,5 @@ def bench_throughput(args: argparse.Namespace) -> int:
         baseline = min(args.baseline_jobs or args.jobs, args.jobs)
         with tqdm(total=(len(batches) - 1) * args.jobs + baseline, desc="bench-throughput") as bar:
             report = measure_throughput(bundle, jobs, batches, redis.url, bar.update, args.baseline_jobs)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "throughput.json").write_text(report.model_dump_json(indent=2))
-    (out / "throughput.md").write_text(report.markdown())
-    print(report.markdown())
+    _write_report(Path(args.out), "throughput", report)
     return 0

@@ -172,10 +172,13 @@ def generate_counterfactuals(
     edits = _run(method, sources, contexts, progress)
     results: list[Counterfactual | Exception] = []
     for index, item in enumerate(items):
-        if index in progress.left:
-            results.append(progress.left[index])
-        else:
-            results.append(_finish(bundle, item, sources[index], edits[index], timers[index], len(items)))
+        if index not in progress.left:
+            try:
+                results.append(_finish(bundle, item, sources[index], edits[index], timers[index], len(items)))
+                continue
+            except LeaveBatch as exc:  # left while being scored
+                progress.fail(index, exc)
+        results.append(progress.left[index])
     return results
 
 

@@ -75,6 +75,8 @@ def invert(
     cond, uncond = embedded[:-1], embedded[-1:]
     latents = measure_all(clock, "inversion", lambda: ddim_invert(unet, sampler, z0, cond, misses))
     inverted = misses.alive  # the items of the latents' rows (and of cond's from here on)
+    if not inverted:  # every item the cache lacked left during the inversion
+        return {item: out[item] for item in progress.alive}
     cond = cond[[missing.index(i) for i in inverted]]
     losses: list[list[float]] = [[] for _ in inverted]
     offsets = None

@@ -145,12 +145,18 @@ def test_an_item_that_leaves_or_fails_does_not_stop_the_others(builtin):
         if (phase, step) == ("null_text", 2):
             raise Canceled
 
-    items = _batch_items((None, cancel_in_null_text, None))
-    items[2] = replace(items[2], keep=np.ones((3, 3), bool))  # a mask of the wrong size: this item's own error
+    def cancel_in_scoring(phase, step, total):
+        if phase == "scoring":
+            raise Canceled
+
+    items = _batch_items((None, cancel_in_null_text, cancel_in_scoring))
     alone = generate_counterfactual(builtin, items[0].image, items[0].edit)
-    first, canceled, failed = generate_counterfactuals(builtin, items)
+    first, canceled, late = generate_counterfactuals(builtin, items)
     _assert_same(alone, first)
-    assert isinstance(canceled, Canceled)
+    assert isinstance(canceled, Canceled) and isinstance(late, Canceled)
+    items[2] = replace(items[2], callback=None, keep=np.ones((3, 3), bool))  # a mask of the wrong size
+    first, _, failed = generate_counterfactuals(builtin, items)
+    _assert_same(alone, first)
     assert isinstance(failed, InvalidInput) and failed.field == "mask"
 
 

@@ -136,26 +136,32 @@ def test_cached_inversion_is_reused_only_when_every_part_matches(bundle, tmp_pat
     assert len(list(tmp_path.glob("*.safetensors"))) == 5
 
 
-def test_a_callback_takes_its_item_out_and_any_other_error_stops_the_run(bundle):
+@pytest.mark.parametrize(
+    ("mode", "phase"),
+    [("null_text", "inversion"), ("null_text", "null_text"), ("direct", "offsets"), ("negative_prompt", "inversion")],
+)
+def test_a_callback_takes_its_item_out_and_any_other_error_stops_the_run(bundle, mode, phase):
     class Cancelled(LeaveBatch):
         pass
 
     seen = []
 
-    def callback(phase, step, total):
-        seen.append((phase, step, total))
-        if phase == "null_text" and step == 2:
+    def callback(at, step, total):
+        seen.append((at, step, total))
+        if (at, step) == (phase, 2):
             raise Cancelled
 
     image = torch.rand(1, 1, bundle.resolution, bundle.resolution)
-    params = EditParams(steps=6, null_text=NullTextSettings(inner_steps=1))
+    params = EditParams(steps=6, inversion=mode, null_text=NullTextSettings(inner_steps=1))
     progress = BatchProgress([callback])
     assert invert(bundle, [image], [PROMPT], params, progress=progress) == {}
     assert isinstance(progress.left[0], Cancelled) and progress.alive == []
-    assert seen[-1] == ("null_text", 2, 6)
-    assert [s for s in seen if s[0] == "inversion"][-1] == ("inversion", 6, 6)
+    assert seen[-1] == (phase, 2, 6)
+    alone_too = BatchProgress([callback, None])
+    inverted = invert(bundle, [image, image.flip(-1)], [PROMPT, PROMPT], params, progress=alone_too)
+    assert list(inverted) == [1] and inverted[1][0].uncond_embeddings.shape[0] == 6  # the other goes on
 
-    def broken(phase, step, total):
+    def broken(*_):
         raise RuntimeError("not a reason to leave")
 
     with pytest.raises(RuntimeError):
