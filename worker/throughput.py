@@ -21,7 +21,7 @@ from pydantic import BaseModel
 from redis import Redis
 
 from models.diffusion.components import ModelBundle
-from models.evaluation.speed import device_name
+from models.evaluation.speed import BenchSetup
 from models.imaging.files import decode_image
 from models.request.report import EditReport
 from models.request.resolve import ResolvedEdit
@@ -45,15 +45,9 @@ class ThroughputRow(BaseModel):
     max_counterfactual_diff: float
 
 
-class ThroughputReport(BaseModel):
-    device: str
-    dtype: str
+class ThroughputReport(BenchSetup):
     compile: str
-    model: str
-    resolution: int
-    steps: int
     inversion: str
-    sweep: list[float]
     rows: list[ThroughputRow]
 
     def markdown(self) -> str:
@@ -103,14 +97,9 @@ def measure_throughput(
     }
     params = jobs[0][1].params
     return ThroughputReport(
-        device=device_name(bundle.device),
-        dtype=str(bundle.dtype).removeprefix("torch."),
+        **BenchSetup.of(bundle, params),
         compile=bundle.compile,
-        model=bundle.identity,
-        resolution=bundle.resolution,
-        steps=params.steps,
         inversion=params.inversion,
-        sweep=list(params.self_replace_steps),
         rows=[_row(batch, run, runs[1]) for batch, run in runs.items()],
     )
 

@@ -37,13 +37,30 @@ class SpeedRow(BaseModel):
     phases: dict[str, float]
 
 
-class SpeedReport(BaseModel):
+class BenchSetup(BaseModel):
+    """What a timing was taken on: the device, the UNet's precision, the model and the schedule."""
+
     device: str
     dtype: str
     model: str
     resolution: int
     steps: int
     sweep: list[float]
+
+    @staticmethod
+    def of(bundle: ModelBundle, params: EditParams) -> dict:
+        """The setup's fields for ``bundle`` running ``params``, for a report built on this one."""
+        return {
+            "device": device_name(bundle.device),
+            "dtype": str(bundle.dtype).removeprefix("torch."),
+            "model": bundle.identity,
+            "resolution": bundle.resolution,
+            "steps": params.steps,
+            "sweep": list(params.self_replace_steps),
+        }
+
+
+class SpeedReport(BenchSetup):
     inner_steps: int
     repeats: int
     peak_memory_mib: float
@@ -119,12 +136,7 @@ def bench_speed(
             phases = {p: statistics.median(t.get(p, 0.0) for _, t in measured) for p in measured[0][1]}
             rows.append(SpeedRow(mode=mode, cached=cached, seconds=round(seconds, 3), phases=phases))
     return SpeedReport(
-        device=device_name(bundle.device),
-        dtype=str(bundle.dtype).removeprefix("torch."),
-        model=bundle.identity,
-        resolution=bundle.resolution,
-        steps=params.steps,
-        sweep=list(params.self_replace_steps),
+        **BenchSetup.of(bundle, params),
         inner_steps=params.null_text.inner_steps,
         repeats=repeats,
         peak_memory_mib=round(_peak_memory_mib(bundle.device), 1),
