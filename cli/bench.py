@@ -12,7 +12,7 @@ from typing import get_args
 from cli.edit import ALIASES
 from cli.errors import CliError
 from cli.options import add_model_flags, model_from_args, positive
-from models.request.params import DtypeName, EditOptions, EditParams, NullTextSettings
+from models.request.params import DtypeName, EditOptions, EditParams, InversionMode, NullTextSettings
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -80,10 +80,62 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     speed.add_argument("--out", default="speed-out", help="directory for results.json and results.md")
     speed.add_argument("--inner-steps", type=int, default=NullTextSettings().inner_steps, help="null-text inner steps")
+    speed.add_argument(
+        "--modes", type=_modes, default=get_args(InversionMode), help="inversion modes, comma-separated (default: all)"
+    )
     add_model_flags(speed.add_argument_group("edit options (as in the API)"), EditOptions, ALIASES)
     speed.set_defaults(func=bench_speed, log_level=logging.INFO)
+
+    profile = sub.add_parser(
+        "bench-profile", help="a torch.profiler trace and summary of null-text inner steps (where their time goes)"
+    )
+    _add_bench_model(profile)
+    profile.add_argument("--inner-steps", type=positive(int), default=3, help="inner steps profiled (default 3)")
+    profile.add_argument("--out", default="profile-out", help="directory for profile.md and trace.json")
+    profile.set_defaults(func=bench_profile, log_level=logging.INFO)
+
+    precision = sub.add_parser(
+        "bench-precision", help="one job in several UNet precisions on the same input: how far the results move"
+    )
+    _add_bench_model(precision, dtype=False)
+    precision.add_argument(
+        "--dtypes", type=_dtypes, default=("float32", "float16"), help="comma-separated (default float32,float16)"
+    )
+    precision.add_argument("--out", default="precision-out", help="directory for precision.json and precision.md")
+    precision.add_argument(
+        "--inner-steps", type=int, default=NullTextSettings().inner_steps, help="null-text inner steps"
+    )
+    add_model_flags(precision.add_argument_group("edit options (as in the API)"), EditOptions, ALIASES)
+    precision.set_defaults(func=bench_precision, log_level=logging.INFO)
     register_batch(sub)
     register_throughput(sub)
+
+
+def _add_bench_model(parser: argparse.ArgumentParser, dtype: bool = True) -> None:
+    """--model, --device (and --dtype) as the timing commands take them."""
+    parser.add_argument(
+        "--model", default="builtin", help="builtin; full-size (SD v1.5's architecture, random weights); or a directory"
+    )
+    parser.add_argument("--device", choices=["cpu", "cuda"])
+    if dtype:
+        parser.add_argument("--dtype", choices=get_args(DtypeName), help="the UNet's precision")
+
+
+def _listed(choices: tuple[str, ...]):
+    """An argparse ``type``: comma-separated values out of ``choices``."""
+
+    def parse(text: str) -> tuple[str, ...]:
+        values = tuple(text.split(","))
+        unknown = [v for v in values if v not in choices]
+        if unknown or not values:
+            raise argparse.ArgumentTypeError(f"must be some of {', '.join(choices)}, got {text!r}")
+        return values
+
+    return parse
+
+
+_modes = _listed(get_args(InversionMode))
+_dtypes = _listed(get_args(DtypeName))
 
 
 def _params(args: argparse.Namespace) -> EditParams:
@@ -211,9 +263,44 @@ def bench_speed(args: argparse.Namespace) -> int:
     params = _params(args)
     bundle = _bench_model(args)
     image, prompts = _bench_case(args, bundle.resolution, 0)
-    with tqdm(total=3 * 2 * (args.repeats + 1), desc="bench-speed") as bar:
-        report = measure(bundle, image, prompts, params, args.repeats, progress=lambda _: bar.update())
+    with tqdm(total=len(args.modes) * 2 * (args.repeats + 1), desc="bench-speed") as bar:
+        report = measure(bundle, image, prompts, params, args.repeats, args.modes, progress=lambda _: bar.update())
     _write_report(Path(args.out), "results", report)
+    return 0
+
+
+def bench_profile(args: argparse.Namespace) -> int:
+    from models.evaluation.speed import profile_null_text
+
+    bundle = _bench_model(args)
+    image, (source, _, _) = _bench_case(args, bundle.resolution, 0)
+    out = Path(args.out)
+    summary = profile_null_text(bundle, image, source, args.inner_steps, out)
+    (out / "profile.md").write_text(summary)
+    print(summary)
+    return 0
+
+
+def bench_precision(args: argparse.Namespace) -> int:
+    from argparse import Namespace
+
+    from tqdm import tqdm
+
+    from models.evaluation.speed import compare_precisions
+
+    params = _params(args)
+    loaded = {args.dtypes[0]: _bench_model(Namespace(**{**vars(args), "dtype": args.dtypes[0]}))}
+    image, (source, edit, _) = _bench_case(args, loaded[args.dtypes[0]].resolution, 0)
+    with tqdm(total=len(args.dtypes), desc="bench-precision") as bar:
+        report = compare_precisions(
+            lambda dtype: loaded.pop(dtype, None) or _bench_model(Namespace(**{**vars(args), "dtype": dtype})),
+            args.dtypes,
+            image,
+            (source, edit),
+            params,
+            progress=lambda _: bar.update(),
+        )
+    _write_report(Path(args.out), "precision", report)
     return 0
 
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
+from models.request.constants import TOKEN_WINDOW
 from models.request.params import P2P_BLEND_THRESHOLD, BlendEditMaps, EditParams
 
 
@@ -43,9 +44,30 @@ class CandidateControl:
     blend_tokens: list[int] | None = None
     blend_threshold: float = P2P_BLEND_THRESHOLD
 
+    _blend: tuple[torch.Tensor, ...] | None = field(default=None, init=False, repr=False, compare=False)
+
     @property
     def blends(self) -> bool:
         return bool(self.blend_source_tokens or self.blend_tokens)
+
+    def to(self, device: torch.device) -> None:
+        """Move the mappings, weights and LocalBlend's token weights to ``device`` (once per pass,
+        not at every layer of every step)."""
+        for name in ("mapper", "refine_index", "refine_alpha", "equalizer"):
+            if (value := getattr(self, name)) is not None:
+                setattr(self, name, value.to(device))
+        self.blend_tensors(device)
+
+    def blend_tensors(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """LocalBlend's view of the candidate on ``device``: the source's and its own token weights
+        (77,), its cut and whether it is left unblended (0-d)."""
+        if self._blend is None or self._blend[0].device != torch.device(device):
+            source, own = torch.zeros(TOKEN_WINDOW), torch.zeros(TOKEN_WINDOW)
+            source[self.blend_source_tokens or []] = 1.0
+            own[self.blend_tokens or []] = 1.0
+            values = (source, own, torch.tensor(self.blend_threshold), torch.tensor(not self.blends))
+            self._blend = tuple(v.to(device) for v in values)
+        return self._blend
 
     def map_cross(self, base: torch.Tensor, edit: torch.Tensor) -> torch.Tensor:
         """Cross-attention of the candidate from the source's ``base`` (heads, queries, 77)."""
@@ -117,32 +139,26 @@ class LocalBlend:
         self.edit_maps = edit_maps
 
     def masks(
-        self, maps: torch.Tensor, token_sets: list[list[int]], thresholds: list[float], latent_hw: tuple[int, int]
+        self, maps: torch.Tensor, weights: torch.Tensor, thresholds: torch.Tensor, latent_hw: tuple[int, int]
     ) -> torch.Tensor:
-        """Binary masks (N, 1, h, w) from accumulated maps (N, r, r, 77), row n cut at ``thresholds[n]``."""
-        weights = torch.zeros(len(token_sets), maps.shape[-1], device=maps.device, dtype=maps.dtype)
-        for b, tokens in enumerate(token_sets):
-            weights[b, tokens] = 1.0
-        m = (maps * weights[:, None, None, :]).sum(-1)[:, None]
+        """Binary masks (N, 1, h, w) from accumulated maps (N, r, r, 77) summed over the tokens
+        ``weights`` (N, 77) selects, row n cut at ``thresholds[n]``."""
+        m = (maps * weights.to(maps.dtype)[:, None, None, :]).sum(-1)[:, None]
         d = self.maps.dilation
         m = F.max_pool2d(m, 2 * d + 1, stride=1, padding=d)
         m = F.interpolate(m, size=latent_hw)
         m = m / m.amax(dim=(2, 3), keepdim=True).clamp_min(1e-12)
-        return m > torch.tensor(thresholds, device=m.device, dtype=m.dtype)[:, None, None, None]
+        return m > thresholds.to(m.dtype)[:, None, None, None]
 
     def mask(self, maps: torch.Tensor, candidates: list[CandidateControl], latent_hw: tuple[int, int]) -> torch.Tensor:
         """Boolean masks (K, 1, h, w): True where candidate k may differ from the source."""
         k = len(candidates)
-        thresholds = [c.blend_threshold for c in candidates]
-        source = self.masks(
-            maps[:1].expand(k, *maps.shape[1:]),
-            [c.blend_source_tokens or [] for c in candidates],
-            thresholds,
-            latent_hw,
+        source_weights, own_weights, thresholds, unblended = (
+            torch.stack(parts) for parts in zip(*(c.blend_tensors(maps.device) for c in candidates), strict=True)
         )
-        own = self.masks(maps[1:], [c.blend_tokens or [] for c in candidates], thresholds, latent_hw)
-        unblended = torch.tensor([not c.blends for c in candidates], device=maps.device)[:, None, None, None]
-        return source | own | unblended
+        source = self.masks(maps[:1].expand(k, *maps.shape[1:]), source_weights, thresholds, latent_hw)
+        own = self.masks(maps[1:], own_weights, thresholds, latent_hw)
+        return source | own | unblended[:, None, None, None]
 
     def apply(self, x: torch.Tensor, maps: torch.Tensor, candidates: list[CandidateControl]) -> torch.Tensor:
         """Candidates take the source's latent outside their mask, exactly."""
@@ -190,6 +206,11 @@ class PromptToPromptControl:
                 parts.setdefault(self._history(k, step), []).append(k)
             split.extend(parts.values())
         return split
+
+    def to(self, device: torch.device) -> None:
+        """Move every candidate's tensors to ``device``."""
+        for candidate in self.all_candidates:
+            candidate.to(device)
 
     def branch_rows(self) -> list[int]:
         """For each row of the conditional half, its candidate's row in [source, candidate 1..K]."""
@@ -313,6 +334,7 @@ class StackedControl:
     def __init__(self) -> None:
         self.controls: list[AttentionControl | None] = []
         self.sizes: list[int] = []
+        self.indices = DeviceIndices()
 
     def _passes(self, batch: int) -> Iterable[tuple[AttentionControl, int, list[int]]]:
         """Each pass with a control, its rows per half, and where its rows are in the whole batch."""
@@ -343,10 +365,25 @@ class StackedControl:
         heads = probs.shape[0] // batch
         p = probs.view(batch, heads, *probs.shape[1:])
         out = p.clone()
-        for control, n, index in self._passes(batch):
+        for control, n, rows in self._passes(batch):
+            index = self.indices(rows, probs.device)
             own = p[index].reshape(2 * n * heads, *probs.shape[1:])
             out[index] = control(own, is_cross, 2 * n).view(2 * n, heads, *probs.shape[1:])
         return out.view_as(probs)
+
+
+class DeviceIndices:
+    """Row indices as tensors on the device, made once per distinct list: indexing a device tensor
+    with a Python list copies the list from the host at every call, at every layer of every step."""
+
+    def __init__(self) -> None:
+        self._made: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
+
+    def __call__(self, rows: list[int], device: torch.device) -> torch.Tensor:
+        key = (tuple(rows), device)
+        if key not in self._made:
+            self._made[key] = torch.tensor(rows, device=device)
+        return self._made[key]
 
 
 class ControlledAttnProcessor:
@@ -359,6 +396,7 @@ class ControlledAttnProcessor:
     def __init__(self, control: AttentionControl, fused: bool = True) -> None:
         self.control = control
         self.fused = fused
+        self.indices = DeviceIndices()
 
     def __call__(
         self,
@@ -391,7 +429,8 @@ class ControlledAttnProcessor:
         if self.fused and not self.control.needs_probs(is_cross, query.shape[1]):
             rows = None if is_cross else self.control.self_attention_rows(query.shape[1], batch)
             if rows is not None:
-                query, key = query[rows], key[rows]
+                index = self.indices(rows, query.device)
+                query, key = query[index], key[index]
             hidden_states = _fused_attention(attn, query, key, value, attention_mask, batch)
         else:
             query, key, value = (attn.head_to_batch_dim(t) for t in (query, key, value))

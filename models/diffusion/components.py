@@ -239,7 +239,7 @@ def load_bundle(
     ``dtype`` applies to the UNet only: it carries nearly all of the compute, while the VAE, text
     encoder and CLIP run a few times per job and stay in fp32 (the VAE's decoder is the part of SD
     known to overflow in fp16). Null-text keeps its embeddings, loss and optimiser in fp32 whatever
-    the UNet's dtype (see :func:`models.diffusion.inversion.backward_through`).
+    the UNet's dtype (see :func:`models.diffusion.inversion.input_gradient`).
     """
     if model_dir is None:
         log.warning("no model directory configured: using the built-in phantom model (synthetic data only)")

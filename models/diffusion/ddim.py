@@ -41,6 +41,12 @@ class DDIMSampler:
         self._alphas = scheduler.alphas_cumprod.to(torch.float64)
         self._final_alpha = float(scheduler.final_alpha_cumprod)
 
+    def timestep_tensors(self, device: torch.device) -> list[torch.Tensor]:
+        """``timesteps`` as 0-d tensors on ``device``, made with one copy: a loop that passes the UNet
+        a fresh tensor (or a Python int, which the UNet makes into one) at every call copies from
+        the host each time, which waits for the device."""
+        return [t.clone() for t in torch.tensor(self.timesteps, device=device).unbind()]
+
     def alpha(self, t: int) -> float:
         return float(self._alphas[t]) if t >= 0 else self._final_alpha
 

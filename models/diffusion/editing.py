@@ -134,6 +134,19 @@ class DenoisePass:
     control: PromptToPromptControl | None = None
     latent_offsets: torch.Tensor | None = None
 
+    def to(self, device: torch.device) -> DenoisePass:
+        """The pass with its tensors (and its control's) on ``device``; the offsets in fp32."""
+        if self.control is not None:
+            self.control.to(device)
+        offsets = None if self.latent_offsets is None else self.latent_offsets.to(device, torch.float32)
+        return replace(
+            self,
+            x_T=self.x_T.to(device),
+            uncond_embeddings=self.uncond_embeddings.to(device),
+            cond_embeddings=self.cond_embeddings.to(device),
+            latent_offsets=offsets,
+        )
+
     def rows(self) -> list[int]:
         """For each branch running now, its prompt's row in ``cond_embeddings``."""
         return self.control.branch_rows() if self.control is not None else list(range(self.cond_embeddings.shape[0]))
@@ -155,40 +168,41 @@ def denoise(
 
     With controls the UNet's attention processors are swapped for controlled ones for the call
     (``fused``: fused attention wherever no control reads probabilities) and restored after it.
+    Each pass's embeddings, offsets and control go to the device once, before the first step.
     """
-    passes = list(passes)
     device = passes[0].x_T.device
+    passes = [p.to(device) for p in passes]
     rows = [p.rows() for p in passes]
     xs = [p.x_T.float().expand(len(r), *p.x_T.shape[1:]).clone() for p, r in zip(passes, rows, strict=True)]
+    conds = [p.cond_embeddings[r] for p, r in zip(passes, rows, strict=True)]
     stacked = StackedControl()
     original = unet.attn_processors
     if any(p.control is not None for p in passes):
         unet.set_attn_processor(ControlledAttnProcessor(stacked, fused))
     try:
-        for i, t in enumerate(sampler.timesteps):
+        for i, (t, t_device) in enumerate(zip(sampler.timesteps, sampler.timestep_tensors(device), strict=True)):
             for k, p in enumerate(passes):
                 if p.control is not None:
                     p.control.step = i
                     if (parents := p.control.fork(i)) is not None:
-                        xs[k], rows[k] = xs[k][parents], p.control.branch_rows()
+                        rows[k] = p.control.branch_rows()
+                        xs[k], conds[k] = xs[k][parents], p.cond_embeddings[rows[k]]
             sizes = [len(r) for r in rows]
             stacked.controls, stacked.sizes = [p.control for p in passes], sizes
-            uncond = torch.cat(
-                [p.uncond_embeddings[i].to(device).expand(n, -1, -1) for p, n in zip(passes, sizes, strict=True)]
-            )
-            cond = torch.cat([p.cond_embeddings.to(device)[r] for p, r in zip(passes, rows, strict=True)])
+            uncond = torch.cat([p.uncond_embeddings[i].expand(n, -1, -1) for p, n in zip(passes, sizes, strict=True)])
             x = torch.cat(xs)
-            context = torch.cat([uncond, cond]).to(unet.dtype)
-            eps = unet(torch.cat([x, x]).to(unet.dtype), t, encoder_hidden_states=context).sample.float()
+            context = torch.cat([uncond, *conds]).to(unet.dtype)
+            eps = unet(torch.cat([x, x]).to(unet.dtype), t_device, encoder_hidden_states=context).sample.float()
             eps_uncond, eps_cond = eps.chunk(2)
             xs = list(sampler.step(eps_uncond + guidance_scale * (eps_cond - eps_uncond), t, x).split(sizes))
             for k, p in enumerate(passes):
                 if p.latent_offsets is not None:
-                    xs[k] = torch.cat([xs[k][:1] + p.latent_offsets[i].to(xs[k]), xs[k][1:]])
+                    xs[k] = torch.cat([xs[k][:1] + p.latent_offsets[i], xs[k][1:]])
                 if p.control is not None:
                     xs[k] = p.control.after_step(xs[k])
             if progress is not None and (stay := progress.report("editing", i + 1, sampler.num_steps)) is not None:
                 passes, rows, xs = [passes[k] for k in stay], [rows[k] for k in stay], [xs[k] for k in stay]
+                conds = [conds[k] for k in stay]
                 if not passes:
                     break
     finally:

@@ -177,16 +177,21 @@ def _stamp(path: Path) -> None:
     os.utime(path, ns=(now, now))
 
 
-def _eps(unet, x: torch.Tensor, t: int, context: torch.Tensor) -> torch.Tensor:
+def predict_eps(unet, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
     """The UNet's noise prediction in the UNet's dtype (the graph stays attached for gradients).
 
-    The timestep goes in as a tensor and the latent contiguous: a compiled UNet
-    (``models.diffusion.compiled``) would otherwise be specialised on, and recompiled for, every
-    timestep's value and every memory layout (the VAE's posterior mean is a strided view)."""
+    ``t`` is a 0-d tensor on the latent's device (:meth:`DDIMSampler.timestep_tensors`) and the
+    latent goes in contiguous: a compiled UNet (``models.diffusion.compiled``) would otherwise be
+    specialised on, and recompiled for, every timestep's value and every memory layout (the VAE's
+    posterior mean is a strided view). The output may be a buffer the next call overwrites (a
+    CUDA graph's static output): a caller that keeps it past that call keeps :func:`eps_fp32`."""
     dtype = unet.dtype
-    timestep = torch.tensor(t, device=x.device)
-    latent = x.to(dtype).contiguous()
-    return unet(latent, timestep, encoder_hidden_states=context.to(dtype)).sample
+    return unet(x.to(dtype).contiguous(), t, encoder_hidden_states=context.to(dtype)).sample
+
+
+def eps_fp32(unet, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """:func:`predict_eps` as an fp32 tensor of its own (a copy even where the UNet runs in fp32)."""
+    return predict_eps(unet, x, t, context).to(torch.float32, copy=True)
 
 
 @torch.no_grad()
@@ -201,8 +206,9 @@ def ddim_invert(
     with its conditional prompt only (guidance 1); rows of items that leave ``progress`` are dropped."""
     latents = [z0.float()]
     x = z0.float()
-    for i, t in enumerate(reversed(sampler.timesteps)):
-        x = sampler.invert_step(_eps(unet, x, t, cond).float(), t, x)
+    timesteps = sampler.timestep_tensors(x.device)
+    for i, (t, t_device) in enumerate(zip(reversed(sampler.timesteps), reversed(timesteps), strict=True)):
+        x = sampler.invert_step(eps_fp32(unet, x, t_device, cond), t, x)
         latents.append(x)
         if progress is not None and (rows := progress.report("inversion", i + 1, sampler.num_steps)) is not None:
             latents, cond = [z[rows] for z in latents], cond[rows]
@@ -213,36 +219,79 @@ def ddim_invert(
 
 
 def input_gradient(
-    loss: torch.Tensor, output: torch.Tensor, upcast: torch.Tensor, inputs: torch.Tensor
-) -> torch.Tensor:
-    """The gradient of a ``loss`` computed in fp32 from ``upcast = output.float()`` at ``inputs``,
-    which the batch of ``output`` (rows = samples) was computed from, row for row.
+    output: torch.Tensor, grad_output: torch.Tensor, inputs: torch.Tensor, backoff: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradient at ``inputs`` of a loss whose gradient at ``output.float()`` is ``grad_output``
+    (fp32), where the batch of ``output`` (rows = samples) was computed from ``inputs`` row for
+    row; and, per row, whether it is finite.
 
-    For an fp32 ``output`` that is plain autograd. For fp16/bf16, the gradient at ``upcast``
-    (computed in fp32, through the loss only) is scaled, row by row, by a power of two that puts
-    the row's peak near :data:`GRAD_PEAK` before it enters the UNet's backward pass, and unscaled
-    at ``inputs``: a sample's gradient does not depend on how small another's is (the UNet mixes no
-    samples). A row whose scaled backward overflows is repeated with a scale 256 times smaller.
+    For an fp32 ``output`` that is plain autograd. For fp16/bf16, ``grad_output`` is scaled, row by
+    row, by a power of two that puts the row's peak near :data:`GRAD_PEAK`, divided by
+    ``2**backoff`` (per row, 0 by default), before it enters the UNet's backward pass, and
+    unscaled at ``inputs``: a sample's gradient does not depend on how small another's is (the UNet
+    mixes no samples). One backward pass, freeing the graph: a row that overflowed is for the
+    caller to run again with a larger ``backoff`` (a compiled backward cannot keep its graph).
     """
     if output.dtype == torch.float32:
-        (grad,) = torch.autograd.grad(loss, inputs)
-        return grad
-    (grad,) = torch.autograd.grad(loss, upcast, retain_graph=True)
-    peak = grad.flatten(1).abs().amax(1)
+        (grad,) = torch.autograd.grad(output, inputs, grad_output)
+        return grad, torch.ones(grad.shape[0], dtype=torch.bool, device=grad.device)
+    peak = grad_output.flatten(1).abs().amax(1)
     shift = torch.where(peak > 0, torch.floor(torch.log2(GRAD_PEAK / peak)), torch.zeros_like(peak))
-    while True:
-        scale = torch.exp2(shift)
-        scaled_output = (grad * _per_row(scale, grad)).to(output.dtype)
-        (scaled,) = torch.autograd.grad(output, inputs, scaled_output, retain_graph=True)
-        overflow = ~torch.isfinite(scaled.flatten(1)).all(1) & (shift >= -64)
-        if not overflow.any():
-            return scaled / _per_row(scale, scaled).to(scaled)
-        shift = shift - 8 * overflow
+    if backoff is not None:
+        shift = shift - backoff
+    scale = torch.exp2(shift)
+    (scaled,) = torch.autograd.grad(output, inputs, (grad_output * _per_row(scale, grad_output)).to(output.dtype))
+    return scaled / _per_row(scale, scaled).to(scaled), torch.isfinite(scaled.flatten(1)).all(1)
 
 
 def _per_row(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """(B,) ``values`` shaped to scale the rows of ``like`` (B, ...)."""
     return values.view((-1,) + (1,) * (like.dim() - 1))
+
+
+@dataclass
+class RowAdam:
+    """Adam (Kingma and Ba, Algorithm 1; torch.optim.Adam's defaults and arithmetic) over the rows
+    of one tensor, each row with its own moments and its own step count, and a step that moves
+    only the rows it is told to. ``torch.optim.Adam`` keeps one step count per tensor, so a row
+    could not skip a step (frozen by its early stop, or run again after an fp16 overflow) without
+    the host choosing which rows to pass it, a read from the device at every step."""
+
+    param: torch.Tensor
+    lr: float
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        self.exp_avg = torch.zeros_like(self.param)
+        self.exp_avg_sq = torch.zeros_like(self.param)
+        self.steps = torch.zeros(self.param.shape[0], dtype=torch.float64, device=self.param.device)
+
+    def step(self, grad: torch.Tensor, rows: torch.Tensor) -> None:
+        """One step of the rows where ``rows`` (B,) is True; the others keep parameters and state.
+        The bias corrections are float64, as torch.optim.Adam's Python floats."""
+        beta1, beta2 = self.betas
+        keep = _per_row(rows, self.param)
+        steps = self.steps + rows.to(self.steps.dtype)
+        exp_avg = torch.where(keep, self.exp_avg.lerp(grad, 1 - beta1), self.exp_avg)
+        squared = torch.addcmul(self.exp_avg_sq * beta2, grad, grad, value=1 - beta2)
+        exp_avg_sq = torch.where(keep, squared, self.exp_avg_sq)
+        counted = steps.clamp_min(1)
+        step_size = _per_row((self.lr / (1 - beta1**counted)).to(self.param.dtype), self.param)
+        correction = _per_row((1 - beta2**counted).sqrt().to(self.param.dtype), self.param)
+        denom = exp_avg_sq.sqrt() / correction + self.eps
+        self.param.copy_(torch.where(keep, self.param - step_size * exp_avg / denom, self.param))
+        self.exp_avg, self.exp_avg_sq, self.steps = exp_avg, exp_avg_sq, steps
+
+
+MAX_BACKOFF = 64
+"""How far (in powers of two) an overflowing row's gradient scale is lowered before the row gives
+up the rest of its outer step, unchanged."""
+
+EARLY_STOP_CHECK_EVERY = 1
+"""Null-text reads which images are still running from the device every this many inner steps:
+the only read inside its loop. Results do not depend on it (an image that stopped in between is
+masked out of the optimiser); a larger value trades UNet rows run for nothing for fewer waits."""
 
 
 def null_text_learning_rate(base: float, step: int, steps: int) -> float:
@@ -261,65 +310,74 @@ def null_text_optimize(
     guidance_scale: float,
     settings: NullTextSettings = NullTextSettings(),
     progress: BatchProgress | None = None,
+    check_every: int = EARLY_STOP_CHECK_EVERY,
 ) -> tuple[torch.Tensor, list[list[float]]]:
     """Per-step unconditional embeddings that make guided DDIM sampling retrace ``latents``, for a
     batch of B inversions (``cond`` (B, 77, D); ``uncond_init`` (1 or B, 77, D)).
 
-    Each image has its own embedding and its own Adam moments (Adam is elementwise), and its own
-    early stop: once its loss is below the step's threshold it is frozen for the rest of the outer
-    step, neither run through the UNet nor moved by the optimiser's momentum, exactly as if it ran
-    alone. Returns the (B, steps, 77, D) embeddings and each image's last loss of each outer step,
-    for the items that did not leave ``progress``.
+    Each image has its own embedding and its own Adam moments and step count (:class:`RowAdam`),
+    and its own early stop: once its loss is below the step's threshold it is frozen for the rest
+    of the outer step, not moved by the optimiser, exactly as if it ran alone; from the next read
+    of who is running (every ``check_every`` inner steps) it is not run through the UNet either.
+    Everything else stays on the device: the early stop, the losses (read once, at the end) and,
+    with a reduced-precision UNet, the rows whose scaled gradient overflowed, which take their
+    step again at the next inner step with a 256 times smaller scale. Returns the (B, steps, 77, D)
+    embeddings (on the CPU) and each image's last loss of each outer step, for the items that did
+    not leave ``progress``.
     """
     x = latents[-1]
-    batch = x.shape[0]
+    device, batch = x.device, x.shape[0]
     uncond = uncond_init.detach().float().expand(batch, -1, -1).clone()
     embeddings: list[torch.Tensor] = []
-    losses: list[list[float]] = [[] for _ in range(batch)]
+    losses: list[torch.Tensor] = []
     n = sampler.num_steps
-    for i, t in enumerate(sampler.timesteps):
+    reduced = unet.dtype != torch.float32
+    for i, (t, t_device) in enumerate(zip(sampler.timesteps, sampler.timestep_tensors(device), strict=True)):
         target = latents[n - i - 1]
         with torch.no_grad():
-            eps_cond = _eps(unet, x, t, cond).float()
-        uncond = uncond.detach().clone().requires_grad_(True)
-        optimizer = torch.optim.Adam([uncond], lr=null_text_learning_rate(settings.learning_rate, i, n))
+            eps_cond = eps_fp32(unet, x, t_device, cond)
+        optimizer = RowAdam(uncond, null_text_learning_rate(settings.learning_rate, i, n))
         threshold = settings.early_stop + i * settings.early_stop_growth
-        running = torch.ones(uncond.shape[0], dtype=torch.bool)
-        last = [float("nan")] * uncond.shape[0]
-        for _ in range(settings.inner_steps):
-            rows = running.nonzero()[:, 0]
-            active = uncond[rows]
-            output = _eps(unet, x[rows], t, active)
-            eps_uncond = output.float()
+        running = torch.ones(batch, dtype=torch.bool, device=device)
+        backoff = torch.zeros(batch, device=device)
+        last = torch.full((batch,), float("nan"), device=device)
+        rows = torch.arange(batch, device=device)
+        for inner in range(settings.inner_steps + (MAX_BACKOFF // 8 if reduced else 0)):
+            active = uncond[rows].requires_grad_(True)
+            output = predict_eps(unet, x[rows], t_device, active)
+            eps_uncond = output.detach().float().requires_grad_(True)
             eps = eps_uncond + guidance_scale * (eps_cond[rows] - eps_uncond)
             per_image = (sampler.step(eps, t, x[rows]) - target[rows]).pow(2).flatten(1).mean(1)
-            uncond.grad = torch.zeros_like(uncond).index_copy(
-                0, rows, input_gradient(per_image.sum(), output, eps_uncond, active)
-            )
-            frozen = uncond.detach().clone()
-            optimizer.step()
-            with torch.no_grad():
-                uncond.copy_(torch.where(running[:, None, None], uncond, frozen))
-            for row, value in zip(rows.tolist(), per_image.tolist(), strict=True):
-                last[row] = value
-                running[row] = value >= threshold
-            if not running.any():
-                break
-        uncond = uncond.detach()
-        embeddings.append(uncond.cpu())
-        for history, value in zip(losses, last, strict=True):
-            history.append(value)
+            (grad_output,) = torch.autograd.grad(per_image.sum(), eps_uncond)
+            grad, finite = input_gradient(output, grad_output, active, backoff[rows])
+            taking = running.index_select(0, rows)
+            step = torch.zeros_like(running).index_copy(0, rows, taking & finite)
+            optimizer.step(torch.zeros_like(uncond).index_copy(0, rows, grad), step)
+            loss = last.index_copy(0, rows, per_image.detach())
+            last = torch.where(running, loss, last)
+            overflow = running & ~step
+            backoff = backoff + 8 * overflow
+            running = running & ~(step & (loss < threshold)) & (optimizer.steps < settings.inner_steps)
+            running = running & (backoff <= MAX_BACKOFF)
+            if (inner + 1) % check_every == 0 or inner + 1 >= settings.inner_steps:
+                rows = running.nonzero()[:, 0]
+                if not len(rows):
+                    break
+        embeddings.append(uncond.clone())
+        losses.append(last)
         with torch.no_grad():
-            eps_uncond = _eps(unet, x, t, uncond).float()
+            eps_uncond = eps_fp32(unet, x, t_device, uncond)
             x = sampler.step(eps_uncond + guidance_scale * (eps_cond - eps_uncond), t, x)
-        if progress is not None and (rows := progress.report("null_text", i + 1, n)) is not None:
-            x, cond, uncond = x[rows], cond[rows], uncond[rows]
-            latents = [z[rows] for z in latents]
-            embeddings = [e[rows] for e in embeddings]
-            losses = [losses[r] for r in rows]
-            if not rows:
+        if progress is not None and (stay := progress.report("null_text", i + 1, n)) is not None:
+            x, cond, uncond = x[stay], cond[stay], uncond[stay]
+            latents = [z[stay] for z in latents]
+            embeddings, losses = [e[stay] for e in embeddings], [v[stay] for v in losses]
+            batch = len(stay)
+            if not stay:
                 break
-    return torch.stack(embeddings, dim=1) if embeddings else torch.empty(0), losses
+    if not embeddings or batch == 0:
+        return torch.empty(0), [[] for _ in range(batch)]
+    return torch.stack(embeddings, dim=1).cpu(), torch.stack(losses, dim=1).tolist()
 
 
 @torch.no_grad()
@@ -336,10 +394,11 @@ def direct_offsets(
     of a batch of inversions (``cond`` (B, 77, D), ``uncond`` (1 or B, 77, D))."""
     n = sampler.num_steps
     offsets: list[torch.Tensor] = []
-    for i, t in enumerate(sampler.timesteps):
+    timesteps = sampler.timestep_tensors(latents[0].device)
+    for i, (t, t_device) in enumerate(zip(sampler.timesteps, timesteps, strict=True)):
         x = latents[n - i]
         context = torch.cat([uncond.expand(x.shape[0], -1, -1), cond])
-        eps_uncond, eps_cond = _eps(unet, torch.cat([x, x]), t, context).float().chunk(2)
+        eps_uncond, eps_cond = eps_fp32(unet, torch.cat([x, x]), t_device, context).chunk(2)
         offsets.append(latents[n - i - 1] - sampler.step(eps_uncond + guidance_scale * (eps_cond - eps_uncond), t, x))
         if progress is not None and (rows := progress.report("offsets", i + 1, n)) is not None:
             latents, cond, offsets = [z[rows] for z in latents], cond[rows], [o[rows] for o in offsets]

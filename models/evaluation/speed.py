@@ -150,3 +150,126 @@ def smooth_image(size: int, seed: int = 0) -> DecodedImage:
     yy, xx = np.mgrid[0:size, 0:size] / size
     pixels = 0.5 + 0.2 * np.sin(8 * xx + rng.uniform(0, 3)) * np.cos(5 * yy) + 0.05 * rng.standard_normal((size, size))
     return DecodedImage(np.clip(pixels, 0, 1).astype(np.float32), 16)
+
+
+SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync", "aten::_local_scalar_dense")
+"""Profiler events that mark the host waiting for the device (or a copy between them)."""
+
+
+def profile_null_text(bundle: ModelBundle, image: DecodedImage, prompt: str, inner_steps: int, out: Path) -> str:
+    """A torch.profiler trace (``out/trace.json``) and summary (returned) of one null-text outer
+    step of ``inner_steps`` inner steps on ``image`` (no early stop), after one untimed: where an
+    inner step's time goes (the UNet's forward and backward, the fp16 gradient's scaling, Adam, the
+    host's waits)."""
+    from models.diffusion.components import embed_prompts, encode_latent
+    from models.diffusion.ddim import DDIMSampler
+    from models.diffusion.inversion import ddim_invert, null_text_optimize
+    from models.imaging.geometry import to_model_input
+    from models.request.params import NullTextSettings
+
+    sampler = DDIMSampler(bundle.scheduler, 1)
+    settings = NullTextSettings(inner_steps=inner_steps, early_stop=0.0, early_stop_growth=0.0)
+    cond, uncond = embed_prompts(bundle.text_encoder, bundle.tokenizer, [prompt, ""]).chunk(2)
+    latents = ddim_invert(
+        bundle.inversion_unet,
+        sampler,
+        encode_latent(bundle.vae, to_model_input(image.pixels, bundle.resolution)[0]),
+        cond,
+    )
+
+    def step() -> None:
+        null_text_optimize(bundle.inversion_unet, sampler, latents, cond, uncond, 7.5, settings)
+        if bundle.device.type == "cuda":
+            torch.cuda.synchronize(bundle.device)
+
+    step()
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if bundle.device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    start = time.perf_counter()
+    with torch.profiler.profile(activities=activities) as profiler:
+        step()
+    seconds = time.perf_counter() - start
+    out.mkdir(parents=True, exist_ok=True)
+    profiler.export_chrome_trace(str(out / "trace.json"))
+    events = profiler.key_averages()
+    counts = {e.key: e.count for e in events if e.key in SYNC_EVENTS or e.key == "cudaLaunchKernel"}
+    sort = "self_cuda_time_total" if bundle.device.type == "cuda" else "self_cpu_time_total"
+    return (
+        f"Device: {device_name(bundle.device)}; UNet {str(bundle.dtype).removeprefix('torch.')}, loops "
+        f"{bundle.compile}; one null-text outer step of {inner_steps} inner steps (plus its conditional and "
+        f"advancing passes): {seconds:.3f} s under the profiler.\n\n"
+        "Host waits and launches: "
+        + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none recorded")
+        + "\n\n```\n"
+        + events.table(sort_by=sort, row_limit=30)
+        + "\n```\n"
+    )
+
+
+class PrecisionRow(BaseModel):
+    dtype: str
+    seconds: float
+    s_clip: float
+    chosen_self_replace: float | None
+    max_counterfactual_diff: float
+    s_clip_diff: float
+    same_candidate: bool
+
+
+class PrecisionReport(BaseModel):
+    device: str
+    model: str
+    steps: int
+    rows: list[PrecisionRow]
+
+    def markdown(self) -> str:
+        head = "| UNet | s | S_CLIP | chosen self_replace | max Δcounterfactual | ΔS_CLIP | same candidate |\n"
+        head += "| --- " * 7 + "|\n"
+        rows = "".join(
+            f"| {r.dtype} | {r.seconds:.2f} | {r.s_clip:.4f} | {r.chosen_self_replace} | "
+            f"{r.max_counterfactual_diff:.1e} | {r.s_clip_diff:.1e} | {'yes' if r.same_candidate else 'no'} |\n"
+            for r in self.rows
+        )
+        return (
+            f"Device: {self.device}; model {self.model}; {self.steps} steps; one job per precision on the same "
+            "input, Δ against the first row (counterfactual intensities in [0, 1]).\n\n" + head + rows
+        )
+
+
+def compare_precisions(
+    bundles: Callable[[str], ModelBundle],
+    dtypes: tuple[str, ...],
+    image: DecodedImage,
+    prompts: tuple[str, str],
+    params: EditParams,
+    progress: Callable[[str], None] | None = None,
+) -> PrecisionReport:
+    """One job in each of ``dtypes`` (``bundles(dtype)`` loads the model with its UNet in it), each
+    against the first: how far the UNet's precision moves the counterfactual and its S_CLIP."""
+    source, edit = prompts
+    rows, first = [], None
+    for dtype in dtypes:
+        bundle = bundles(dtype)
+        if progress:
+            progress(dtype)
+        start = time.perf_counter()
+        result = generate_counterfactual(
+            bundle, image, ResolvedEdit(original_prompt=source, edit_prompt=edit, params=params)
+        )
+        seconds = time.perf_counter() - start
+        first = first or result
+        rows.append(
+            PrecisionRow(
+                dtype=dtype,
+                seconds=round(seconds, 3),
+                s_clip=result.report.s_clip,
+                chosen_self_replace=result.report.chosen_self_replace,
+                max_counterfactual_diff=float(np.abs(result.counterfactual - first.counterfactual).max()),
+                s_clip_diff=abs(result.report.s_clip - first.report.s_clip),
+                same_candidate=result.report.chosen_self_replace == first.report.chosen_self_replace,
+            )
+        )
+        device, model = device_name(bundle.device), bundle.identity
+        del bundle
+    return PrecisionReport(device=device, model=model, steps=params.steps, rows=rows)

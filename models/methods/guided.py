@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from models.diffusion.batching import BatchProgress, ProgressCallback
 from models.diffusion.components import decode_latents, embed_prompts, encode_latent
 from models.diffusion.ddim import DDIMSampler
-from models.diffusion.inversion import _eps, ddim_invert
+from models.diffusion.inversion import ddim_invert, predict_eps
 from models.imaging.geometry import to_model_input
 from models.methods.base import Edit, RunContext, Source
 from models.request.errors import InvalidInput
@@ -59,9 +59,12 @@ def guided_edit(
     x = x_T.float()
     context = torch.cat([uncond, cond])
     n = sampler.num_steps
-    for i, t in enumerate(sampler.timesteps):
+    noises = None  # each step's noise drawn in the steps' order, moved to the device once
+    if keep is not None and n > 1:
+        noises = torch.stack([torch.randn(z0.shape, generator=generator) for _ in range(n - 1)]).to(z0.device)
+    for i, (t, t_device) in enumerate(zip(sampler.timesteps, sampler.timestep_tensors(x.device), strict=True)):
         x = x.detach().requires_grad_(True)
-        eps_uncond, eps_cond = _eps(unet, torch.cat([x, x]), t, context).float().chunk(2)
+        eps_uncond, eps_cond = predict_eps(unet, torch.cat([x, x]), t_device, context).float().chunk(2)
         eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
         alpha = sampler.alpha(t)
         x0_hat = (x - (1 - alpha) ** 0.5 * eps) / alpha**0.5
@@ -75,8 +78,7 @@ def guided_edit(
                 prev = t - sampler.stride
                 if i + 1 < n:
                     a_prev = sampler.alpha(prev)
-                    noise = torch.randn(z0.shape, generator=generator).to(z0.device)
-                    original = a_prev**0.5 * z0 + (1 - a_prev) ** 0.5 * noise
+                    original = a_prev**0.5 * z0 + (1 - a_prev) ** 0.5 * noises[i]
                 else:
                     original = z0
                 x = torch.where(keep, original, x)

@@ -11,7 +11,7 @@ import torch
 from models.diffusion.batching import ProgressCallback
 from models.diffusion.components import embed_prompts, encode_latent
 from models.diffusion.ddim import DDIMSampler
-from models.diffusion.inversion import _eps
+from models.diffusion.inversion import eps_fp32
 from models.methods.base import Edit, RunContext, Source
 
 
@@ -32,13 +32,14 @@ def sdedit(
     steps = int(round(strength * sampler.num_steps))
     if steps == 0:
         return z0.float()
-    timesteps = sampler.timesteps[sampler.num_steps - steps :]
+    start = sampler.num_steps - steps
+    timesteps = sampler.timesteps[start:]
     alpha = sampler.alpha(timesteps[0])
     noise = torch.randn(z0.shape, generator=generator).to(z0.device)
     x = alpha**0.5 * z0.float() + (1 - alpha) ** 0.5 * noise
     context = torch.cat([uncond, cond])
-    for i, t in enumerate(timesteps):
-        eps_uncond, eps_cond = _eps(unet, torch.cat([x, x]), t, context).float().chunk(2)
+    for i, (t, t_device) in enumerate(zip(timesteps, sampler.timestep_tensors(z0.device)[start:], strict=True)):
+        eps_uncond, eps_cond = eps_fp32(unet, torch.cat([x, x]), t_device, context).chunk(2)
         x = sampler.step(eps_uncond + guidance_scale * (eps_cond - eps_uncond), t, x)
         if callback:
             callback("editing", i + 1, steps)

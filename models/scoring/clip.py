@@ -68,19 +68,29 @@ def score_candidates(
     original_prompt: str,
     edit_prompts: Sequence[str],
 ) -> list[EditScores]:
-    """Scores of each candidate image (K, 1, H, W) against one reference image (1, 1, H, W)."""
-    ref = scorer.image_embeddings(reference)
-    cf = scorer.image_embeddings(candidates)
+    """Scores of each candidate image (K, 1, H, W) against one reference image (1, 1, H, W): the
+    images embedded in one call, the scores read from the device once."""
+    images = scorer.image_embeddings(torch.cat([reference, candidates]))
+    ref, cf = images[:1], images[1:]
     texts = scorer.text_embeddings([original_prompt, *edit_prompts])
     t_orig, t_edit = texts[:1], texts[1:]
-    s = directional_similarity(ref, cf, t_orig, t_edit)
+    table = torch.stack(
+        [
+            directional_similarity(ref, cf, t_orig, t_edit),
+            cf @ ref[0],
+            (ref @ t_orig[0]).expand(len(cf)),
+            (cf * t_edit).sum(-1),
+            t_edit @ ref[0],
+        ],
+        dim=1,
+    )
     return [
         EditScores(
-            s_clip=float(s[k]),
-            image_similarity=float(cf[k] @ ref[0]),
-            text_image_before=float(ref[0] @ t_orig[0]),
-            text_image_after=float(cf[k] @ t_edit[k]),
-            edit_text_image_before=float(ref[0] @ t_edit[k]),
+            s_clip=s_clip,
+            image_similarity=image,
+            text_image_before=before,
+            text_image_after=after,
+            edit_text_image_before=edit_before,
         )
-        for k in range(len(cf))
+        for s_clip, image, before, after, edit_before in table.tolist()
     ]

@@ -13,7 +13,15 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from models.diffusion.components import embed_prompts, encode_latent
 from models.diffusion.ddim import DDIMSampler
 from models.diffusion.editing import DenoisePass, EditSpec, build_control, denoise
-from models.diffusion.inversion import Inversion, InversionCache, _eps, ddim_invert, direct_offsets, input_gradient
+from models.diffusion.inversion import (
+    Inversion,
+    InversionCache,
+    ddim_invert,
+    direct_offsets,
+    eps_fp32,
+    input_gradient,
+    predict_eps,
+)
 from models.imaging.files import DecodedImage
 from models.methods.prism import invert
 from models.pipeline import generate_counterfactual
@@ -40,18 +48,20 @@ def _first_update(bundle, unet, scaled: bool) -> tuple[torch.Tensor, float]:
     sampler = DDIMSampler(bundle.scheduler, 10)
     image = torch.from_numpy(render(anatomy, source))[None, None]
     latents = ddim_invert(unet, sampler, encode_latent(bundle.vae, image), cond)
-    x, t = latents[-1], sampler.timesteps[0]
+    x, t, t_device = latents[-1], sampler.timesteps[0], sampler.timestep_tensors(latents[-1].device)[0]
     with torch.no_grad():
-        eps_c, eps_u = _eps(unet, x, t, cond).float(), _eps(unet, x, t, uncond).float()
+        eps_c, eps_u = eps_fp32(unet, x, t_device, cond), eps_fp32(unet, x, t_device, uncond)
         target = sampler.step(eps_u + 7.5 * (eps_c - eps_u), t, x)
     target = target + 1e-3 * torch.randn(target.shape, generator=torch.Generator().manual_seed(0))
     embedding = uncond.clone().requires_grad_(True)
     optimizer = torch.optim.Adam([embedding], lr=1e-2)
-    output = _eps(unet, x, t, embedding)
-    upcast = output.float()
+    output = predict_eps(unet, x, t_device, embedding)
+    upcast = output.detach().float().requires_grad_(True) if scaled else output.float()
     loss = F.mse_loss(sampler.step(upcast + 7.5 * (eps_c - upcast), t, x), target)
     if scaled:
-        embedding.grad = input_gradient(loss, output, upcast, embedding)
+        (grad_output,) = torch.autograd.grad(loss, upcast)
+        embedding.grad, finite = input_gradient(output, grad_output, embedding)
+        assert finite.all()
     else:
         loss.backward()
     optimizer.step()

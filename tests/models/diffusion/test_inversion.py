@@ -1,3 +1,5 @@
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,7 @@ from models.diffusion.editing import DenoisePass, denoise
 from models.diffusion.inversion import (
     Inversion,
     InversionCache,
+    RowAdam,
     ddim_invert,
     inversion_key,
     null_text_learning_rate,
@@ -176,3 +179,114 @@ def test_inversion_key_ignores_diffusers_private_config_entries():
     assert inversion_key(scheduler_config=one, null_text=settings, **base) == inversion_key(
         scheduler_config=other, null_text=settings, **base
     )
+
+
+def test_row_adam_is_torch_adam_for_rows_that_step_and_leaves_the_others_as_they_were():
+    generator = torch.Generator().manual_seed(0)
+    start = torch.randn(3, 5, 4, generator=generator)
+    grads = [torch.randn(3, 5, 4, generator=generator) for _ in range(4)]
+    reference = start.clone().requires_grad_(True)
+    torch_adam = torch.optim.Adam([reference], lr=1e-2)
+    rows = RowAdam(start.clone(), lr=1e-2)
+    skipping = RowAdam(start.clone(), lr=1e-2)
+    for k, grad in enumerate(grads):
+        reference.grad = grad
+        torch_adam.step()
+        rows.step(grad, torch.ones(3, dtype=torch.bool))
+        # row 1 skips the first step: after it, it is one step behind with its own step count
+        skipping.step(grad, torch.tensor([True, k > 0, True]))
+    assert (rows.param - reference.detach()).abs().max() < 1e-7
+    assert torch.equal(skipping.param[[0, 2]], rows.param[[0, 2]])
+    behind = torch.optim.Adam([one := start[1].clone().requires_grad_(True)], lr=1e-2)
+    for grad in grads[1:]:
+        one.grad = grad[1]
+        behind.step()
+    assert (skipping.param[1] - one.detach()).abs().max() < 1e-7
+    assert skipping.steps.tolist() == [4, 3, 4]
+
+
+def _two_images(bundle, steps: int):
+    images = torch.cat(
+        [
+            torch.rand(1, 1, bundle.resolution, bundle.resolution, generator=torch.Generator().manual_seed(k))
+            for k in (7, 8)
+        ]
+    )
+    sampler = DDIMSampler(bundle.scheduler, steps)
+    cond = embed_prompts(bundle.text_encoder, bundle.tokenizer, [PROMPT, "chest x-ray showing cardiomegaly"])
+    uncond = embed_prompts(bundle.text_encoder, bundle.tokenizer, [""])
+    return sampler, ddim_invert(bundle.unet, sampler, encode_latent(bundle.vae, images), cond), cond, uncond
+
+
+def test_null_text_reads_who_runs_every_k_inner_steps_with_the_same_results(bundle):
+    """Between reads an image that stopped is masked out of the optimiser while its rows still run
+    (at another batch size, hence rounding apart)."""
+    sampler, latents, cond, uncond = _two_images(bundle, 4)
+    _, first = null_text_optimize(bundle.unet, sampler, latents, cond, uncond, 7.5, NullTextSettings(inner_steps=1))
+    cut = (first[0][0] * first[1][0]) ** 0.5  # one image stops at its first inner step, the other runs on
+    settings = NullTextSettings(inner_steps=4, early_stop=cut, early_stop_growth=0.0)
+    results, rows = {}, {}
+    for every in (1, 4):
+        sizes = []
+        hook = bundle.unet.register_forward_pre_hook(lambda _, args, sizes=sizes: sizes.append(args[0].shape[0]))
+        try:
+            results[every] = null_text_optimize(
+                bundle.unet, sampler, latents, cond, uncond, 7.5, settings, check_every=every
+            )
+        finally:
+            hook.remove()
+        rows[every] = sum(sizes)
+    (embeddings, losses), (sparse_embeddings, sparse_losses) = results[1], results[4]
+    assert (embeddings - sparse_embeddings).abs().max() < 1e-4
+    assert np.allclose(losses, sparse_losses, rtol=1e-4)
+    assert rows[4] > rows[1]  # the stopped image's rows ran until the read
+
+
+class _Overflowing(torch.nn.Module):
+    """A bf16 UNet whose backward pass overflows for row 0 while its incoming gradient peaks above
+    ``limit`` (as fp16's range would, at a larger peak), and for every row when ``always``."""
+
+    def __init__(self, unet, limit: float = 16.0) -> None:
+        super().__init__()
+        self.unet, self.limit, self.grad_calls = unet, limit, []
+
+    @property
+    def dtype(self):
+        return self.unet.dtype
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        out = self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states)
+        if torch.is_grad_enabled():
+            self.grad_calls.append(sample.shape[0])
+            out.sample = _OverflowRowZero.apply(out.sample, self.limit)
+        return out
+
+
+class _OverflowRowZero(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, limit):
+        ctx.limit = limit
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if grad[0].abs().max() > ctx.limit:
+            grad = grad.clone()
+            grad[0] = float("inf")
+        return grad, None
+
+
+def test_an_overflowing_row_takes_its_step_again_with_a_smaller_scale_and_the_others_go_on(bundle):
+    bf16 = copy.deepcopy(bundle.unet).to(torch.bfloat16)
+    sampler, latents, cond, uncond = _two_images(bundle, 3)
+    settings = NullTextSettings(inner_steps=2, early_stop=0.0, early_stop_growth=0.0)
+    plain, plain_losses = null_text_optimize(bf16, sampler, latents, cond, uncond, 7.5, settings)
+    overflowing = _Overflowing(bf16)
+    retried, retried_losses = null_text_optimize(overflowing, sampler, latents, cond, uncond, 7.5, settings)
+    # per outer step: both rows, row 0 alone again (its scale lowered 256 times), then row 0 alone
+    assert overflowing.grad_calls == [2, 2, 1] * 3
+    assert torch.equal(retried[1], plain[1]) and retried_losses[1] == plain_losses[1]
+    assert (retried[0] - plain[0]).abs().max() < 0.05 and retried_losses[0] == pytest.approx(plain_losses[0], rel=0.1)
+    hopeless = _Overflowing(bf16, limit=-1.0)  # row 0 overflows at every scale: it gives up its steps unchanged
+    stuck, _ = null_text_optimize(hopeless, sampler, latents, cond, uncond, 7.5, settings)
+    assert torch.equal(stuck[0], uncond.expand(3, -1, -1)) and torch.equal(stuck[1], plain[1])
