@@ -193,7 +193,7 @@ def _local(args, todo, files, lines, out: Path, bar) -> None:
     from models.imaging.files import read_image_file
     from models.request.errors import ImageError, ModelLoadError
     from models.weights.layout import locate_model
-    from service.contract.datasets import ManifestLine, dataset_names
+    from service.contract.datasets import ManifestLine, counterfactual_name, dataset_names
     from service.contract.settings import get_settings
 
     flags = {"model_dir": args.model, "device": args.device}
@@ -235,7 +235,7 @@ def _local(args, todo, files, lines, out: Path, bar) -> None:
                         "s_clip": report.s_clip,
                         "passed": report.passed,
                         "chosen_self_replace": report.chosen_self_replace,
-                        "counterfactual": names["counterfactual.png"] if report.passed or not args.passed_only else "",
+                        "counterfactual": counterfactual_name(names) if report.passed or not args.passed_only else "",
                     }
                 )
         lines[item.path] = line

@@ -318,9 +318,45 @@ def register_batch(sub: argparse._SubParsersAction) -> None:
     )
     batch.add_argument("--items", type=positive(int), default=200)
     batch.add_argument("--workers", type=positive(int), default=2)
+    batch.add_argument(
+        "--size", type=_size, help="HEIGHTxWIDTH: each phantom resized to it, with noise (real studies: 2000x2500)"
+    )
     batch.add_argument("--out", default="docs/bench/batch", help="directory for results.json and results.md")
     add_model_flags(batch.add_argument_group("edit options (as in the API)"), EditOptions, ALIASES)
     batch.set_defaults(func=bench_batch, log_level=logging.INFO, inversion="negative_prompt")
+
+
+class _RssSampler:
+    """The resident memory of process ``pid``, sampled every 20 ms while the block runs."""
+
+    def __init__(self, pid: int) -> None:
+        import threading
+
+        self.pid, self.samples, self.done = pid, [_rss_kib(pid)], threading.Event()
+        self.thread = threading.Thread(target=self._sample)
+
+    def _sample(self) -> None:
+        while not self.done.wait(0.02):
+            self.samples.append(_rss_kib(self.pid))
+
+    def __enter__(self) -> _RssSampler:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        self.thread.join()
+
+
+def _size(text: str) -> tuple[int, int]:
+    """An argparse ``type``: HEIGHTxWIDTH, both above 0."""
+    try:
+        height, width = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be HEIGHTxWIDTH, e.g. 2000x2500, got {text!r}") from None
+    if min(height, width) < 1:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text!r}")
+    return height, width
 
 
 def _rss_kib(pid: int) -> int:
@@ -331,9 +367,11 @@ def _rss_kib(pid: int) -> int:
 
 
 def bench_batch(args: argparse.Namespace) -> int:
-    """Redis, ``--workers`` workers and the API as ``prism up`` starts them, one batch of
-    ``--items`` phantoms (each row's edit toggles its support devices, so none is skipped), then
-    its dataset streamed while the API's resident memory is sampled."""
+    """Redis, ``--workers`` workers and the API as ``prism up`` starts them with a blob store of
+    their own, one batch of ``--items`` phantoms (each row's edit toggles its support devices, so
+    none is skipped; ``--size`` makes them study-sized), then its dataset streamed. The API's
+    resident memory is sampled while the batch is uploaded and while the dataset streams, and
+    Redis's own peak is read at the end."""
     import csv
     import io
     import json
@@ -341,10 +379,10 @@ def bench_batch(args: argparse.Namespace) -> int:
     import subprocess
     import sys
     import tempfile
-    import threading
     import time
 
     import httpx
+    from redis import Redis
     from tqdm import tqdm
 
     from cli.local_redis import LocalRedis, free_port
@@ -352,7 +390,7 @@ def bench_batch(args: argparse.Namespace) -> int:
     from service.client import PrismClient
 
     options = model_from_args(EditOptions, args).model_dump(exclude_unset=True)
-    archive, _, rows = phantom_batch(args.items)
+    archive, _, rows = phantom_batch(args.items, size=args.size)
     table = io.StringIO()
     writer = csv.DictWriter(table, [*rows[0], "edit"], lineterminator="\n")
     writer.writeheader()
@@ -362,6 +400,8 @@ def bench_batch(args: argparse.Namespace) -> int:
         env = {
             **os.environ,
             "PRISM_REDIS_URL": redis.url,
+            "PRISM_BLOB_URL": (Path(tmp) / "blobs").as_uri(),
+            "PRISM_BATCH_MAX_UPLOAD_BYTES": str(max(len(archive) + (1 << 20), 1 << 30)),
             "PRISM_AUTH": "off",
             "PRISM_INVERSION_CACHE_DIR": "",
             "PRISM_CPU_THREADS": str(max(1, (os.cpu_count() or 1) // args.workers)),
@@ -381,27 +421,20 @@ def bench_batch(args: argparse.Namespace) -> int:
                     except (httpx.HTTPError, ValueError):
                         pass
                     time.sleep(0.5)
+                redis_before = Redis.from_url(redis.url).info("memory")["used_memory"]
                 start = time.monotonic()
-                batch_id = client.submit_batch(archive, table.getvalue().encode(), **options).id
+                with _RssSampler(api.pid) as upload:
+                    batch_id = client.submit_batch(archive, table.getvalue().encode(), **options).id
                 submitted_s = time.monotonic() - start
                 with tqdm(total=args.items, desc="bench-batch") as bar:
                     status = client.wait_batch(batch_id, on_progress=lambda s: bar.update(s["ended"] - bar.n))
                 run_s = time.monotonic() - start
-                samples = [_rss_kib(api.pid)]
-                streaming = threading.Event()
-
-                def sample() -> None:
-                    while not streaming.is_set():
-                        samples.append(_rss_kib(api.pid))
-                        time.sleep(0.02)
-
-                sampler = threading.Thread(target=sample)
-                sampler.start()
+                memory = Redis.from_url(redis.url).info("memory")
                 stream_start = time.monotonic()
-                dataset = client.download_dataset(batch_id, Path(tmp) / "dataset.zip")
+                with _RssSampler(api.pid) as streaming:
+                    dataset = client.download_dataset(batch_id, Path(tmp) / "dataset.zip")
                 stream_s = time.monotonic() - stream_start
-                streaming.set()
-                sampler.join()
+                blob_mib = sum(f.stat().st_size for f in (Path(tmp) / "blobs").rglob("*") if f.is_file()) / 2**20
         finally:
             for child in children:
                 child.terminate()
@@ -417,10 +450,17 @@ def bench_batch(args: argparse.Namespace) -> int:
         "submit_s": round(submitted_s, 2),
         "run_s": round(run_s, 1),
         "items_per_minute": round(60 * args.items / run_s, 2),
+        "size": "x".join(map(str, args.size)) if args.size else "phantom (128x128)",
+        "upload_mib": round(len(archive) / 2**20, 1),
         "dataset_mib": round(zip_mib, 1),
+        "blob_store_mib": round(blob_mib, 1),
         "stream_s": round(stream_s, 2),
-        "api_rss_before_stream_mib": round(samples[0] / 1024, 1),
-        "api_rss_peak_stream_mib": round(max(samples) / 1024, 1),
+        "api_rss_before_upload_mib": round(upload.samples[0] / 1024, 1),
+        "api_rss_peak_upload_mib": round(max(upload.samples) / 1024, 1),
+        "api_rss_before_stream_mib": round(streaming.samples[0] / 1024, 1),
+        "api_rss_peak_stream_mib": round(max(streaming.samples) / 1024, 1),
+        "redis_peak_mib": round(memory["used_memory_peak"] / 2**20, 1),
+        "redis_per_item_kib": round((memory["used_memory"] - redis_before) / args.items / 1024, 1),
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -482,6 +522,7 @@ def bench_throughput(args: argparse.Namespace) -> int:
     from models.diffusion.compiled import compile_loops
     from models.imaging.files import encode_png
     from models.request.resolve import ResolvedEdit
+    from service.contract.settings import Settings
     from worker.throughput import measure_throughput
 
     params = _params(args)
@@ -497,7 +538,8 @@ def bench_throughput(args: argparse.Namespace) -> int:
     batches = sorted({1, *args.batches})
     with tempfile.TemporaryDirectory() as tmp, LocalRedis(Path(tmp) / "redis") as redis:
         baseline = min(args.baseline_jobs or args.jobs, args.jobs)
+        settings = Settings(redis_url=redis.url, blob_url=(Path(tmp) / "blobs").as_uri())
         with tqdm(total=(len(batches) - 1) * args.jobs + baseline, desc="bench-throughput") as bar:
-            report = measure_throughput(bundle, jobs, batches, redis.url, bar.update, args.baseline_jobs)
+            report = measure_throughput(bundle, jobs, batches, settings, bar.update, args.baseline_jobs)
     _write_report(Path(args.out), "throughput", report)
     return 0

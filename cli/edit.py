@@ -1,4 +1,4 @@
-"""``prism edit``: one counterfactual with the engine, written as the API's five result files."""
+"""``prism edit``: one counterfactual with the engine, written as the API's result files (``--outputs``)."""
 
 from __future__ import annotations
 

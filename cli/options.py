@@ -54,8 +54,9 @@ def is_list(field: FieldInfo) -> bool:
 
 
 def format_default(value: Any) -> str:
+    """A default as ``--help`` shows it; a list's items apart, so that a long one wraps between them."""
     if isinstance(value, tuple | list):
-        return ",".join(str(v) for v in value)
+        return ", ".join(str(v) for v in value)
     return "none" if value is None else str(value)
 
 
@@ -115,4 +116,4 @@ def model_from_args(model: type[BaseModel], args: argparse.Namespace, **extra: A
     except ValidationError as exc:
         first = exc.errors()[0]
         flag = "--" + str(first["loc"][0]).replace("_", "-")
-        raise ValueError(f"{flag}: {first['msg']}") from exc
+        raise ValueError(f"{flag}: {first['msg'].removeprefix('Value error, ')}") from exc

@@ -13,7 +13,8 @@ COPY service /app/service
 COPY worker /app/worker
 COPY cli /app/cli
 RUN pip install --no-cache-dir --no-deps . \
-    && useradd --system --uid 10001 prism
+    && useradd --system --uid 10001 prism \
+    && mkdir -p /data/blobs && chown prism /data/blobs
 USER prism
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz')"

@@ -20,7 +20,7 @@ COPY service /app/service
 COPY worker /app/worker
 COPY cli /app/cli
 RUN pip install --no-cache-dir . && useradd --system --uid 10001 prism \
-    && mkdir -p /cache/inversions /run/prism && chown -R prism /cache /run/prism
+    && mkdir -p /cache/inversions /run/prism /data/blobs && chown -R prism /cache /run/prism /data/blobs
 USER prism
 ENV PRISM_DEVICE=cuda PRISM_MODEL_DIR=/models/sd15 PRISM_UNET_WEIGHTS=/models/prism_unet.safetensors \
     PRISM_CLIP_MODEL=/models/clip PRISM_INVERSION_CACHE_DIR=/cache/inversions \

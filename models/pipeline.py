@@ -9,7 +9,7 @@ typed :class:`~models.request.report.EditReport` out; no HTTP, no queue.
 from __future__ import annotations
 
 import io
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,7 +28,7 @@ from models.methods.guided import Guided
 from models.methods.prism import Prism
 from models.methods.sdedit import SDEdit
 from models.request.errors import ImageError, InvalidInput
-from models.request.params import EditParams
+from models.request.params import DICOM_FILES, EditParams
 from models.request.report import (
     CandidateScores,
     DifferenceInfo,
@@ -72,24 +72,33 @@ class Counterfactual:
     dicom: DicomSource | None = None
 
     def files(self) -> dict[str, bytes]:
-        """The result files by name (:data:`~models.request.report.FILE_NAMES`): for a DICOM input
-        also ``counterfactual.dcm`` and ``difference.dcm``, Secondary Captures in the input's study."""
-        buf = io.BytesIO()
-        np.save(buf, self.difference.astype(np.float32))
-        files = {
-            "counterfactual.png": encode_png(self.counterfactual, self.bit_depth),
-            "difference.png": encode_rgb_png(self.difference_rgb),
-            "difference.npy": buf.getvalue(),
-            "reconstruction.png": encode_png(self.reconstruction, self.bit_depth),
-            "result.json": self.report.model_dump_json(indent=2).encode(),
+        """The result files by name, exactly the report's
+        :attr:`~models.request.report.EditReport.file_names` (the request's ``outputs``). Only
+        those are encoded: a real-size study's full set is tens of megabytes. The DICOM ones are
+        Secondary Captures in the input's study."""
+        names = self.report.file_names
+        encoders: dict[str, Callable[[], bytes]] = {
+            "counterfactual.png": lambda: encode_png(self.counterfactual, self.bit_depth),
+            "difference.png": lambda: encode_rgb_png(self.difference_rgb),
+            "difference.npy": lambda: encode_npy(self.difference),
+            "reconstruction.png": lambda: encode_png(self.reconstruction, self.bit_depth),
+            "result.json": lambda: self.report.model_dump_json(indent=2).encode(),
         }
-        if self.dicom is not None:
+        files = {name: encoders[name]() for name in names if name in encoders}
+        if self.dicom is not None and set(DICOM_FILES) & set(names):
             description = (
                 f"PRISM counterfactual (S_CLIP {self.report.s_clip:.3f}): {self.report.original_prompt!r} "
                 f"edited to {self.report.edit_prompt!r}"
             )
             files |= secondary_captures(self.dicom, self.counterfactual, self.difference_rgb, description)
-        return files
+        return {name: files[name] for name in names}
+
+
+def encode_npy(array: np.ndarray) -> bytes:
+    """``array`` as float32 in NumPy's .npy format."""
+    buf = io.BytesIO()
+    np.save(buf, array.astype(np.float32))
+    return buf.getvalue()
 
 
 @dataclass(frozen=True)

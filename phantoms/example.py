@@ -10,6 +10,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
 
@@ -63,9 +64,12 @@ def write_examples(out: Path) -> list[Path]:
     return paths
 
 
-def phantom_batch(n: int, dicom_every: int = 0, folder: str = "scans") -> tuple[bytes, bytes, list[dict]]:
+def phantom_batch(
+    n: int, dicom_every: int = 0, folder: str = "scans", size: tuple[int, int] | None = None
+) -> tuple[bytes, bytes, list[dict]]:
     """A ZIP of ``n`` training phantoms (every ``dicom_every``-th as DICOM) and its manifest in
-    CheXpert's columns; returns the ZIP, the CSV and the manifest's rows."""
+    CheXpert's columns; returns the ZIP, the CSV and the manifest's rows. With ``size`` (height,
+    width) each phantom is resized to it, with noise so that it compresses as a real study does."""
     rows, buffer = [], io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
         for i in range(n):
@@ -73,6 +77,8 @@ def phantom_batch(n: int, dicom_every: int = 0, folder: str = "scans") -> tuple[
             dicom = dicom_every and i % dicom_every == dicom_every - 1
             name = f"{folder}/p{i:03d}.{'dcm' if dicom else 'png'}"
             intensities = pixels.astype(np.float32) / 255
+            if size is not None:
+                intensities = _study_sized(intensities, size, seed=i)
             archive.writestr(name, _dicom(intensities) if dicom else encode_png(intensities, 8))
             rows.append({"Path": name, **dict.fromkeys(CONDITIONS, ""), **labels(findings)})
     text = io.StringIO()
@@ -80,6 +86,14 @@ def phantom_batch(n: int, dicom_every: int = 0, folder: str = "scans") -> tuple[
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue(), text.getvalue().encode(), rows
+
+
+def _study_sized(intensities: np.ndarray, size: tuple[int, int], seed: int) -> np.ndarray:
+    """``intensities`` resized to ``size`` (height, width) with noise of 2 % of the range."""
+    height, width = size
+    image = Image.fromarray(intensities, mode="F").resize((width, height), Image.Resampling.BILINEAR)
+    noise = np.random.default_rng(seed).normal(0.0, 0.02, (height, width)).astype(np.float32)
+    return np.clip(np.asarray(image) + noise, 0.0, 1.0)
 
 
 def write_batch_example(out: Path) -> list[Path]:

@@ -103,8 +103,8 @@ class PrismClient:
         """Submit a PNG, JPEG or DICOM (a path or bytes) with prompts, or with findings and an edit;
         ``mask`` is the guided method's anatomy mask (a path or bytes of a PNG or JPEG).
 
-        ``options`` are the service's other form fields (``steps``, ``inversion``, ``webhook``,
-        ``webhook_events``, ...); lists and mappings are sent in the service's syntax.
+        ``options`` are the service's other form fields (``steps``, ``inversion``, ``outputs``,
+        ``webhook``, ``webhook_events``, ...); lists and mappings are sent in the service's syntax.
         """
         if isinstance(image, str | Path):
             filename = filename or Path(image).name

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from models.diffusion.components import ModelBundle, load_bundle
 from models.diffusion.tiny import make_tiny_model
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The suite's own PRISM_HOME: stacks the tests start in process (and ``prism up``) keep their
+    Redis data and default blob store there, not in the user's ~/.cache/prism."""
+    os.environ.setdefault("PRISM_HOME", tempfile.mkdtemp(prefix="prism-home-"))
 
 
 @pytest.fixture(scope="session")

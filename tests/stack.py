@@ -9,10 +9,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -40,9 +42,12 @@ def wait_for(
 
 
 def service_env(redis_url: str, model_dir: Path, **extra: str) -> dict[str, str]:
+    """The settings of a test stack: its Redis, its model, a blob store of its own (a fresh
+    directory unless ``PRISM_BLOB_URL`` is given), one CPU thread per process."""
     env = dict(os.environ)
     env.update(
         PRISM_REDIS_URL=redis_url,
+        PRISM_BLOB_URL=Path(tempfile.mkdtemp(prefix="prism-blobs-")).as_uri(),
         PRISM_MODEL_DIR=str(model_dir),
         PRISM_DEVICE="cpu",
         PRISM_WORKER_HEARTBEAT_S="1",
@@ -72,6 +77,7 @@ def healthy(url: str) -> bool:
 
 class ApiProcess:
     def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.env = env
         self.log = log
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -147,6 +153,11 @@ class Cluster:
         n = len(list(self.tmp.glob("worker*.log")))
         return start_worker(self.env, self.tmp / f"worker{n}.log")
 
+    @property
+    def blobs(self) -> Path:
+        """The directory of the stack's blob store."""
+        return blob_dir(self.env)
+
     def logs(self) -> str:
         return "\n".join(p.read_text(errors="replace") for p in sorted(self.tmp.glob("*.log")))
 
@@ -161,6 +172,11 @@ class Cluster:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def blob_dir(env: dict[str, str]) -> Path:
+    """The directory of a stack's blob store (its ``PRISM_BLOB_URL`` is a file:// URL)."""
+    return Path(urlsplit(env["PRISM_BLOB_URL"]).path)
 
 
 def submit(url: str, image: bytes | None = None, headers: dict | None = None, **fields) -> httpx.Response:

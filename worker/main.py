@@ -33,8 +33,9 @@ from rq.worker import WorkerStatus
 
 from service.contract import metrics
 from service.contract.batches import job_ended
+from service.contract.blobs import StorageUnavailable, sweep
 from service.contract.jobs import ErrorCode, job_queue, read_failure, record_failure
-from service.contract.keys import alive_key
+from service.contract.keys import SWEEP_LOCK, alive_key
 from service.contract.recovery import recover_lost_jobs
 from service.contract.settings import Settings
 from worker import tasks
@@ -170,6 +171,16 @@ class PrismWorker(SimpleWorker):
             except RedisError:
                 log.warning("heartbeat failed (Redis unreachable); retrying")
 
+    def _sweep(self) -> None:
+        """Delete the blobs of jobs Redis no longer has, in a thread of its own (listing a large
+        store must not delay the heartbeat); one worker of all sweeps per period."""
+        while not self._alive.wait(self.settings.blob_sweep_s):
+            try:
+                if self.connection.set(SWEEP_LOCK, self.name, nx=True, ex=self.settings.blob_sweep_s):
+                    sweep(self.connection, self.runner.blobs)
+            except (RedisError, StorageUnavailable) as exc:
+                log.warning("blob sweep skipped (%s); the next period tries again", type(exc).__name__)
+
     def _mark_alive(self) -> None:
         """The liveness key in Redis, then the heartbeat file: the file is fresh only while Redis is."""
         self.connection.set(self.alive_key, os.getpid(), ex=3 * self.heartbeat_s)
@@ -178,8 +189,8 @@ class PrismWorker(SimpleWorker):
 
     def work(self, *args, **kwargs) -> bool:
         self._mark_alive()
-        thread = threading.Thread(target=self._beat, name="prism-heartbeat", daemon=True)
-        thread.start()
+        threading.Thread(target=self._beat, name="prism-heartbeat", daemon=True).start()
+        threading.Thread(target=self._sweep, name="prism-sweep", daemon=True).start()
         try:
             return super().work(*args, **kwargs)
         finally:

@@ -1,4 +1,5 @@
-"""Adapts the engine to jobs: input from Redis, progress into job meta, outputs back to Redis.
+"""Adapts the engine to jobs: input from the blob store, progress into job meta, outputs into the
+blob store.
 
 A job that cannot finish ends with an exception: :class:`JobFailed` with its :class:`JobError`,
 or the engine's own, which :func:`failure_of` turns into one. The worker records it (see
@@ -27,8 +28,9 @@ from models.request.errors import ImageError, InvalidInput
 from models.request.resolve import ResolvedEdit
 from models.scoring.classifier import FindingClassifier
 from service.contract import metrics
+from service.contract.blobs import BlobMissing, BlobStore, StorageUnavailable, file_blob
 from service.contract.jobs import ErrorCode, JobError, Progress, save_progress
-from service.contract.keys import cancel_key, output_key
+from service.contract.keys import cancel_key
 from service.contract.settings import Settings
 from service.contract.webhooks import notify_job
 
@@ -74,10 +76,17 @@ Ended = Callable[[Job, Outcome], None]
 class JobRunner:
     """Holds the model bundle for the worker's lifetime and runs jobs, one or a batch at a time."""
 
-    def __init__(self, bundle: ModelBundle, settings: Settings, classifier: FindingClassifier | None = None) -> None:
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        settings: Settings,
+        classifier: FindingClassifier | None = None,
+        blobs: BlobStore | None = None,
+    ) -> None:
         self.bundle = bundle
         self.settings = settings
         self.classifier = classifier
+        self.blobs = blobs or BlobStore.from_settings(settings)
         self.cache = None
         if settings.inversion_cache_dir:
             directory = Path(settings.inversion_cache_dir).expanduser()
@@ -117,18 +126,24 @@ class JobRunner:
                 continue  # ended when it left
             if isinstance(result, Exception):
                 ended(job, result)
-            else:
-                ended(job, self._store(job, result))
+                continue
+            try:
+                outcome: Outcome = self._store(job, result)
+            except JobFailed as exc:  # its outputs were not stored: this job fails, not the batch
+                outcome = exc
+            ended(job, outcome)
 
     def _prepare(self, job: Job, ended: Ended) -> BatchItem:
-        """The job's input from Redis, decoded, and its progress callback; the ``started`` webhook."""
+        """The job's input from the blob store, decoded, and its progress callback; the ``started`` webhook."""
         redis = job.connection
-        input_key, mask_key = job.kwargs["input_key"], job.kwargs.get("mask_key")
-        data = redis.get(input_key)
-        mask = redis.get(mask_key) if mask_key else None
-        if data is None:
+        try:
+            data = self.blobs.get(job.kwargs["image"])
+            mask = self.blobs.get(job.kwargs["mask"]) if job.kwargs.get("mask") else None
+        except BlobMissing:
             message = "the uploaded image is no longer stored; submit the job again"
-            raise JobFailed(JobError(code=ErrorCode.input_expired, message=message))
+            raise JobFailed(JobError(code=ErrorCode.input_expired, message=message)) from None
+        except StorageUnavailable as exc:
+            raise JobFailed(JobError(code=ErrorCode.storage_unavailable, message=str(exc))) from None
         resolved = ResolvedEdit.model_validate(job.kwargs["edit"])
         image = decode_image(data, self.settings.max_image_pixels)
         keep = None
@@ -139,7 +154,8 @@ class JobRunner:
         def progress(phase: str, step: int, total: int) -> None:
             nonlocal last_save
             if redis.exists(cancel_key(job.id)):
-                redis.delete(input_key, cancel_key(job.id))
+                self._drop_inputs(job)
+                redis.delete(cancel_key(job.id))
                 canceled = JobCanceled()
                 ended(job, canceled)
                 raise canceled
@@ -158,16 +174,23 @@ class JobRunner:
         return BatchItem(image, resolved, progress, keep)
 
     def _store(self, job: Job, result: Counterfactual) -> dict:
-        """The outputs into Redis under the job's TTL, the input gone; the report as JSON."""
-        redis = job.connection
-        input_key, mask_key = job.kwargs["input_key"], job.kwargs.get("mask_key")
-        ttl = self.settings.job_ttl_s
-        with redis.pipeline() as pipe:
+        """The outputs into the blob store, the inputs gone; the report as JSON. A store that
+        refuses the outputs fails the job with its own code (its inputs are kept for a retry)."""
+        try:
             for name, content in result.files().items():
-                pipe.set(output_key(job.id, name), content, ex=ttl)
-            pipe.delete(input_key, *([mask_key] if mask_key else []))
-            pipe.execute()
+                self.blobs.put(file_blob(job.id, name), content)
+        except StorageUnavailable as exc:
+            message = f"{exc}: the result files were not stored; submit the job again"
+            raise JobFailed(JobError(code=ErrorCode.storage_unavailable, message=message)) from None
+        self._drop_inputs(job)
         for phase, seconds in result.report.timings.items():
-            metrics.observe(redis, "phase_seconds", seconds, phase)
+            metrics.observe(job.connection, "phase_seconds", seconds, phase)
         log.info("job %s: done in %.1f s", job.id, sum(result.report.timings.values()))
         return result.report.model_dump(mode="json")
+
+    def _drop_inputs(self, job: Job) -> None:
+        """The job's input (and mask) blobs, no longer needed; the sweep takes any left behind."""
+        try:
+            self.blobs.delete(key for key in (job.kwargs["image"], job.kwargs.get("mask")) if key)
+        except StorageUnavailable:
+            log.warning("job %s: could not delete its inputs; the sweep will", job.id)

@@ -1,6 +1,7 @@
 """``prism bench-throughput``: jobs per hour of one worker at several batch sizes, through the
-worker's own path (jobs enqueued on Redis as the API enqueues them, a ``PrismWorker`` taking them
-in batches of ``PRISM_WORKER_BATCH``, results stored and read back).
+worker's own path (jobs enqueued on Redis as the API enqueues them, their inputs in the blob
+store, a ``PrismWorker`` taking them in batches of ``PRISM_WORKER_BATCH``, results stored and read
+back).
 
 Every batch size runs the same jobs, so each job's S_CLIP, chosen candidate and counterfactual
 are compared with the batch-of-one run: the table says how far batching moves results.
@@ -25,8 +26,8 @@ from models.evaluation.speed import BenchSetup
 from models.imaging.files import decode_image
 from models.request.report import EditReport
 from models.request.resolve import ResolvedEdit
+from service.contract.blobs import BlobStore, file_blob, input_blob
 from service.contract.jobs import JobRequest, enqueue, fetch_job, job_queue
-from service.contract.keys import input_key, output_key
 from service.contract.settings import Settings
 from worker.main import PrismWorker
 from worker.runner import JobRunner
@@ -82,17 +83,19 @@ def measure_throughput(
     bundle: ModelBundle,
     jobs: Sequence[tuple[bytes, ResolvedEdit]],
     batch_sizes: Sequence[int],
-    redis_url: str,
+    settings: Settings,
     progress: Callable[[], None] | None = None,
     baseline_jobs: int | None = None,
 ) -> ThroughputReport:
-    """Run ``jobs`` (an input file and its edit each) once per batch size, after one untimed job;
-    ``progress`` is called as each job ends. Batch 1, the reference, runs always, and only the
-    first ``baseline_jobs`` of them if given (a GPU's minutes are few)."""
-    redis = Redis.from_url(redis_url)
-    _run(redis, redis_url, bundle, jobs[:1], 1, "warm-up")
+    """Run ``jobs`` (an input file and its edit each) once per batch size, after one untimed job,
+    through the Redis and blob store of ``settings``; ``progress`` is called as each job ends.
+    Batch 1, the reference, runs always, and only the first ``baseline_jobs`` of them if given (a
+    GPU's minutes are few)."""
+    redis = Redis.from_url(settings.redis_url)
+    blobs = BlobStore.from_settings(settings)
+    _run(redis, blobs, settings, bundle, jobs[:1], 1, "warm-up")
     runs = {
-        b: _run(redis, redis_url, bundle, jobs[:baseline_jobs] if b == 1 else jobs, b, f"batch-{b}", progress)
+        b: _run(redis, blobs, settings, bundle, jobs[:baseline_jobs] if b == 1 else jobs, b, f"batch-{b}", progress)
         for b in sorted({1, *batch_sizes})
     }
     params = jobs[0][1].params
@@ -106,7 +109,8 @@ def measure_throughput(
 
 def _run(
     redis: Redis,
-    redis_url: str,
+    blobs: BlobStore,
+    base: Settings,
     bundle: ModelBundle,
     jobs: Sequence[tuple[bytes, ResolvedEdit]],
     batch: int,
@@ -114,15 +118,17 @@ def _run(
     progress: Callable[[], None] | None = None,
 ) -> list[JobRun]:
     """Enqueue ``jobs`` on a queue of their own, let one worker of batch ``batch`` take them all."""
-    settings = Settings(redis_url=redis_url, queue_name=f"throughput-{tag}", worker_batch=batch, inversion_cache_dir="")
+    settings = base.model_copy(
+        update={"queue_name": f"throughput-{tag}", "worker_batch": batch, "inversion_cache_dir": None}
+    )
     queue = job_queue(redis, settings)
     ids = []
     for image, edit in jobs:
         job_id = uuid.uuid4().hex
-        redis.set(input_key(job_id), image, ex=settings.job_ttl_s)
+        blobs.put(input_blob(job_id), image)
         enqueue(queue, job_id, JobRequest(), edit, "bench", settings)
         ids.append(job_id)
-    runner = JobRunner(bundle, settings)
+    runner = JobRunner(bundle, settings, blobs=blobs)
     name = f"{socket.gethostname()}.{os.getpid()}.{tag}"
     worker = _Worker([queue], connection=redis, runner=runner, settings=settings, name=name, progress=progress)
     worker.work(burst=True, with_scheduler=False, logging_level="WARNING")
@@ -131,7 +137,7 @@ def _run(
         job = fetch_job(redis, job_id)
         if job.return_value() is None:
             raise RuntimeError(f"job {job_id} of {tag} did not succeed: {job.get_status()}")
-        png = redis.get(output_key(job_id, "counterfactual.png"))
+        png = blobs.get(file_blob(job_id, "counterfactual.png"))
         image = decode_image(png, settings.max_image_pixels).pixels
         out.append(JobRun(EditReport.model_validate(job.return_value()), image, job.started_at, job.ended_at))
     return out

@@ -12,7 +12,8 @@ a new series with its own UIDs, ImageType DERIVED\\SECONDARY, conversion type SY
 the source image referenced, a derivation description naming the edit, and "not for diagnosis"
 in the series description and image comments. Its bit depth and photometric interpretation are
 the input's (MONOCHROME2 for grey stored in colour). Both outputs carry LossyImageCompression 01
-(ratio and method where known) when the input was lossy-compressed.
+(ratio and method where known) when the input was lossy-compressed. Both are written JPEG-LS
+Lossless (:data:`OUTPUT_SYNTAX`): the same pixels in fewer bytes.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
+    JPEGLSLossless,
     JPEGLSNearLossless,
+    RLELossless,
 )
 
 from models.imaging.colour import grey_of
@@ -59,6 +62,20 @@ LOSSY_METHODS = {
     HTJ2K: "ISO_15444_15",
 }
 """Transfer syntaxes that may have lost information, and their LossyImageCompressionMethod (PS3.3 C.7.6.1.1.5)."""
+OUTPUT_SYNTAX = JPEGLSLossless
+"""The outputs' transfer syntax: lossless, and a standard one that PACS and viewers decode (DCMTK,
+dcm4che, GDCM, Orthanc, pydicom). Chosen by measurement, on one core, for a 12-bit 3000 x 2500
+radiograph (smooth structure plus noise of 1% of its range) and its rendered difference map; size as
+a fraction of the uncompressed pixel data, and encode time:
+
+- JPEG-LS Lossless: counterfactual 0.48 in 0.2 s, difference map 0.89 in 0.5 s;
+- JPEG 2000 Lossless: 0.49 in 1.0 s, 0.89 in 2.9 s (0.87 with its colour transform, stored YBR_RCT);
+- RLE Lossless: 0.67 in 0.15 s, 0.98 in 0.25 s.
+
+JPEG-LS is the smallest for both, at a fifth of JPEG 2000's time, so the difference map uses it too.
+It cannot hold 1 bit stored, nor an image of a few pixels (pyjpegls's output buffer is then smaller
+than its header): those are written :data:`FALLBACK_SYNTAX`, lossless for any image."""
+FALLBACK_SYNTAX = RLELossless
 SERIES_NUMBER = 9000
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 COPIED_ATTRIBUTES = (
@@ -330,6 +347,12 @@ def _capture(source: DicomSource, series: str, number: int, pixels: np.ndarray, 
 
 
 def _encode(image: Dataset) -> bytes:
+    """The Part 10 file, compressed here rather than by highdicom, after ``BitsStored`` is set: the
+    codestream's sample precision is then the header's (say 12 bits), not ``BitsAllocated`` (16)."""
+    try:
+        image.compress(OUTPUT_SYNTAX, generate_instance_uid=False)
+    except (ValueError, RuntimeError):  # 1 bit stored, or too few pixels for pyjpegls
+        image.compress(FALLBACK_SYNTAX, generate_instance_uid=False)
     buffer = io.BytesIO()
     image.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()

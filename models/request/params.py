@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from models.request.findings import parse_labels
 
@@ -24,6 +24,22 @@ DtypeName = Literal["float32", "float16", "bfloat16"]
 """The UNet's precision; unset means fp16 on CUDA and fp32 on CPU."""
 P2P_BLEND_THRESHOLD = 0.3
 """Prompt-to-prompt's LocalBlend threshold: the one a model without its own uses."""
+FileName = Literal[
+    "counterfactual.png",
+    "difference.png",
+    "difference.npy",
+    "reconstruction.png",
+    "result.json",
+    "counterfactual.dcm",
+    "difference.dcm",
+]
+"""Every file a counterfactual can have, declared once: a request chooses among them (``outputs``),
+the engine writes them, the API links them."""
+FILE_NAMES: tuple[str, ...] = get_args(FileName)
+REPORT_FILE = "result.json"
+"""Always written, listed or not: the report is the job's result."""
+DICOM_FILES = ("counterfactual.dcm", "difference.dcm")
+"""Written for a DICOM input only."""
 
 
 def split_list(value: Any) -> Any:
@@ -53,6 +69,22 @@ def split_list(value: Any) -> Any:
 
 
 CommaList = BeforeValidator(split_list)
+
+
+def _named_files(value: Any) -> Any:
+    """``outputs`` in the list syntax; an empty list is refused, not taken as the default."""
+    names = split_list(value)
+    if names is None:
+        raise ValueError(f"name at least one of {', '.join(FILE_NAMES)}")
+    return names
+
+
+def _with_report(names: tuple[str, ...]) -> tuple[str, ...]:
+    """The chosen files once each, in :data:`FILE_NAMES` order, with ``result.json``: so that
+    ``parameters.outputs`` in the report lists what the job wrote (DICOM inputs aside)."""
+    return tuple(n for n in FILE_NAMES if n in names or n == REPORT_FILE)
+
+
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 MAX_STEPS = 999
 """DDIM over SD's 1,000 training timesteps with ``steps_offset`` 1 reaches timestep 999 at most."""
@@ -176,6 +208,17 @@ class EditOptions(BaseModel):
             "edit, as in the paper"
         ),
     ] = "residual"
+    outputs: Annotated[
+        tuple[FileName, ...],
+        Field(
+            min_length=1,
+            max_length=len(FILE_NAMES),
+            description=f"the result files to write; {REPORT_FILE} always is, listed or not (it is the job's "
+            "result), and the .dcm files only for a DICOM input",
+        ),
+        BeforeValidator(_named_files),
+        AfterValidator(_with_report),
+    ] = FILE_NAMES
 
 
 class EditParams(EditOptions):

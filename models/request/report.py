@@ -6,25 +6,11 @@ field is one edit here.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, get_args
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.request.params import EditParams, InversionMode, Method
-
-FileName = Literal[
-    "counterfactual.png",
-    "difference.png",
-    "difference.npy",
-    "reconstruction.png",
-    "result.json",
-    "counterfactual.dcm",
-    "difference.dcm",
-]
-"""Every file a counterfactual can have, declared once: the engine writes them, the API links them."""
-FILE_NAMES: tuple[str, ...] = get_args(FileName)
-DICOM_FILES = ("counterfactual.dcm", "difference.dcm")
-"""Written only for a DICOM input."""
+from models.request.params import DICOM_FILES, FILE_NAMES, EditParams, InversionMode, Method
 
 
 class Record(BaseModel):
@@ -137,5 +123,8 @@ class EditReport(Record):
 
     @property
     def file_names(self) -> tuple[str, ...]:
-        """The names of the files this counterfactual has, in :data:`FILE_NAMES` order."""
-        return tuple(n for n in FILE_NAMES if self.input_format == "dicom" or n not in DICOM_FILES)
+        """The names of the files this counterfactual has, in :data:`FILE_NAMES` order: those its
+        request chose (``parameters.outputs``, result.json among them), the DICOM ones for a DICOM
+        input only. The engine writes exactly these; the API links and serves exactly these."""
+        dicom = self.input_format == "dicom"
+        return tuple(n for n in FILE_NAMES if n in self.parameters.outputs and (dicom or n not in DICOM_FILES))

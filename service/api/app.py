@@ -19,6 +19,7 @@ from service.api.metrics import QueueCollector
 from service.api.middleware import BodySizeLimit, ContentSecurityPolicy, Utf8FormFields
 from service.api.ratelimit import RateLimit
 from service.api.routers import batches, counterfactual, health, jobs, page
+from service.contract.blobs import BlobStore
 from service.contract.settings import Settings, get_settings
 from service.contract.tenants import TenantFile
 
@@ -47,6 +48,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.redis = Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
+    app.state.blobs = BlobStore.from_settings(settings)
     app.state.tenants = TenantFile(Path(settings.api_keys_file) if settings.api_keys_file else None)
     app.state.rate_limit = RateLimit(app.state.redis, settings.redis_url, settings.rate_limit_per_minute)
     app.state.metrics = CollectorRegistry()

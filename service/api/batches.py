@@ -37,9 +37,10 @@ from service.contract.batches import (
     load_batch,
     save_batch,
 )
-from service.contract.datasets import MANIFEST, ManifestLine, dataset_names, manifest_csv, stem
+from service.contract.blobs import BlobMissing, file_blob
+from service.contract.datasets import MANIFEST, ManifestLine, counterfactual_name, dataset_names, manifest_csv, stem
 from service.contract.jobs import JobRequest, fetch_many, read_failure
-from service.contract.keys import batches_index_key, output_key
+from service.contract.keys import batches_index_key
 from service.contract.recovery import recover_lost_jobs, worker_lost
 
 BATCH_ID = re.compile(r"[0-9a-f]{32}")
@@ -122,20 +123,27 @@ class BatchStore:
                 raise IdempotencyConflict
             return record
         to_run = [item for item in items if item.edit is not None]
-        room = self.jobs.queue_room()
-        if len(to_run) > room:
+        batch_items: list[BatchItem] = []
+        try:
+            room = self.jobs.queue_room()
+            if len(to_run) > room:
+                message = f"the queue has room for {max(room, 0)} jobs and the batch needs {len(to_run)}; retry later"
+                raise QueueFull(self.settings.retry_after_s, message)
+            self.jobs.check_storage(len(to_run) + 1)
+            for item in items:
+                if item.edit is None:
+                    batch_items.append(BatchItem(line=item.line, path=item.path, skipped=item.skipped))
+                    continue
+                job_id = uuid.uuid4().hex
+                job_request = JobRequest.model_validate(item.request.model_dump())
+                self.jobs.add(job_id, archive.read(entries[item.line]), job_request, item.edit, owner, batch=batch_id)
+                batch_items.append(BatchItem(line=item.line, path=item.path, job_id=job_id))
+        except Exception:  # refused on the way (storage full): the batch is taken back whole
+            for item in batch_items:
+                if item.job_id is not None:
+                    self.jobs.remove(item.job_id)
             self.jobs.release(owner, client_key)
-            message = f"the queue has room for {max(room, 0)} jobs and the batch needs {len(to_run)}; retry later"
-            raise QueueFull(self.settings.retry_after_s, message)
-        batch_items = []
-        for item in items:
-            if item.edit is None:
-                batch_items.append(BatchItem(line=item.line, path=item.path, skipped=item.skipped))
-                continue
-            job_id = uuid.uuid4().hex
-            job_request = JobRequest.model_validate(item.request.model_dump())
-            self.jobs.add(job_id, archive.read(entries[item.line]), job_request, item.edit, owner, batch=batch_id)
-            batch_items.append(BatchItem(line=item.line, path=item.path, job_id=job_id))
+            raise
         record = BatchRecord(id=batch_id, owner=owner, created_at=datetime.now(UTC), items=batch_items, webhook=webhook)
         save_batch(self.redis, self.settings, record)
         with self.redis.pipeline() as pipe:
@@ -248,8 +256,9 @@ class BatchStore:
 
     def dataset(self, record: BatchRecord, passed_only: bool) -> Iterator[bytes]:
         """The dataset ZIP, streamed: each succeeded item's files (with ``passed_only``, only those
-        of items whose S_CLIP reached the threshold) read from Redis one at a time, then
-        ``manifest.csv`` with every row. Memory stays at one file, whatever the batch's size."""
+        of items whose S_CLIP reached the threshold) copied from the blob store piece by piece,
+        then ``manifest.csv`` with every row. Memory stays at a piece of a file, whatever the
+        files' and the batch's size."""
         sink = _Chunks()
         lines = []
         with zipfile.ZipFile(sink, "w", allowZip64=True) as archive:
@@ -275,21 +284,30 @@ class BatchStore:
                     if report.passed or not passed_only:
                         names = dataset_names(status.path, report.file_names)
                         for name, arcname in names.items():
-                            content = self.redis.get(output_key(status.job_id, name))
-                            if content is not None:
-                                _write(archive, arcname, content)
-                                yield sink.take()
-                        line = line.model_copy(update={"counterfactual": names["counterfactual.png"]})
+                            try:
+                                size, chunks = self.jobs.blobs.open(file_blob(status.job_id, name))
+                            except BlobMissing:
+                                continue
+                            with archive.open(_entry(arcname), "w", force_zip64=size >= zipfile.ZIP64_LIMIT) as entry:
+                                for chunk in chunks:
+                                    entry.write(chunk)
+                                    yield sink.take()
+                            yield sink.take()
+                        line = line.model_copy(update={"counterfactual": counterfactual_name(names)})
                 lines.append(line)
             _write(archive, MANIFEST, manifest_csv(lines))
         yield sink.take()
 
 
-def _write(archive: zipfile.ZipFile, name: str, content: bytes) -> None:
+def _entry(name: str) -> zipfile.ZipInfo:
     info = zipfile.ZipInfo(name, date_time=time.gmtime()[:6])
     info.compress_type = zipfile.ZIP_STORED if name.endswith(STORED) else zipfile.ZIP_DEFLATED
     info.external_attr = 0o644 << 16
-    archive.writestr(info, content)
+    return info
+
+
+def _write(archive: zipfile.ZipFile, name: str, content: bytes) -> None:
+    archive.writestr(_entry(name), content)
 
 
 class _Chunks:

@@ -26,7 +26,7 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
 def get_store(request: Request, settings: SettingsDep) -> JobStore:
-    return JobStore(request.app.state.redis, settings)
+    return JobStore(request.app.state.redis, settings, request.app.state.blobs)
 
 
 Store = Annotated[JobStore, Depends(get_store)]

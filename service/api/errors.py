@@ -13,11 +13,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError as RedisResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models.request.errors import InvalidInput
 from service.api.uploads import UploadRejected
+from service.contract.blobs import StorageUnavailable
 
 
 class ErrorDetail(BaseModel):
@@ -81,6 +83,11 @@ class FileNotFound(ApiError):
     status_code, kind, loc = 404, "not_found", ("path", "name")
 
 
+class FilesGone(ApiError):
+    status_code, kind, loc = 410, "gone", ("path", "name")
+    message = "the job's result files are no longer stored (expired or removed); submit the job again"
+
+
 class IdempotencyConflict(ApiError):
     status_code, kind, loc = 409, "conflict", ("header", "Idempotency-Key")
     message = "Idempotency-Key was used for a different request"
@@ -108,6 +115,10 @@ class RateLimited(RetryLater):
 
 class QueueFull(RetryLater):
     status_code, kind, message = 503, "queue_full", "queue is full; retry later"
+
+
+class StorageFull(RetryLater):
+    status_code, kind, message = 503, "storage_unavailable", "storage full; nothing was accepted, retry later"
 
 
 class ManifestErrors(Exception):
@@ -183,3 +194,19 @@ def install_handlers(app: FastAPI) -> None:
     async def redis_down(request: Request, exc: Exception) -> JSONResponse:
         headers = retry_after(request.app.state.settings.retry_after_s)
         return error_response(503, "queue backend unavailable", "unavailable", headers=headers)
+
+    @app.exception_handler(StorageUnavailable)
+    async def storage_down(request: Request, exc: StorageUnavailable) -> JSONResponse:
+        headers = retry_after(request.app.state.settings.retry_after_s)
+        message = f"storage unavailable: {exc}; nothing was accepted, retry later"
+        return error_response(503, message, "storage_unavailable", headers=headers)
+
+    @app.exception_handler(RedisResponseError)
+    async def redis_refused(request: Request, exc: RedisResponseError) -> JSONResponse:
+        """Redis at its ``maxmemory`` with ``noeviction`` refuses writes (OOM): the client may retry;
+        any other refusal is this service's fault."""
+        if str(exc).startswith("OOM"):
+            headers = retry_after(request.app.state.settings.retry_after_s)
+            message = "storage full: the queue's Redis is at its memory limit; nothing was accepted, retry later"
+            return error_response(503, message, "storage_unavailable", headers=headers)
+        return error_response(500, "internal error", "internal")

@@ -19,6 +19,7 @@ from models.request.errors import InvalidInput
 from models.request.resolve import EditRequest
 from service.contract.jobs import JobRequest
 
+"""The file a batch's dataset names in each row of its ``manifest.csv``."""
 LABELS_SYNTAX = 'a JSON object such as {"Support Devices": 1} or pairs such as "Support Devices=1; Edema=0"'
 
 
@@ -100,6 +101,7 @@ class BatchForm(EditRequest):
         if self.findings:
             raise InvalidInput("findings", "a batch's findings are its manifest's condition columns, one row per image")
         try:
-            return EditRequest.model_validate(self.model_dump(exclude={"images", "manifest", "webhook", "findings"}))
+            request = EditRequest.model_validate(self.model_dump(exclude={"images", "manifest", "webhook", "findings"}))
         except ValidationError as exc:
             raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from exc
+        return request

@@ -1,4 +1,5 @@
-"""The API's side of the queue: store inputs, enqueue jobs, read status and result files. Torch-free."""
+"""The API's side of the queue: store inputs in the blob store, enqueue jobs, read status and result
+files. Torch-free."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import hashlib
 import re
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from redis import Redis
@@ -15,9 +17,10 @@ from rq.job import JobStatus as RQStatus
 
 from models.request.report import FILE_NAMES, EditReport
 from models.request.resolve import ResolvedEdit
-from service.api.errors import IdempotencyConflict, NotCancelable, QueueFull
+from service.api.errors import FilesGone, IdempotencyConflict, NotCancelable, QueueFull, StorageFull
 from service.api.schemas import JobLinks, JobResult, JobState, JobStatus, Prompts
 from service.contract.batches import job_ended
+from service.contract.blobs import BlobMissing, BlobStore, file_blob, input_blob, mask_blob
 from service.contract.jobs import (
     JobRequest,
     enqueue,
@@ -27,19 +30,13 @@ from service.contract.jobs import (
     read_failure,
     read_progress,
 )
-from service.contract.keys import (
-    alive_key,
-    cancel_key,
-    idempotency_key,
-    input_key,
-    jobs_index_key,
-    mask_key,
-    output_key,
-)
+from service.contract.keys import alive_key, cancel_key, idempotency_key, jobs_index_key
 from service.contract.recovery import recover_lost_jobs, worker_lost
 from service.contract.settings import Settings
 
 JOB_ID = re.compile(r"[0-9a-f]{32}")
+JOB_RECORD_BYTES = 16 * 1024
+"""What one job may come to hold in Redis, its record and its result (measured: about 8 KiB)."""
 
 STATES: dict[str, JobState] = {
     RQStatus.QUEUED: "queued",
@@ -63,6 +60,7 @@ def links(job_id: str, report: EditReport | None = None) -> JobLinks:
 class JobStore:
     redis: Redis
     settings: Settings
+    blobs: BlobStore
 
     def submit(
         self,
@@ -73,20 +71,25 @@ class JobStore:
         client_key: str | None = None,
         mask: bytes | None = None,
     ) -> str:
-        """Store the input (and an anatomy mask) under TTL'd keys and enqueue a job that refers to
+        """Store the input (and an anatomy mask) in the blob store and enqueue a job that refers to
         them and runs ``edit``, what ``request`` was resolved to.
 
-        With an Idempotency-Key (``client_key``), a repeat of the same request returns the first job's id.
+        With an Idempotency-Key (``client_key``), a repeat of the same request returns the first
+        job's id; a request refused on the way (queue full, storage full) unbinds the key.
         """
         job_id = uuid.uuid4().hex
         if client_key is not None:
             digest = hashlib.sha256(image + (mask or b"") + request.model_dump_json().encode()).hexdigest()
             if (existing := self.claim(owner, client_key, job_id, digest)) is not None:
                 return existing
-        if self.queue_room() < 1:
+        try:
+            if self.queue_room() < 1:
+                raise QueueFull(self.settings.retry_after_s)
+            self.check_storage(1)
+            self.add(job_id, image, request, edit, owner, mask)
+        except Exception:
             self.release(owner, client_key)
-            raise QueueFull(self.settings.retry_after_s)
-        self.add(job_id, image, request, edit, owner, mask)
+            raise
         return job_id
 
     def claim(self, owner: str, client_key: str, new_id: str, digest: str) -> str | None:
@@ -105,6 +108,16 @@ class JobStore:
         if client_key is not None:
             self.redis.delete(idempotency_key(owner, client_key))
 
+    def check_storage(self, jobs: int) -> None:
+        """503 before anything is written when Redis, at its ``maxmemory`` (with ``noeviction``,
+        which refuses writes rather than evicting the queue), has no room for ``jobs`` more jobs."""
+        memory = self.redis.info("memory")
+        limit = int(memory.get("maxmemory", 0))
+        if limit and limit - int(memory["used_memory"]) < jobs * JOB_RECORD_BYTES:
+            room = max(0, (limit - int(memory["used_memory"])) // JOB_RECORD_BYTES)
+            message = f"storage full: the queue's Redis has room for {room} more jobs, not {jobs}; retry later"
+            raise StorageFull(self.settings.retry_after_s, message)
+
     def queue_room(self) -> int:
         """How many more jobs the queue takes before POSTs answer 503."""
         return self.settings.max_queue_depth - job_queue(self.redis, self.settings).count
@@ -119,17 +132,33 @@ class JobStore:
         mask: bytes | None = None,
         batch: str | None = None,
     ) -> None:
-        """Store the input (and mask) under TTL'd keys, enqueue the job and list it among the owner's."""
+        """Store the input (and mask) in the blob store, list the job among the owner's and
+        enqueue it, last: a write that Redis or the store refuses leaves no job to run, and its
+        blobs are deleted again (else swept); an index entry without a job leaves at the next list."""
         ttl = self.settings.job_ttl_s
-        self.redis.set(input_key(job_id), image, ex=ttl)
-        if mask is not None:
-            self.redis.set(mask_key(job_id), mask, ex=ttl)
-        queue = job_queue(self.redis, self.settings)
-        enqueue(queue, job_id, request, edit, owner, self.settings, with_mask=mask is not None, batch=batch)
-        with self.redis.pipeline() as pipe:
-            pipe.zadd(jobs_index_key(owner), {job_id: time.time()})
-            pipe.expire(jobs_index_key(owner), ttl)
-            pipe.execute()
+        self.blobs.put(input_blob(job_id), image)
+        try:
+            if mask is not None:
+                self.blobs.put(mask_blob(job_id), mask)
+            with self.redis.pipeline() as pipe:
+                pipe.zadd(jobs_index_key(owner), {job_id: time.time()})
+                pipe.expire(jobs_index_key(owner), ttl)
+                pipe.execute()
+            queue = job_queue(self.redis, self.settings)
+            enqueue(queue, job_id, request, edit, owner, self.settings, with_mask=mask is not None, batch=batch)
+        except Exception:
+            self.blobs.delete([input_blob(job_id), mask_blob(job_id)])
+            raise
+
+    def remove(self, job_id: str) -> None:
+        """Take back a job that was enqueued as part of a request refused later (a batch that did
+        not fit): its record, its place in the queue and its blobs."""
+        try:
+            job = fetch_job(self.redis, job_id)
+        except NoSuchJobError:
+            return
+        job.delete(remove_from_queue=True)
+        self.blobs.delete([input_blob(job_id), mask_blob(job_id)])
 
     def list(self, owner: str, limit: int, offset: int) -> tuple[list[JobStatus], int]:
         """A page of the owner's jobs, newest first, and how many are kept; expired jobs leave the index."""
@@ -190,7 +219,7 @@ class JobStore:
         status = job.get_status()
         if status in (RQStatus.QUEUED, RQStatus.DEFERRED, RQStatus.SCHEDULED):
             job.cancel()
-            self.redis.delete(input_key(job_id))
+            self.blobs.delete([input_blob(job_id), mask_blob(job_id)])
             job_ended(self.redis, self.settings, job, {"status": "canceled"})
         elif status == RQStatus.STARTED:
             self.redis.set(cancel_key(job_id), 1, ex=self.settings.job_ttl_s)
@@ -198,10 +227,20 @@ class JobStore:
             raise NotCancelable
         return self.status(job_id, owner)
 
-    def file(self, job_id: str, name: str, owner: str) -> bytes | None:
-        if name not in FILE_NAMES or self._fetch(job_id, owner) is None:
+    def file(self, job_id: str, name: str, owner: str) -> tuple[int, Iterator[bytes]] | None:
+        """A result file's size and content, streamed from the blob store; None when the job (or
+        the file, for this job) does not exist; :class:`FilesGone` when the job has it but the
+        store no longer does."""
+        job = self._fetch(job_id, owner)
+        if name not in FILE_NAMES or job is None or job.get_status(refresh=False) != RQStatus.FINISHED:
             return None
-        return self.redis.get(output_key(job_id, name))
+        report = job.return_value()
+        if report is None or name not in EditReport.model_validate(report).file_names:
+            return None
+        try:
+            return self.blobs.open(file_blob(job_id, name))
+        except BlobMissing:
+            raise FilesGone from None
 
     def live_workers(self) -> int:
         """Workers whose heartbeat key has not expired (no registry cleanup involved)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import PurePosixPath
 
 from pydantic import BaseModel
@@ -37,6 +37,12 @@ def stem(path: str) -> str:
 def dataset_names(path: str, file_names: Iterable[str]) -> dict[str, str]:
     """A job's file name -> its name in the dataset, for the files a dataset holds."""
     return {name: LAYOUT[name].format(stem=stem(path)) for name in file_names if name in LAYOUT}
+
+
+def counterfactual_name(names: Mapping[str, str]) -> str:
+    """``manifest.csv``'s ``counterfactual`` column, from :func:`dataset_names`: the row's
+    counterfactual in the dataset, the PNG or else the DICOM; empty when its ``outputs`` had neither."""
+    return names.get("counterfactual.png") or names.get("counterfactual.dcm", "")
 
 
 class ManifestLine(BaseModel):

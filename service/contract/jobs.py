@@ -1,7 +1,7 @@
 """What a counterfactual job carries, how it is enqueued, and how it ends.
 
-A job's arguments are JSON (never pickle) and name the Redis key of the uploaded image rather
-than carrying its bytes. A job ends one of three ways, each read back one way:
+A job's arguments are JSON (never pickle) and name the blob of the uploaded image
+(:mod:`service.contract.blobs`) rather than carrying its bytes. A job ends one of three ways, each read back one way:
 
 * succeeded: the job's return value is the engine's :class:`~models.request.report.EditReport`;
 * failed: ``meta["error"]`` holds a :class:`JobError`, written by the worker or by the recovery sweep;
@@ -21,7 +21,7 @@ from rq.serializers import JSONSerializer
 
 from models.request.params import CommaList
 from models.request.resolve import EditRequest, ResolvedEdit
-from service.contract.keys import input_key, mask_key
+from service.contract.blobs import input_blob, mask_blob
 from service.contract.settings import Settings
 
 EventName = Literal["started", "completed"]
@@ -53,6 +53,7 @@ class ErrorCode(StrEnum):
     invalid_image = "invalid_image"
     invalid_parameters = "invalid_parameters"
     input_expired = "input_expired"
+    storage_unavailable = "storage_unavailable"
     timeout = "timeout"
     worker_lost = "worker_lost"
     internal = "internal"
@@ -97,19 +98,19 @@ def enqueue(
     with_mask: bool = False,
     batch: str | None = None,
 ) -> Job:
-    """Enqueue the job for an image already stored at ``input_key(job_id)`` (and its anatomy mask at
-    ``mask_key(job_id)`` if ``with_mask``). The job carries the client's ``request`` (its webhook
-    settings), the ``edit`` it was resolved to, which the worker runs and a status shows, and the
-    ``batch`` it belongs to, if any."""
+    """Enqueue the job for an image already stored at ``input_blob(job_id)`` (and its anatomy mask
+    at ``mask_blob(job_id)`` if ``with_mask``). The job carries the client's ``request`` (its
+    webhook settings), the ``edit`` it was resolved to, which the worker runs and a status shows,
+    and the ``batch`` it belongs to, if any."""
     ttl = settings.job_ttl_s
     kwargs = {
-        "input_key": input_key(job_id),
+        "image": input_blob(job_id),
         "request": request.model_dump(mode="json"),
         "edit": edit.model_dump(mode="json"),
     }
     return queue.enqueue_call(
         TASK,
-        kwargs={**kwargs, "mask_key": mask_key(job_id) if with_mask else None},
+        kwargs={**kwargs, "mask": mask_blob(job_id) if with_mask else None},
         job_id=job_id,
         timeout=settings.job_timeout_s,
         result_ttl=ttl,

@@ -7,19 +7,6 @@ import hashlib
 ALIVE_PREFIX = "prism:alive:"
 
 
-def input_key(job_id: str) -> str:
-    return f"prism:input:{job_id}"
-
-
-def mask_key(job_id: str) -> str:
-    """The uploaded anatomy mask of a guided job, if there is one."""
-    return f"prism:mask:{job_id}"
-
-
-def output_key(job_id: str, name: str) -> str:
-    return f"prism:output:{job_id}:{name}"
-
-
 def cancel_key(job_id: str) -> str:
     return f"prism:cancel:{job_id}"
 
@@ -65,3 +52,5 @@ def recovery_lock(job_id: str, execution_id: str) -> str:
 
 
 RATE_LIMIT_PREFIX = "prism:rate"
+SWEEP_LOCK = "prism:sweep"
+"""Held by the worker sweeping the blob store this period (``service.contract.blobs.sweep``)."""

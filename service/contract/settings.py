@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -17,7 +18,7 @@ class Settings(BaseSettings):
     redis_url: str = Field(
         "redis://127.0.0.1:6379/0",
         pattern=r"^(redis|rediss|unix)://",
-        description="Redis holding the queue, inputs and outputs (redis://, rediss:// or unix://)",
+        description="Redis holding the queue, job records and progress (redis://, rediss:// or unix://)",
     )
     queue_name: str = "prism"
     model_dir: str | None = Field(None, description="diffusers SD directory; unset: the built-in model")
@@ -42,6 +43,20 @@ class Settings(BaseSettings):
     )
     inversion_cache_max_bytes: int = Field(
         2 * 1024**3, ge=0, description="the cache's size bound; least recently used inversions go first"
+    )
+    blob_url: str | None = Field(
+        None,
+        description="where inputs and result files live: file:///absolute/path (a directory) or "
+        "s3://bucket[/prefix] (S3-compatible storage); unset: a directory under PRISM_HOME",
+    )
+    blob_endpoint: str | None = Field(
+        None,
+        pattern=r"^https?://[^/\s]+/?$",
+        description="an S3-compatible store's endpoint, e.g. https://minio.hospital.local:9000; unset: AWS's",
+    )
+    blob_region: str | None = Field(None, description="the S3 store's region; unset: AWS_REGION's, else us-east-1")
+    blob_sweep_s: int = Field(
+        300, ge=10, description="how often a worker deletes the blobs of jobs Redis no longer has (one per period)"
     )
     job_ttl_s: int = Field(24 * 3600, ge=60, description="how long inputs, results and failures are kept")
     job_timeout_s: int = Field(3600, ge=1, description="a job running longer fails with code 'timeout'")
@@ -84,7 +99,7 @@ class Settings(BaseSettings):
     rate_limit_per_minute: int = Field(
         30, ge=1, description="submissions per API key in any 60-second window (429 above)"
     )
-    home: str = Field("~/.cache/prism", description="the quick start's Redis data")
+    home: str = Field("~/.cache/prism", description="the quick start's Redis data and, by default, its blobs")
     webhook_queue_name: str = "prism-webhooks"
     webhook_secret: str | None = Field(
         None, description="whsec_ secret signing webhooks when API keys are off (with keys: each key's own)"
@@ -102,12 +117,26 @@ class Settings(BaseSettings):
 
     @field_validator(
         "model_dir", "unet_weights", "clip_model", "classifier", "inversion_cache_dir", "api_keys_file",
-        "webhook_secret", "worker_heartbeat_file",
+        "webhook_secret", "worker_heartbeat_file", "blob_url", "blob_endpoint", "blob_region",
+        mode="before",
     )  # fmt: skip
     @classmethod
     def _empty_means_none(cls, value: str | None) -> str | None:
         """An empty value is unset: how a container clears a path its image sets (Compose cannot unset)."""
         return value or None
+
+    @field_validator("blob_url")
+    @classmethod
+    def _blob_backend(cls, value: str | None) -> str | None:
+        """A URL of a backend the blob store has (``service.contract.blobs``)."""
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme == "file" and parts.path.startswith("/") and not parts.netloc:
+            return value
+        if parts.scheme == "s3" and parts.netloc and not parts.query:
+            return value
+        raise ValueError("must be file:///absolute/path or s3://bucket[/prefix]")
 
 
 @lru_cache(maxsize=1)

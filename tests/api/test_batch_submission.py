@@ -13,6 +13,7 @@ from redis import Redis
 from service.api.app import create_app
 from service.api.archive import ArchiveLimits, open_archive
 from service.api.uploads import UploadRejected
+from service.contract.jobs import fetch_job, job_edit
 from service.contract.settings import Settings
 from service.contract.tenants import add_tenant
 from tests.helpers import phantom_batch
@@ -65,6 +66,16 @@ def test_more_rows_than_the_limit_is_413_and_findings_are_the_manifests(client):
     assert too_many.status_code == 413 and "limit is 8" in too_many.json()["detail"][0]["msg"]
     findings = post(client, archive, manifest, findings="Edema=1")
     assert findings.status_code == 422 and findings.json()["detail"][0]["loc"] == ["body", "findings"]
+
+
+def test_a_batch_s_outputs_reach_its_jobs(client, redis_server):
+    archive, manifest, _ = phantom_batch(4)
+    accepted = post(client, archive, manifest, outputs=["counterfactual.png", "result.json"])  # repeated parts
+    assert accepted.status_code == 202, accepted.text
+    items = client.get(f"/batches/{accepted.json()['id']}").json()["items"]
+    redis = Redis.from_url(redis_server.url)
+    outputs = [job_edit(fetch_job(redis, item["job_id"])).params.outputs for item in items if item["job_id"]]
+    assert outputs and set(outputs) == {("counterfactual.png", "result.json")}
 
 
 def test_another_tenants_batch_is_not_found(client):

@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -129,6 +130,20 @@ def test_prism_submit_from_the_readme(service, tmp_path):
     assert summary["out"] == str(tmp_path / "o") and -1 <= summary["s_clip"] <= 1
     # Polling may miss the short phases; the last one's end is always saved, so the bar must show it.
     assert (tmp_path / "o" / "result.json").exists() and "scoring: 100%" in proc.stderr
+
+
+def test_prism_submit_sends_its_outputs_and_downloads_only_those(service, tmp_path):
+    image = write_png(tmp_path / "scan.png", xray_like(40, 40))
+    proc = subprocess.run(
+        prism("submit", "--url", service.url, "--image", str(image), "--original-prompt", SOURCE,
+              "--edit-prompt", EDIT, "--steps", "3", "--self-replace", "0.5",
+              "--outputs", "difference.npy", "counterfactual.png", "--out", str(tmp_path / "o")),
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    written = sorted(p.name for p in (tmp_path / "o").iterdir())
+    assert written == ["counterfactual.png", "difference.npy", "result.json"]
+    assert np.load(tmp_path / "o" / "difference.npy").shape == (40, 40)
 
 
 @pytest.mark.parametrize(

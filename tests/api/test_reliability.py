@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 from redis import Redis
 
+from service.contract.blobs import file_blob, input_blob
 from tests.helpers import png_bytes, xray_like
 from tests.stack import Cluster, poll, prism, submit, wait_for, wait_ready, wait_running
 
@@ -198,7 +199,7 @@ def test_cancel_queued_and_running(tmp_path, tiny_model_dir):
         job_id = submit(c.url).json()["id"]
         r = httpx.post(f"{c.url}/jobs/{job_id}/cancel")
         assert r.status_code == 200 and r.json()["status"] == "canceled"
-        assert not Redis.from_url(c.redis.url).exists(f"prism:input:{job_id}")
+        assert not (c.blobs / input_blob(job_id)).exists()
         assert httpx.post(f"{c.url}/jobs/nope/cancel").status_code == 404
 
         c.workers.append(c.add_worker())
@@ -302,9 +303,9 @@ def test_job_ids_unguessable_and_data_expires(cluster):
     assert len(set(ids)) == 5 and all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
     assert len({i[:8] for i in ids}) == 5
     r = Redis.from_url(cluster.redis.url)
-    ttl = r.ttl(f"prism:input:{ids[-1]}")
-    assert 0 < ttl <= 24 * 3600
+    assert 0 < r.ttl(f"rq:job:{ids[-1]}") <= 24 * 3600  # the record's TTL; its blobs are swept after it
+    assert (cluster.blobs / input_blob(ids[-1])).exists()
     status = poll(cluster.url, ids[0], {"succeeded"})
-    output_ttl = r.ttl(f"prism:output:{ids[0]}:counterfactual.png")
-    assert 0 < output_ttl <= 24 * 3600 and status["status"] == "succeeded"
-    assert not r.exists(f"prism:input:{ids[0]}")  # inputs are removed once the job succeeded
+    assert 0 < r.ttl(f"rq:job:{ids[0]}") <= 24 * 3600 and status["status"] == "succeeded"
+    assert (cluster.blobs / file_blob(ids[0], "counterfactual.png")).exists()
+    assert not (cluster.blobs / input_blob(ids[0])).exists()  # inputs are removed once the job succeeded

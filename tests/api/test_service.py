@@ -31,11 +31,11 @@ def test_submit_poll_download(service, redis_server):
     assert body["status"] == "queued" and r.headers["Location"] == f"/jobs/{job_id}"
     assert int(r.headers["Retry-After"]) >= 1
 
-    # the job carries a Redis key and JSON arguments, not image bytes or pickle
+    # the job carries the input's blob key and JSON arguments, not image bytes or pickle
     raw = Redis.from_url(redis_server.url).hget(f"rq:job:{job_id}", "data")
     args = json.loads(zlib.decompress(raw))
     assert args[0] == "worker.tasks.run_counterfactual"
-    assert args[3]["input_key"] == f"prism:input:{job_id}" and args[3]["request"]["steps"] == 5
+    assert args[3]["image"] == f"jobs/{job_id}/input" and args[3]["request"]["steps"] == 5
 
     status = poll(service.url, job_id, {"succeeded", "failed"})
     assert status["status"] == "succeeded", status
@@ -86,6 +86,26 @@ def test_unknown_job_and_file(service):
     assert "counterfactual.dcm" not in listed and "result.json" in listed
 
 
+def test_a_job_links_and_serves_only_the_outputs_it_chose(service):
+    r = _submit(service.url, png_bytes(xray_like(64, 48)), outputs="counterfactual.png")
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    status = poll(service.url, job_id, {"succeeded", "failed"})
+    assert status["status"] == "succeeded", status
+    chosen = {
+        "counterfactual.png": f"/jobs/{job_id}/files/counterfactual.png",
+        "result.json": f"/jobs/{job_id}/files/result.json",
+    }
+    assert status["result"]["files"] == status["links"]["files"] == chosen
+    counterfactual = httpx.get(service.url + chosen["counterfactual.png"], timeout=10)
+    assert counterfactual.status_code == 200 and Image.open(io.BytesIO(counterfactual.content)).size == (48, 64)
+    report = httpx.get(service.url + chosen["result.json"], timeout=10).json()
+    assert report["parameters"]["outputs"] == ["counterfactual.png", "result.json"]
+    missing = httpx.get(f"{service.url}/jobs/{job_id}/files/difference.npy", timeout=10)
+    assert missing.status_code == 404
+    assert missing.json()["detail"][0]["msg"].endswith("its files: counterfactual.png, result.json")
+
+
 @pytest.mark.parametrize(
     ("fields", "field", "status"),
     [
@@ -97,6 +117,8 @@ def test_unknown_job_and_file(service):
         ({"self_replace_steps": "a,b"}, "self_replace_steps", 422),
         ({"blend_words": "pacemaker"}, "blend_words", 422),
         ({"reweight_words": "with"}, "reweight_words", 422),
+        ({"outputs": "counterfactual.jpg"}, "outputs", 422),
+        ({"outputs": ""}, "outputs", 422),
     ],
 )
 def test_invalid_fields_are_named(service, fields, field, status):

@@ -9,6 +9,7 @@ from redis import Redis
 import models.request.resolve
 from models.request.resolve import resolve
 from service.api.store import JobStore
+from service.contract.blobs import BlobStore
 from service.contract.jobs import JobRequest
 from service.contract.settings import Settings
 from tests.helpers import png_bytes, xray_like
@@ -17,10 +18,10 @@ FINDINGS = {"Support Devices": 1, "Cardiomegaly": 1}
 
 
 @pytest.fixture
-def store(redis_server):
-    settings = Settings(redis_url=redis_server.url, queue_name="store-test")
+def store(redis_server, tmp_path):
+    settings = Settings(redis_url=redis_server.url, queue_name="store-test", blob_url=tmp_path.as_uri())
     redis = Redis.from_url(redis_server.url)
-    yield JobStore(redis, settings)
+    yield JobStore(redis, settings, BlobStore.from_settings(settings))
     redis.delete("rq:queue:store-test")
 
 

@@ -185,6 +185,9 @@ def test_submit_names_a_service_it_cannot_reach(url, tmp_path, monkeypatch, caps
         ("PRISM_DEVICE", "tpu", "prism: error: PRISM_DEVICE: String should match pattern"),
         ("PRISM_REDIS_URL", "localhost:6379", "prism: error: PRISM_REDIS_URL: String should match pattern"),
         ("PRISM_MAX_QUEUE_DEPTH", "0", "prism: error: PRISM_MAX_QUEUE_DEPTH: Input should be greater than"),
+        ("PRISM_BLOB_URL", "/data/blobs", "prism: error: PRISM_BLOB_URL: Value error, must be file:///absolute/path"),
+        ("PRISM_BLOB_URL", "gs://bucket", "prism: error: PRISM_BLOB_URL: Value error, must be file:///absolute/path"),
+        ("PRISM_BLOB_ENDPOINT", "minio:9000", "prism: error: PRISM_BLOB_ENDPOINT: String should match pattern"),
     ],
 )
 def test_a_setting_the_service_cannot_use_stops_every_command_naming_it(variable, value, message, monkeypatch, capsys):
@@ -197,14 +200,23 @@ def test_a_setting_the_service_cannot_use_stops_every_command_naming_it(variable
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("variable", "value"), [("PRISM_DEVICE", "cuda:1"), ("PRISM_REDIS_URL", "unix:///tmp/r.sock")])
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("PRISM_DEVICE", "cuda:1"),
+        ("PRISM_REDIS_URL", "unix:///tmp/r.sock"),
+        ("PRISM_BLOB_URL", "s3://radiology-prism/counterfactuals"),
+        ("PRISM_BLOB_URL", "file:///var/lib/prism/blobs"),
+        ("PRISM_BLOB_ENDPOINT", "https://minio.hospital.local:9000"),
+    ],
+)
 def test_the_settings_other_forms_are_accepted(variable, value, monkeypatch):
     monkeypatch.setenv(variable, value)
     assert getattr(Settings(), variable.removeprefix("PRISM_").lower()) == value
 
 
 @pytest.mark.parametrize(
-    "variable", ["PRISM_MODEL_DIR", "PRISM_UNET_WEIGHTS", "PRISM_CLIP_MODEL", "PRISM_API_KEYS_FILE"]
+    "variable", ["PRISM_MODEL_DIR", "PRISM_UNET_WEIGHTS", "PRISM_CLIP_MODEL", "PRISM_API_KEYS_FILE", "PRISM_BLOB_URL"]
 )
 def test_an_empty_path_setting_is_unset(variable, monkeypatch):
     """How a container clears a path its image sets (the worker image sets PRISM_MODEL_DIR): the

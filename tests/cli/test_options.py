@@ -1,4 +1,5 @@
-"""Every edit option's default and bounds agree in ``prism edit --help``, /openapi.json and EditParams."""
+"""Every edit option's default and bounds agree in ``prism edit --help``, /openapi.json and EditParams;
+list flags take the API's syntax."""
 
 import re
 import subprocess
@@ -6,8 +7,9 @@ import subprocess
 import annotated_types
 import pytest
 
-from cli.options import format_default
-from models.request.params import EditOptions, EditParams
+from cli import build_parser
+from cli.options import format_default, model_from_args
+from models.request.params import FILE_NAMES, EditOptions, EditParams
 from service.api.app import create_app
 from tests.stack import prism
 
@@ -88,3 +90,24 @@ def test_every_bounded_number_is_bounded_on_both_sides():
     for name in ("steps", "guidance_scale", "cross_replace_steps", "edit_word_weight", "blend_threshold", "seed"):
         facts = declared_facts(name)
         assert {"ge", "gt"} & set(facts) and {"le", "lt"} & set(facts), name
+
+
+REQUIRED = {
+    "edit": ["--image", "x.png", "--out", "o"],
+    "submit": ["--image", "x.png", "--out", "o"],
+    "batch": ["--images", "d", "--manifest", "m.csv", "--out", "o"],
+}
+
+
+@pytest.mark.parametrize("command", list(REQUIRED))
+def test_outputs_is_a_flag_of_every_edit_command_in_the_api_s_list_syntax(command):
+    def options(*flags: str) -> EditOptions:
+        return model_from_args(EditOptions, build_parser().parse_args([command, *REQUIRED[command], *flags]))
+
+    assert options().outputs == FILE_NAMES
+    chosen = options("--outputs", "counterfactual.dcm", "difference.npy,counterfactual.png").outputs
+    assert chosen == ("counterfactual.png", "difference.npy", "result.json", "counterfactual.dcm")
+    with pytest.raises(ValueError, match=r"^--outputs: Input should be 'counterfactual.png', 'difference.png'"):
+        options("--outputs", "counterfactual.jpg")
+    with pytest.raises(ValueError, match=r"^--outputs: name at least one of counterfactual.png"):
+        options("--outputs", ",")

@@ -9,6 +9,7 @@ from redis import Redis
 from models.request.resolve import resolve
 from service.api.store import JobStore
 from service.contract.batches import BatchItem, BatchRecord, ended_counts, job_ended, save_batch
+from service.contract.blobs import BlobStore
 from service.contract.datasets import ManifestLine, dataset_names, manifest_csv, read_manifest_csv
 from service.contract.jobs import JobRequest, fetch_job
 from service.contract.settings import Settings
@@ -16,11 +17,13 @@ from service.contract.webhooks import webhook_queue
 from tests.helpers import EDIT, SOURCE, png_bytes, xray_like
 
 
-def test_each_job_is_counted_once_and_the_batch_completes_once(redis_server):
+def test_each_job_is_counted_once_and_the_batch_completes_once(redis_server, tmp_path):
     tag = uuid.uuid4().hex[:8]
-    settings = Settings(redis_url=redis_server.url, queue_name=f"q-{tag}", webhook_queue_name=f"w-{tag}")
+    settings = Settings(
+        redis_url=redis_server.url, queue_name=f"q-{tag}", webhook_queue_name=f"w-{tag}", blob_url=tmp_path.as_uri()
+    )
     redis = Redis.from_url(redis_server.url)
-    store = JobStore(redis, settings)
+    store = JobStore(redis, settings, BlobStore.from_settings(settings))
     request = JobRequest(original_prompt=SOURCE, edit_prompt=EDIT)
     batch_id, ids = uuid.uuid4().hex, [uuid.uuid4().hex for _ in range(2)]
     for job_id in ids:

@@ -9,6 +9,7 @@ from redis import Redis
 
 from models.request.params import EditOptions, EditParams
 from models.request.resolve import resolve
+from service.contract.blobs import input_blob
 from service.contract.jobs import (
     TASK,
     ErrorCode,
@@ -24,7 +25,6 @@ from service.contract.jobs import (
     record_failure,
     save_progress,
 )
-from service.contract.keys import input_key
 from service.contract.settings import Settings
 from tests.helpers import EDIT, SOURCE
 
@@ -55,14 +55,14 @@ def test_the_contract_is_torch_free():
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
-def test_enqueued_job_names_the_task_and_an_input_key_and_records_failure_and_progress(redis_server):
+def test_enqueued_job_names_the_task_and_its_input_blob_and_records_failure_and_progress(redis_server):
     redis = Redis.from_url(redis_server.url)
     settings = Settings(redis_url=redis_server.url, queue_name="contract-test")
     request = JobRequest(findings={"Support Devices": 1}, edit={"Support Devices": 0}, steps=9)
     edit = resolve(request)
     job = enqueue(job_queue(redis, settings), "f" * 32, request, edit, "alice", settings)
     stored = fetch_job(redis, job.id)
-    assert stored.func_name == TASK and stored.kwargs["input_key"] == input_key(job.id)
+    assert stored.func_name == TASK and stored.kwargs["image"] == input_blob(job.id) and stored.kwargs["mask"] is None
     assert JobRequest.model_validate(stored.kwargs["request"]) == request
     assert job_edit(stored) == edit and job_edit(stored).params.steps == 9
     assert job_edit(stored).original_prompt == "Chest X-ray showing Support Devices"

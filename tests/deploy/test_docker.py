@@ -76,3 +76,17 @@ def test_the_check_override_keeps_every_container_on_the_host_network():
     override = yaml.safe_load((ROOT / "docker" / "compose.check.yml").read_text())
     assert set(override["services"]) == set(_compose()["services"])
     assert all(service["network_mode"] == "host" for service in override["services"].values())
+
+
+def test_the_api_and_the_worker_share_the_blob_store_and_redis_is_bounded_below_its_limit():
+    services = _compose()["services"]
+    for name in ("api", "worker"):
+        url = services[name]["environment"]["PRISM_BLOB_URL"]
+        assert url == "file:///data/blobs" and "blobs:/data/blobs" in services[name]["volumes"], name
+    assert "blobs" in _compose()["volumes"]
+    command = services["redis"]["command"]
+    maxmemory = command[command.index("--maxmemory") + 1]
+    limit = services["redis"]["deploy"]["resources"]["limits"]["memory"]
+    assert int(maxmemory.removesuffix("gb")) * 1024 < int(limit.removesuffix("M"))
+    for name in ("api", "worker"):  # the volume starts owned by the image's user, who writes to it
+        assert "/data/blobs" in (ROOT / "docker" / f"{name}.Dockerfile").read_text()

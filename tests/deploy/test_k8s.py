@@ -65,8 +65,52 @@ def _settings(docs: list[dict]) -> Settings:
     return Settings(**{k.removeprefix("PRISM_").lower(): v for k, v in env.items()})
 
 
+def _claims(docs: list[dict], deployment: str) -> dict[str, str | None]:
+    """A Deployment's mount paths, each with the PersistentVolumeClaim mounted there (None: another volume)."""
+    pod = _one("Deployment", deployment, docs)["spec"]["template"]["spec"]
+    claims = {
+        v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v
+    }
+    return {m["mountPath"]: claims.get(m["name"]) for c in pod["containers"] for m in c.get("volumeMounts", [])}
+
+
+UNITS = {"kb": 1024, "mb": 1024**2, "gb": 1024**3, "ki": 1024, "mi": 1024**2, "gi": 1024**3}
+
+
+def _bytes(size: str) -> int:
+    """Redis's "3gb" or Kubernetes's "4Gi" in bytes."""
+    number = size.rstrip("bBiIkKmMgG")
+    return int(number) * UNITS.get(size[len(number) :].lower(), 1)
+
+
+def storage_disagreements(docs: list[dict]) -> list[str]:
+    """Where the blob store and Redis's memory bound disagree with the code and the pods."""
+    settings = _settings(docs)
+    blob = urlparse(settings.blob_url or "")
+    problems = []
+    if blob.scheme == "file":
+        shared = {name: _claims(docs, name).get(blob.path) for name in ("prism-api", "prism-worker")}
+        if None in shared.values() or len(set(shared.values())) != 1:
+            problems.append(f"the API and the workers do not share a blob store volume at {blob.path}: {shared}")
+        else:
+            modes = _one("PersistentVolumeClaim", shared["prism-api"], docs)["spec"]["accessModes"]
+            if "ReadWriteMany" not in modes:
+                problems.append(f"the blob store's volume is {modes}: pods on several nodes need ReadWriteMany")
+    elif blob.scheme != "s3":
+        problems.append("PRISM_BLOB_URL is unset: each pod would keep its blobs to itself")
+    redis = _one("StatefulSet", "prism-redis", docs)["spec"]["template"]["spec"]["containers"][0]
+    args = redis["args"]
+    limit = _bytes(redis["resources"]["limits"]["memory"])
+    if "--maxmemory" not in args or _bytes(args[args.index("--maxmemory") + 1]) >= limit:
+        problems.append(f"Redis has no maxmemory below its container's {redis['resources']['limits']['memory']}")
+    if args[args.index("--maxmemory-policy") + 1] != "noeviction":
+        problems.append("Redis may evict: queued jobs would vanish instead of new ones being refused")
+    return problems
+
+
 def disagreements(docs: list[dict]) -> list[str]:
-    """Where the worker pool's scaling and shutdown disagree with the code's settings."""
+    """Where the worker pool's scaling and shutdown, the blob store and Redis's memory bound
+    disagree with the code's settings."""
     settings = _settings(docs)
     url = urlparse(settings.redis_url)
     problems = []
@@ -96,7 +140,7 @@ def disagreements(docs: list[dict]) -> list[str]:
     grace = _one("Deployment", "prism-worker", docs)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     if grace <= settings.job_timeout_s:
         problems.append(f"grace period {grace} s does not outlast PRISM_JOB_TIMEOUT_S={settings.job_timeout_s}")
-    return problems
+    return problems + storage_disagreements(docs)
 
 
 def test_the_worker_pool_scales_and_stops_as_the_code_works():
@@ -116,6 +160,10 @@ def test_the_worker_pool_scales_and_stops_as_the_code_works():
         (("ConfigMap", "prism-settings", "data", "PRISM_JOB_TIMEOUT_S"), "7200", "grace period"),
         (("ConfigMap", "prism-settings", "data", "PRISM_WORKER_BATCH"), "8", "batches"),
         (("ScaledObject", "prism-worker", "spec", "triggers", 1, "metadata", "targetValue"), "4", "target"),
+        (("ConfigMap", "prism-settings", "data", "PRISM_BLOB_URL"), "file:///srv/blobs", "share a blob store"),
+        (("ConfigMap", "prism-settings", "data", "PRISM_BLOB_URL"), "", "unset"),
+        (("PersistentVolumeClaim", "prism-blobs", "spec", "accessModes"), ["ReadWriteOnce"], "ReadWriteMany"),
+        (("StatefulSet", "prism-redis", "spec", "template", "spec", "containers", 0, "args", 4), "8gb", "maxmemory"),
     ],
 )
 def test_a_manifest_that_drifts_from_the_code_is_caught(path, value, needle):

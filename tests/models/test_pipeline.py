@@ -1,16 +1,19 @@
 """How the counterfactual is formed from the decoded edit (residual, the default, and decoded), and
 batches of counterfactuals."""
 
+import io
+import json
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+from pydicom import dcmread
 
 from models.diffusion.attention_control import BlendMaps
 from models.diffusion.batching import LeaveBatch
 from models.diffusion.inversion import InversionCache
-from models.imaging.files import DecodedImage
+from models.imaging.files import DecodedImage, decode_image
 from models.pipeline import BatchItem, batch_key, edited_regions, generate_counterfactual, generate_counterfactuals
 from models.request.errors import InvalidInput
 from models.request.params import EditParams, NullTextSettings
@@ -19,6 +22,7 @@ from models.request.resolve import ResolvedEdit
 from phantoms.bench import bench_case
 from phantoms.captions import explicit_caption
 from phantoms.render import render
+from tests.dicom_files import encode, radiograph
 from tests.helpers import xray_like
 
 SOURCE = "chest x-ray of a patient with support devices"
@@ -169,3 +173,38 @@ def test_only_edits_with_one_batch_key_share_a_batch(bundle):
     for mixed in ([items[0], sdedit], [items[0], other_steps]):
         with pytest.raises(ValueError, match="cannot share a batch"):
             generate_counterfactuals(bundle, mixed)
+
+
+def test_files_are_the_chosen_outputs_and_the_report_names_exactly_those(bundle, tmp_path, monkeypatch):
+    study = decode_image(encode(radiograph(48, 40)[0]))
+    params = EditParams(steps=4, self_replace_steps=(0.5,), null_text=NullTextSettings(inner_steps=1))
+    cache = InversionCache(tmp_path)
+
+    def run(image: DecodedImage, outputs: str | tuple[str, ...]):
+        edit = ResolvedEdit(original_prompt=SOURCE, edit_prompt=EDIT, params=params.replace(outputs=outputs))
+        return generate_counterfactual(bundle, image, edit, cache=cache)
+
+    full = run(study, FILE_NAMES)
+    assert tuple(full.files()) == full.report.file_names == FILE_NAMES  # a DICOM input's seven
+    dicom_only = run(study, "counterfactual.dcm")
+    # outputs choose files only: the same inversion (from the cache) and the same batch
+    assert dicom_only.report.inversion.cached and dicom_only.report.inversion.key == full.report.inversion.key
+    assert batch_key(dicom_only.report.parameters) == batch_key(full.report.parameters)
+    files = dicom_only.files()
+    assert tuple(files) == dicom_only.report.file_names == ("result.json", "counterfactual.dcm")
+    assert json.loads(files["result.json"])["parameters"]["outputs"] == ["result.json", "counterfactual.dcm"]
+    written = dcmread(io.BytesIO(files["counterfactual.dcm"])).pixel_array
+    np.testing.assert_array_equal(written, dcmread(io.BytesIO(full.files()["counterfactual.dcm"])).pixel_array)
+
+    def not_asked(*_):
+        raise AssertionError("encoded a file that was not asked for")
+
+    monkeypatch.setattr("models.pipeline.secondary_captures", not_asked)
+    monkeypatch.setattr("models.pipeline.encode_npy", not_asked)
+    png = run(study, ("counterfactual.png", "result.json"))
+    assert tuple(png.files()) == png.report.file_names == ("counterfactual.png", "result.json")
+    np.testing.assert_array_equal(png.counterfactual, full.counterfactual)
+    # a .dcm asked of a PNG input is not written: the DICOM files are for DICOM inputs only
+    not_dicom = run(DecodedImage(study.pixels, study.bit_depth), "counterfactual.dcm,difference.png")
+    assert not_dicom.report.parameters.outputs == ("difference.png", "result.json", "counterfactual.dcm")
+    assert tuple(not_dicom.files()) == not_dicom.report.file_names == ("difference.png", "result.json")

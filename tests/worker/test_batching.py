@@ -9,6 +9,7 @@ from redis import Redis
 
 from models.request.params import EditParams
 from models.request.resolve import ResolvedEdit
+from service.contract.blobs import input_blob
 from service.contract.jobs import JobRequest, enqueue, job_queue
 from service.contract.settings import Settings
 from tests.helpers import EDIT, SOURCE
@@ -59,7 +60,7 @@ def test_a_canceled_and_a_failing_job_leave_the_batch_and_the_others_succeed(tmp
     with Cluster(tmp_path, tiny_model_dir, workers=0, PRISM_WORKER_BATCH="4") as c:
         ids = [submit(c.url, steps="40", self_replace_steps="0.4,0.8").json()["id"] for _ in range(4)]
         first, canceled, expired, last = ids
-        Redis.from_url(c.redis.url).delete(f"prism:input:{expired}")
+        (c.blobs / input_blob(expired)).unlink()
         c.workers.append(c.add_worker())
         wait_running(c.url, canceled)
         assert all(job_state(c.url, i)["status"] in ("running", "failed") for i in ids)  # all taken at once

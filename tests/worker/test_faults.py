@@ -5,6 +5,7 @@ import signal
 
 from redis import Redis
 
+from service.contract.blobs import input_blob
 from tests.stack import Cluster, job_state, poll, submit, wait_for, wait_running
 
 
@@ -52,7 +53,7 @@ def test_timeout_fails_job_and_worker_survives(tmp_path, tiny_model_dir):
 def test_expired_input_fails_with_its_code(tmp_path, tiny_model_dir):
     with Cluster(tmp_path, tiny_model_dir, workers=0) as c:
         job_id = submit(c.url).json()["id"]
-        Redis.from_url(c.redis.url).delete(f"prism:input:{job_id}")
+        (c.blobs / input_blob(job_id)).unlink()
         c.workers.append(c.add_worker())
         final = poll(c.url, job_id, {"succeeded", "failed"})
         assert final["status"] == "failed" and final["error"]["code"] == "input_expired", final

@@ -6,12 +6,13 @@ import subprocess
 from models.imaging.files import encode_png
 from models.request.params import EditParams, NullTextSettings
 from models.request.resolve import ResolvedEdit
+from service.contract.settings import Settings
 from tests.helpers import EDIT, SOURCE, xray_like
 from tests.stack import prism
 from worker.throughput import measure_throughput
 
 
-def test_every_batch_size_runs_the_same_jobs_and_is_compared_with_batch_one(bundle, redis_server):
+def test_every_batch_size_runs_the_same_jobs_and_is_compared_with_batch_one(bundle, redis_server, tmp_path):
     params = EditParams(steps=3, self_replace_steps=(0.5,), null_text=NullTextSettings(inner_steps=2))
     jobs = [
         (
@@ -21,7 +22,8 @@ def test_every_batch_size_runs_the_same_jobs_and_is_compared_with_batch_one(bund
         for k in range(3)
     ]
     ended = []
-    report = measure_throughput(bundle, jobs, [3], redis_server.url, lambda: ended.append(1), baseline_jobs=2)
+    settings = Settings(redis_url=redis_server.url, blob_url=tmp_path.as_uri())
+    report = measure_throughput(bundle, jobs, [3], settings, lambda: ended.append(1), baseline_jobs=2)
     assert [(r.batch, r.jobs) for r in report.rows] == [(1, 2), (3, 3)]
     assert len(ended) == 5  # the untimed warm-up job is not counted
     one, three = report.rows

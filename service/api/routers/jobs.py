@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
 
 from models.request.report import FILE_NAMES
 from service.api.deps import Store, Tenant
@@ -24,7 +24,7 @@ MEDIA_TYPES = {
     ".json": "application/json",
     ".dcm": "application/dicom",
 }
-COMMON = {401: "missing or invalid X-API-Key", 503: "Redis unreachable; retry after Retry-After"}
+COMMON = {401: "missing or invalid X-API-Key", 503: "Redis or the blob store unreachable; retry after Retry-After"}
 NOT_FOUND = "no such job (or it belongs to another API key)"
 
 
@@ -95,7 +95,12 @@ def cancel(job_id: str, store: Store, tenant: Tenant, response: Response) -> Job
             "content": {t: {"schema": {"type": "string", "format": "binary"}} for t in MEDIA_TYPES.values()},
         },
         **error_responses(
-            {**COMMON, 404: "no such job or file, or the job has not succeeded", 422: "malformed request"}
+            {
+                **COMMON,
+                404: "no such job or file, or the job has not succeeded",
+                410: "the job succeeded but its files are no longer stored (expired or removed)",
+                422: "malformed request",
+            }
         ),
     },
 )
@@ -105,13 +110,14 @@ def job_file(
     store: Store,
     tenant: Tenant,
 ) -> Response:
-    content = store.file(job_id, name, tenant)
-    if content is None:
+    found = store.file(job_id, name, tenant)
+    if found is None:
         status = store.status(job_id, tenant)
         if status is None:
             raise JobNotFound
         if not status.links.files:
             raise FileNotFound(f"the job has no files: it is {status.status}")
         raise FileNotFound(f"no file {name!r} for this job; its files: {', '.join(status.links.files)}")
-    media_type = MEDIA_TYPES[name[name.rindex(".") :]]
-    return Response(content, media_type=media_type, headers={"Content-Disposition": f'attachment; filename="{name}"'})
+    size, chunks = found
+    headers = {"Content-Disposition": f'attachment; filename="{name}"', "Content-Length": str(size)}
+    return StreamingResponse(chunks, media_type=MEDIA_TYPES[name[name.rindex(".") :]], headers=headers)

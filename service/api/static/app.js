@@ -1,7 +1,8 @@
 // The PRISM page: builds its form from the API's own schema, submits, follows the job, shows the
 // result. Only this server is contacted; the API key stays in session storage and in headers.
 const $ = (id) => document.getElementById(id);
-const TEXT_FIELDS = new Set(["image", "original_prompt", "edit_prompt", "findings", "edit", "webhook", "webhook_events"]);
+// fields kept out of the advanced ones: the page's own, or left at their defaults (outputs: the page shows every file)
+const TEXT_FIELDS = new Set(["image", "original_prompt", "edit_prompt", "findings", "edit", "webhook", "webhook_events", "outputs"]);
 const PHASES = { decode: "Reading the image", encode: "Encoding", inversion: "DDIM inversion", null_text: "Null-text optimisation",
   offsets: "Direct-inversion offsets", editing: "Editing (prompt-to-prompt)", scoring: "Scoring (S_CLIP)" };
 const TIMINGS = { ...PHASES, encode: "VAE encoding", decode: "VAE decoding" };

@@ -17,6 +17,7 @@ from pydicom.uid import (
 )
 
 from models.imaging.dicom import DIFFERENCE_COMMENTS, IMAGE_COMMENTS, is_dicom, read_dicom, secondary_captures
+from models.imaging.difference import render_difference
 from models.imaging.files import decode_image
 from models.request.errors import ImageError
 from tests.dicom_files import (
@@ -280,3 +281,41 @@ def test_grey_stored_in_colour_is_read_as_grey_and_written_monochrome2():
     np.testing.assert_allclose(decoded.pixels, _own_range(stored + 0.299 * 3), atol=1e-6)
     counterfactual, _ = _outputs(data)
     assert counterfactual.PhotometricInterpretation == "MONOCHROME2" and counterfactual.SamplesPerPixel == 1
+
+
+def _study_sized(height: int = 3000, width: int = 2500) -> tuple[np.ndarray, np.ndarray]:
+    """A real study's size: a counterfactual's 12-bit stored values (smooth structure, an edited
+    blob, Gaussian noise of 1% of the range) and the original's intensities (other noise, no blob)."""
+    rng = np.random.default_rng(0)
+    y, x = (axis.astype(np.float32) / width for axis in np.ogrid[0:height, 0:width])
+    smooth = 0.5 + 0.3 * np.sin(5 * y + 1) * np.cos(7 * x) + 0.1 * np.sin(40 * (x + y))
+    blob = 0.08 * np.exp(-(((y - 0.6) / 0.15) ** 2 + ((x - 0.4) / 0.12) ** 2))
+    original = np.clip(smooth + 0.01 * rng.standard_normal((height, width), np.float32), 0, 1)
+    noisy = smooth + blob + 0.01 * rng.standard_normal((height, width), np.float32)
+    return np.round(np.clip(noisy, 0, 1) * 4095).astype(np.uint16), original
+
+
+def test_study_sized_outputs_are_jpeg_ls_lossless_smaller_and_read_back_bit_exact():
+    stored, original = _study_sized()
+    counterfactual = stored / np.float32(4095)
+    rgb, _ = render_difference(counterfactual - original)
+    _, source = read_dicom(encode(radiograph(bits_stored=12)[0]), LIMIT)  # the outputs' header only
+    files = secondary_captures(source, counterfactual, rgb, "edit")
+    for name, pixels, bound in (("counterfactual.dcm", stored, 0.6), ("difference.dcm", rgb, 0.93)):
+        image = dcmread(io.BytesIO(files[name]))
+        assert image.file_meta.TransferSyntaxUID == JPEGLSLossless and "LossyImageCompression" not in image
+        assert image.pixel_array.dtype == pixels.dtype and np.array_equal(image.pixel_array, pixels), name
+        # measured 0.484 and 0.886 of the uncompressed pixel data (RLE Lossless: 0.673 and 0.977)
+        assert len(files[name]) <= bound * pixels.nbytes, (name, len(files[name]) / pixels.nbytes)
+    assert (image.BitsStored, image.PhotometricInterpretation) == (8, "RGB")
+
+
+@pytest.mark.parametrize(("bits", "height", "width"), [(1, 48, 40), (12, 3, 2)])
+def test_what_jpeg_ls_cannot_hold_is_written_rle_lossless(bits, height, width):
+    """JPEG-LS holds 2 to 16 bits, and pyjpegls refuses images of a few pixels."""
+    ds, _ = radiograph(height=height, width=width, bits_stored=bits)
+    pixels, source = read_dicom(encode(ds), LIMIT)
+    files = secondary_captures(source, pixels, np.zeros((height, width, 3), np.uint8), "edit")
+    out = dcmread(io.BytesIO(files["counterfactual.dcm"]))
+    assert out.file_meta.TransferSyntaxUID == RLELossless and out.BitsStored == bits
+    assert np.array_equal(out.pixel_array, np.round(pixels * (2**bits - 1)))
