@@ -5,7 +5,8 @@ The output folder has the dataset ZIP's layout (:mod:`service.contract.datasets`
 ``manifest.csv`` is rewritten after every finished item (locally) or batch (service), so a run
 that is stopped and started again skips the rows already succeeded or skipped and runs the rest
 (failed and canceled rows are tried again). Against a service the Idempotency-Key is the content
-of what is sent, so a re-run while the first batch still runs follows that batch.
+of what is sent, so a re-run while the first batch still runs follows that batch. Ctrl-C stops
+it with one line saying so and exit status 130 (the same command resumes).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from cli.options import add_model_flags, model_from_args
 from models.request.params import EditOptions
 
 DONE = ("succeeded", "skipped")
+INTERRUPTED = 130
+"""128 + SIGINT, as shells report a command stopped by Ctrl-C."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -57,7 +60,7 @@ def _plan(args: argparse.Namespace, manifest_bytes: bytes):
     from models.request.errors import InvalidInput
     from models.request.manifest import ManifestInvalid, read_manifest
     from models.request.resolve import EditRequest
-    from service.contract.datasets import MANIFEST, read_manifest_csv
+    from service.contract.datasets import MANIFEST, NotADatasetManifest, read_manifest_csv
 
     try:
         options = model_from_args(EditOptions, args).model_dump(exclude_unset=True)
@@ -75,9 +78,11 @@ def _plan(args: argparse.Namespace, manifest_bytes: bytes):
     if manifest.errors:
         lines = "; ".join(f"line {e.line} ({e.column}): {e.message}" for e in manifest.errors[:10])
         raise CliError("--manifest", f"{len(manifest.errors)} bad rows: {lines}")
-    out = Path(args.out)
-    previous = out / MANIFEST
-    kept = {line.path: line for line in read_manifest_csv(previous.read_bytes())} if previous.is_file() else {}
+    previous = Path(args.out) / MANIFEST
+    try:
+        kept = {line.path: line for line in read_manifest_csv(previous.read_bytes())} if previous.is_file() else {}
+    except (OSError, NotADatasetManifest) as exc:
+        raise CliError("--out", f"{previous} is not a manifest this command wrote ({exc}): move it away") from None
     return options, manifest, kept
 
 
@@ -105,6 +110,22 @@ def _summary(lines: dict, started: float, out: Path) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    """The batch, or exit status 130 with one line on stderr when Ctrl-C stops it: the output so
+    far is consistent (its manifest is rewritten whole), and the same command picks up the rest."""
+    from service.contract.datasets import MANIFEST
+
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        done = Path(args.out) / MANIFEST
+        print(
+            f"prism batch: interrupted; run the same command again to resume ({done} lists the rows done)",
+            file=sys.stderr,
+        )
+        return INTERRUPTED
+
+
+def _run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from models.request.manifest import find_file, read_rows
@@ -124,40 +145,44 @@ def run(args: argparse.Namespace) -> int:
         if found is None:
             raise CliError("--images", f"manifest line {item.line}: no image {item.path} under {images}")
         files[item.path] = found
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CliError("--out", str(exc)) from None
     bar = tqdm(total=len(manifest.items), initial=len(manifest.items) - len(todo), desc="batch", file=sys.stderr)
-    if todo:
-        if args.url:
-            _, rows = read_rows(manifest_bytes)
-            raw = dict(rows)
-            _remote(args, options, todo, files, raw, lines, out, bar)
-        else:
+    try:
+        if todo and args.url:
+            _remote(args, options, todo, files, read_rows(manifest_bytes), lines, out, bar)
+        elif todo:
             _local(args, todo, files, lines, out, bar)
-    bar.close()
+    finally:
+        bar.close()  # before any last line: a bar closed later would be drawn again below it
     _write_manifest(out, lines)
     print(json.dumps(_summary(lines, started, out)))
     return 0
 
 
-def _remote(args, options, todo, files, raw, lines, out: Path, bar) -> None:
-    """One batch of the rows still to do: the ZIP and the manifest's own rows for them."""
+def _remote(args, options, todo, files, table, lines, out: Path, bar) -> None:
+    """One batch of the rows still to do: the ZIP and the manifest's own rows for them (its known
+    columns, each ``Path`` in the name rule's form, the name the image has in the ZIP)."""
     import httpx
 
+    from models.request.manifest import PATH, InvalidPath, clean_path
     from service.client import PrismClient, PrismError
-    from service.contract.datasets import MANIFEST, read_manifest_csv
+    from service.contract.datasets import MANIFEST, NotADatasetManifest, read_manifest_csv
 
     archive = io.BytesIO()
     with zipfile.ZipFile(archive, "w") as z:
         for item in todo:
             z.write(files[item.path], item.path)
-    table = io.StringIO(newline="")
-    header = list(raw[todo[0].line].keys())
-    writer = csv.DictWriter(table, header, lineterminator="\n")
+    rows = dict(table.rows)
+    manifest = io.StringIO(newline="")
+    writer = csv.DictWriter(manifest, list(table.columns.values()), lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
-    writer.writerows(raw[item.line] for item in todo)
+    writer.writerows({**rows[item.line], table.columns[PATH]: item.path} for item in todo)
     fields = {"edit": args.edit, "original_prompt": args.original_prompt, "edit_prompt": args.edit_prompt}
     sent = {**{k: v for k, v in fields.items() if v is not None}, **options}
-    key = hashlib.sha256(archive.getvalue() + table.getvalue().encode() + json.dumps(sent, sort_keys=True).encode())
+    key = hashlib.sha256(archive.getvalue() + manifest.getvalue().encode() + json.dumps(sent, sort_keys=True).encode())
     original_line = {item.path: item.line for item in todo}
     done_before = bar.n
 
@@ -168,30 +193,33 @@ def _remote(args, options, todo, files, raw, lines, out: Path, bar) -> None:
     try:
         with PrismClient(args.url, api_key=args.api_key or os.environ.get("PRISM_API_KEY"), timeout=600) as prism:
             submitted = prism.submit_batch(
-                archive.getvalue(), table.getvalue().encode(), idempotency_key=key.hexdigest(), **sent
+                archive.getvalue(), manifest.getvalue().encode(), idempotency_key=key.hexdigest(), **sent
             )
             prism.wait_batch(submitted.id, on_progress=progress)
             with tempfile.TemporaryDirectory(dir=out) as tmp:
                 dataset = prism.download_dataset(submitted.id, Path(tmp) / "dataset.zip", args.passed_only)
                 with zipfile.ZipFile(dataset) as z:
-                    for name in z.namelist():
-                        target = (out / name).resolve()
-                        if name == MANIFEST or not target.is_relative_to(out.resolve()):
+                    for info in z.infolist():
+                        if info.is_dir() or info.filename == MANIFEST:
                             continue
+                        target = out / clean_path(info.filename)
                         target.parent.mkdir(parents=True, exist_ok=True)
-                        target.write_bytes(z.read(name))
+                        target.write_bytes(z.read(info))
                     for line in read_manifest_csv(z.read(MANIFEST)):
-                        lines[line.path] = line.model_copy(update={"line": original_line[line.path]})
+                        if line.path in original_line:
+                            lines[line.path] = line.model_copy(update={"line": original_line[line.path]})
     except PrismError as exc:
         raise CliError("--url", str(exc)) from exc
     except httpx.HTTPError as exc:
         raise CliError("--url", f"cannot reach the service at {args.url}: {exc}") from exc
+    except (zipfile.BadZipFile, InvalidPath, NotADatasetManifest) as exc:
+        raise CliError("--url", f"the service's dataset.zip is not one this command can unpack ({exc})") from exc
 
 
 def _local(args, todo, files, lines, out: Path, bar) -> None:
     """Each row with the engine, its files and manifest line written as soon as it is done."""
     from models.imaging.files import read_image_file
-    from models.request.errors import ImageError, ModelLoadError
+    from models.request.errors import ImageError, InvalidInput, ModelLoadError
     from models.weights.layout import locate_model
     from service.contract.datasets import ManifestLine, counterfactual_name, dataset_names
     from service.contract.settings import get_settings
@@ -215,7 +243,7 @@ def _local(args, todo, files, lines, out: Path, bar) -> None:
                 if item.edit.params.method == "guided" and classifier is None:
                     classifier = classifier_from_settings(settings)
                 result = generate_counterfactual(bundle, image, item.edit, classifier=classifier)
-            except ImageError as exc:
+            except (ImageError, InvalidInput) as exc:
                 line = line.model_copy(
                     update={"status": "failed", "reason": exc.message, "error_code": "invalid_image"}
                 )

@@ -34,6 +34,18 @@ class PrismError(Exception):
         self.detail = detail
 
 
+def _error(response: httpx.Response) -> PrismError:
+    """The answer's error: its ``detail``, or its text when something before the service answered
+    (a proxy's HTML page, an HTTP server's plain-text refusal)."""
+    try:
+        detail = response.json()["detail"]
+    except (ValueError, KeyError, TypeError):
+        detail = None
+    if not isinstance(detail, list) or not all(isinstance(d, dict) for d in detail):
+        detail = [{"loc": [], "msg": response.text[:500], "type": "http_error"}]
+    return PrismError(response.status_code, detail)
+
+
 @dataclass(frozen=True)
 class Submitted:
     id: str
@@ -80,11 +92,7 @@ class PrismClient:
                 break
             time.sleep(float(response.headers.get("Retry-After", self.poll_s)))
         if response.status_code >= 400:
-            try:
-                detail = response.json()["detail"]
-            except (ValueError, KeyError):
-                detail = [{"loc": [], "msg": response.text, "type": "http_error"}]
-            raise PrismError(response.status_code, detail)
+            raise _error(response)
         return response
 
     def submit(
@@ -220,7 +228,7 @@ class PrismClient:
         with self.http.stream("GET", f"/batches/{batch_id}/dataset.zip", params=params) as response:
             if response.status_code >= 400:
                 response.read()
-                raise PrismError(response.status_code, response.json().get("detail", []))
+                raise _error(response)
             with Path(to).open("wb") as f:
                 for chunk in response.iter_bytes():
                     f.write(chunk)

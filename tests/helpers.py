@@ -6,10 +6,23 @@ import io
 from pathlib import Path
 
 import numpy as np
+from hypothesis import HealthCheck, settings
 from PIL import Image
 
 SOURCE = "chest x-ray of a patient with support devices"
 EDIT = "chest x-ray of a patient without support devices"
+
+
+def fuzz(examples: int) -> settings:
+    """Hypothesis settings for a fuzz target in the suite: seeded (the same examples every run, none
+    kept between runs) and bounded, so the suite's time does not grow with it."""
+    return settings(
+        max_examples=examples,
+        derandomize=True,
+        database=None,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large],
+    )
 
 
 def xray_like(height: int, width: int, seed: int = 0) -> np.ndarray:

@@ -19,7 +19,7 @@ from rq import Queue
 from rq.job import Job
 
 from models.pipeline import batch_key
-from service.contract.jobs import TASK, fetch_many, job_edit
+from service.contract.jobs import TASK, cancel_flags, fetch_many, job_edit
 
 LOOKAHEAD = 8
 """Queued jobs looked at per free place in the batch."""
@@ -52,6 +52,11 @@ def claim_companions(redis: Redis, queue: Queue, leader: Job, places: int) -> li
         return []
     ids = [raw.decode() for raw in redis.lrange(queue.key, 0, LOOKAHEAD * places - 1)]
     candidates = [job for job in fetch_many(redis, ids) if job is not None and job_batch_key(job) == key]
+    with redis.pipeline(transaction=False) as pipe:
+        for job in candidates:
+            pipe.exists(*cancel_flags(job))
+        flagged = pipe.execute()
+    candidates = [job for job, canceled in zip(candidates, flagged, strict=True) if not canceled]
     wanted = [job.id for job in candidates[:places]]
     if not wanted:
         return []

@@ -9,6 +9,7 @@ on its own: canceled, failed or succeeded.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -16,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from pydantic import ValidationError
+from redis.exceptions import RedisError
 from rq.job import Job
 from rq.timeouts import JobTimeoutException
 
@@ -25,11 +27,10 @@ from models.diffusion.inversion import InversionCache
 from models.imaging.files import decode_image, keep_mask
 from models.pipeline import ITEM_ERRORS, BatchItem, Counterfactual, generate_counterfactuals
 from models.request.errors import ImageError, InvalidInput
-from models.request.resolve import ResolvedEdit
 from models.scoring.classifier import FindingClassifier
 from service.contract import metrics
 from service.contract.blobs import BlobMissing, BlobStore, StorageUnavailable, file_blob
-from service.contract.jobs import ErrorCode, JobError, Progress, save_progress
+from service.contract.jobs import ErrorCode, JobError, Progress, cancel_flags, job_args, save_progress
 from service.contract.keys import cancel_key
 from service.contract.settings import Settings
 from service.contract.webhooks import notify_job
@@ -40,6 +41,11 @@ PROGRESS_EVERY_S = 0.5
 
 class JobCanceled(LeaveBatch):
     """Raised from the progress callback when the client canceled the job: it leaves its batch."""
+
+
+class StopTaking(Exception):
+    """Raised from the progress callback once a stopping worker's grace is over: every job in the
+    pass goes back to the queue."""
 
 
 class JobFailed(Exception):
@@ -87,20 +93,12 @@ class JobRunner:
         self.settings = settings
         self.classifier = classifier
         self.blobs = blobs or BlobStore.from_settings(settings)
+        self.stop_at: float | None = None
+        """When a stopping worker's grace ends (``time.monotonic()``); None while it is not stopping."""
         self.cache = None
         if settings.inversion_cache_dir:
             directory = Path(settings.inversion_cache_dir).expanduser()
             self.cache = InversionCache(directory, settings.inversion_cache_max_bytes)
-
-    def run(self, job: Job) -> dict:
-        """Run one job (the arguments the API gave it are in ``job.kwargs``); returns the engine's
-        report as JSON, or raises what stopped it."""
-        outcomes: list[Outcome] = []
-        self.run_batch([job], lambda _, outcome: outcomes.append(outcome))
-        (outcome,) = outcomes
-        if isinstance(outcome, BaseException):
-            raise outcome
-        return outcome
 
     def run_batch(self, jobs: Sequence[Job], ended: Ended) -> None:
         """Run jobs that share a :func:`~models.pipeline.batch_key` as one batch, calling ``ended``
@@ -136,15 +134,28 @@ class JobRunner:
     def _prepare(self, job: Job, ended: Ended) -> BatchItem:
         """The job's input from the blob store, decoded, and its progress callback; the ``started`` webhook."""
         redis = job.connection
+
+        def leave_canceled() -> None:
+            self.drop_inputs(job)
+            with contextlib.suppress(RedisError):
+                redis.delete(cancel_key(job.id))
+            canceled = JobCanceled()
+            ended(job, canceled)
+            raise canceled
+
+        if self._canceled(job):  # canceled (or its batch being canceled) as it was taken: it does not start
+            leave_canceled()
+        args = job_args(job)
         try:
-            data = self.blobs.get(job.kwargs["image"])
-            mask = self.blobs.get(job.kwargs["mask"]) if job.kwargs.get("mask") else None
+            data = self.blobs.get(args.image)
+            mask = self.blobs.get(args.mask) if args.mask else None
         except BlobMissing:
+            if self._canceled(job):  # the cancel deleted the input just now
+                leave_canceled()
             message = "the uploaded image is no longer stored; submit the job again"
             raise JobFailed(JobError(code=ErrorCode.input_expired, message=message)) from None
         except StorageUnavailable as exc:
             raise JobFailed(JobError(code=ErrorCode.storage_unavailable, message=str(exc))) from None
-        resolved = ResolvedEdit.model_validate(job.kwargs["edit"])
         image = decode_image(data, self.settings.max_image_pixels)
         keep = None
         if mask is not None:
@@ -153,44 +164,55 @@ class JobRunner:
 
         def progress(phase: str, step: int, total: int) -> None:
             nonlocal last_save
-            if redis.exists(cancel_key(job.id)):
-                self._drop_inputs(job)
-                redis.delete(cancel_key(job.id))
-                canceled = JobCanceled()
-                ended(job, canceled)
-                raise canceled
+            if self.stop_at is not None and time.monotonic() >= self.stop_at:
+                raise StopTaking
+            if self._canceled(job):
+                leave_canceled()
             now = time.monotonic()
             if step in (0, 1, total) or now - last_save > PROGRESS_EVERY_S:
-                save_progress(job, Progress(phase=phase, step=step, total=total))
-                last_save = now
+                with contextlib.suppress(RedisError):  # Redis away: the job goes on, its progress waits
+                    save_progress(job, Progress(phase=phase, step=step, total=total))
+                    last_save = now
 
         log.info("job %s: started", job.id)
-        if job.enqueued_at is not None:
-            metrics.observe(
-                redis, "queue_wait_seconds", (datetime.now(UTC) - job.enqueued_at.replace(tzinfo=UTC)).total_seconds()
+        try:
+            if job.enqueued_at is not None:
+                wait_s = (datetime.now(UTC) - job.enqueued_at.replace(tzinfo=UTC)).total_seconds()
+                metrics.observe(redis, "queue_wait_seconds", wait_s)
+            notify_job(redis, self.settings, job, "started", {"status": "running"})
+        except RedisError:
+            log.warning(
+                "job %s: started while Redis was away; its started event and wait time are not recorded", job.id
             )
-        notify_job(redis, self.settings, job, "started", {"status": "running"})
         progress("decode", 0, 1)
-        return BatchItem(image, resolved, progress, keep)
+        return BatchItem(image, args.edit, progress, keep)
 
     def _store(self, job: Job, result: Counterfactual) -> dict:
-        """The outputs into the blob store, the inputs gone; the report as JSON. A store that
-        refuses the outputs fails the job with its own code (its inputs are kept for a retry)."""
+        """The outputs into the blob store; the report as JSON. A store that refuses the outputs
+        fails the job with its own code. The inputs stay until the job's end is recorded
+        (:meth:`drop_inputs`): a job re-queued meanwhile runs again from them."""
         try:
             for name, content in result.files().items():
                 self.blobs.put(file_blob(job.id, name), content)
         except StorageUnavailable as exc:
             message = f"{exc}: the result files were not stored; submit the job again"
             raise JobFailed(JobError(code=ErrorCode.storage_unavailable, message=message)) from None
-        self._drop_inputs(job)
         for phase, seconds in result.report.timings.items():
             metrics.observe(job.connection, "phase_seconds", seconds, phase)
         log.info("job %s: done in %.1f s", job.id, sum(result.report.timings.values()))
         return result.report.model_dump(mode="json")
 
-    def _drop_inputs(self, job: Job) -> None:
+    def _canceled(self, job: Job) -> bool:
+        """The client canceled the job, or its batch is being canceled; False while Redis is away."""
+        try:
+            return bool(job.connection.exists(*cancel_flags(job)))
+        except RedisError:
+            return False
+
+    def drop_inputs(self, job: Job) -> None:
         """The job's input (and mask) blobs, no longer needed; the sweep takes any left behind."""
         try:
-            self.blobs.delete(key for key in (job.kwargs["image"], job.kwargs.get("mask")) if key)
+            args = job_args(job)
+            self.blobs.delete(key for key in (args.image, args.mask) if key)
         except StorageUnavailable:
             log.warning("job %s: could not delete its inputs; the sweep will", job.id)

@@ -57,7 +57,7 @@ def _label(value: object, field: str, condition: str) -> int | None:
         return None
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise InvalidInput(field, f"{condition!r}: {value!r} is not a label (1, 0, -1 or blank)") from None
     if number not in LABELS:
         raise InvalidInput(field, f"{condition!r}: {value!r} is not a label (1, 0, -1 or blank)")
@@ -83,7 +83,7 @@ def parse_labels(text: str | Mapping[str, object], field: str) -> Labels:
     if text.startswith("{"):
         try:
             raw = json.loads(text)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # a syntax error, an integer over 4300 digits, nesting too deep
             raise InvalidInput(field, "is not a valid JSON object") from None
         if not isinstance(raw, dict):
             raise InvalidInput(field, "must be a JSON object of condition: label")

@@ -2,8 +2,10 @@
 
 * entries are counted, and their declared sizes summed, before anything is decompressed;
 * each entry is read with a bound (a declared size can lie), and the bytes read are summed;
-* an entry name that is absolute, climbs out (``..``), uses a drive letter or is a link is refused,
-  so a name can never become a path outside the batch when the dataset is unpacked;
+* entry names follow the manifest's name rule (:func:`~models.request.manifest.clean_path`: NFC,
+  ``/`` between parts), so ``Path`` cells match them as archivers write them; a name the rule
+  refuses (absolute, ``..``, a drive letter, a control character) or a link is refused, so a name
+  can never become a path outside the batch when the dataset is unpacked;
 * encrypted entries are refused (there is no password to give).
 
 Over a limit is 413, a bad name or a broken archive 422, both naming the ``images`` field.
@@ -11,15 +13,18 @@ Over a limit is 413, a bad name or a broken archive 422, both naming the ``image
 
 from __future__ import annotations
 
+import contextlib
 import stat
 import zipfile
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
 from typing import BinaryIO
 
+from models.request.manifest import InvalidPath, clean_path
 from service.api.uploads import UploadRejected
 
 FIELD = "images"
+UTF8_NAME = 0x800
+"""The general-purpose flag bit saying an entry's name is UTF-8; without it, zipfile reads the name as CP437."""
 
 
 @dataclass(frozen=True)
@@ -37,14 +42,14 @@ def _is_link(info: zipfile.ZipInfo) -> bool:
     return info.create_system == 3 and stat.S_ISLNK(info.external_attr >> 16)
 
 
-def safe_name(name: str) -> str | None:
-    """The entry's name as a relative POSIX path, or None if it could lead outside the batch."""
-    if "\\" in name or "\x00" in name or name.startswith("/") or (len(name) > 1 and name[1] == ":"):
-        return None
-    parts = PurePosixPath(name).parts
-    if not parts or any(part in ("..", "") for part in parts):
-        return None
-    return "/".join(parts)
+def entry_name(info: zipfile.ZipInfo) -> str:
+    """The entry's name by the manifest's rule; raises InvalidPath. A name without the UTF-8 flag
+    whose bytes are UTF-8 is read as UTF-8: macOS and other archivers write such names unflagged."""
+    name = info.filename
+    if not info.flag_bits & UTF8_NAME:
+        with contextlib.suppress(UnicodeError):
+            name = name.encode("cp437").decode("utf-8")
+    return clean_path(name)
 
 
 @dataclass
@@ -57,9 +62,9 @@ class Archive:
     read_bytes: int = field(default=0)
 
     def find(self, path: str) -> str | None:
-        """The entry a manifest path names: as written, else without its leading folders, one at
-        a time (a CheXpert ``Path`` starts with the dataset's own folder, which the ZIP may not have)."""
-        parts = PurePosixPath(path).parts
+        """The entry a manifest path (a clean one) names: as written, else without its leading folders,
+        one at a time (a CheXpert ``Path`` starts with the dataset's own folder, which the ZIP may not have)."""
+        parts = path.split("/")
         for start in range(len(parts)):
             name = "/".join(parts[start:])
             if name in self.files:
@@ -97,9 +102,12 @@ def open_archive(file: BinaryIO, limits: ArchiveLimits) -> Archive:
         raise _rejected(413, message, "too_large")
     files: dict[str, zipfile.ZipInfo] = {}
     for info in infos:
-        name = safe_name(info.filename)
-        if name is None or _is_link(info):
-            raise _rejected(422, f"entry {info.filename!r} is not a plain relative file name (absolute, '..' or link)")
+        try:
+            name = entry_name(info)
+        except InvalidPath as exc:
+            raise _rejected(422, f"entry {info.filename!r} is not a plain relative file name: it {exc}") from None
+        if _is_link(info):
+            raise _rejected(422, f"entry {name!r} is not a plain relative file name: it is a link")
         if info.flag_bits & 0x1:
             raise _rejected(422, f"entry {name!r} is encrypted")
         if info.file_size > limits.max_entry_bytes:

@@ -20,7 +20,7 @@ from typing import BinaryIO
 
 from rq.job import Job
 
-from models.request.manifest import Manifest, PlannedItem, RowError
+from models.request.manifest import InvalidPath, Manifest, PlannedItem, RowError
 from models.request.report import EditReport
 from service.api.archive import Archive
 from service.api.errors import IdempotencyConflict, ManifestErrors, NotCancelable, QueueFull
@@ -38,9 +38,9 @@ from service.contract.batches import (
     save_batch,
 )
 from service.contract.blobs import BlobMissing, file_blob
-from service.contract.datasets import MANIFEST, ManifestLine, counterfactual_name, dataset_names, manifest_csv, stem
+from service.contract.datasets import MANIFEST, ManifestLine, counterfactual_name, dataset_names, manifest_csv
 from service.contract.jobs import JobRequest, fetch_many, read_failure
-from service.contract.keys import batches_index_key
+from service.contract.keys import batch_cancel_key, batches_index_key
 from service.contract.recovery import recover_lost_jobs, worker_lost
 
 BATCH_ID = re.compile(r"[0-9a-f]{32}")
@@ -64,18 +64,15 @@ def content_digest(*parts: bytes | BinaryIO) -> str:
 
 def check_rows(manifest: Manifest, archive: Archive, max_pixels: int) -> dict[int, str]:
     """Each row's entry in the ZIP, every image decoded once; raises :class:`ManifestErrors`
-    listing every bad row (its own cells and its image). Over-limit entries stay a 413."""
+    listing every bad row (its own cells, its path, its image). Over-limit entries stay a 413.
+    Paths and the names of their outputs were checked by the manifest's reader, by the rule the
+    archive's names follow too."""
     errors: list[RowError] = list(manifest.errors)
     entries: dict[int, str] = {}
-    stems: dict[str, int] = {}
     for item in manifest.items:
         name = archive.find(item.path)
         if name is None:
             errors.append(RowError(line=item.line, column="Path", message=f"no file {item.path!r} in the ZIP"))
-            continue
-        if (other := stems.setdefault(stem(item.path), item.line)) != item.line:
-            message = f"{item.path!r} would write the same outputs as line {other}: rename one"
-            errors.append(RowError(line=item.line, column="Path", message=message))
             continue
         try:
             check_image(archive.read(name), max_pixels)
@@ -246,7 +243,9 @@ class BatchStore:
         )
 
     def cancel(self, record: BatchRecord) -> BatchStatus:
-        """Cancel every job not yet ended: queued ones are removed, running ones stop within a step."""
+        """Cancel every job not yet ended: queued ones are removed, running ones stop within a step.
+        The batch is flagged first, so no worker starts one of its jobs while they are gone through."""
+        self.redis.set(batch_cancel_key(record.id), 1, ex=self.settings.job_ttl_s)
         for job_id in record.job_ids:
             try:
                 self.jobs.cancel(job_id, record.owner)
@@ -282,7 +281,7 @@ class BatchStore:
                         }
                     )
                     if report.passed or not passed_only:
-                        names = dataset_names(status.path, report.file_names)
+                        names = _dataset_names(status.path, report.file_names)
                         for name, arcname in names.items():
                             try:
                                 size, chunks = self.jobs.blobs.open(file_blob(status.job_id, name))
@@ -297,6 +296,15 @@ class BatchStore:
                 lines.append(line)
             _write(archive, MANIFEST, manifest_csv(lines))
         yield sink.take()
+
+
+def _dataset_names(path: str, file_names: list[str]) -> dict[str, str]:
+    """The item's names in the dataset; none for a path outside the name rule (a batch accepted
+    before the rule held, still in Redis for its TTL), so no entry can lead outside the folder."""
+    try:
+        return dataset_names(path, file_names)
+    except InvalidPath:
+        return {}
 
 
 def _entry(name: str) -> zipfile.ZipInfo:

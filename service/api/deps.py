@@ -64,9 +64,9 @@ async def one_part_per_field(request: Request, tenant: Tenant) -> None:
 
 def require_utf8_form(request: Request, tenant: Tenant) -> None:
     """422 naming each text field that was not UTF-8 (noted by :class:`~service.api.middleware.Utf8FormFields`)."""
-    bad = getattr(request.state, "non_utf8_fields", [])
-    if bad:
-        raise NonUtf8Fields(bad)
+    check = getattr(request.state, "multipart", None)
+    if check is not None and check.bad:
+        raise NonUtf8Fields(check.bad)
 
 
 @dataclass(frozen=True)

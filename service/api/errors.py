@@ -3,23 +3,34 @@
 Routes, dependencies and the store raise; nothing else builds an error response. Every error has
 one shape, FastAPI's validation shape: ``{"detail": [{"loc": [...], "msg": "...", "type": "..."}]}``
 (``loc`` names the field, header or path parameter at fault; ``type`` is a code a client can
-switch on). ``Retry-After`` is built here only.
+switch on). ``Retry-After`` is built here only. An exception nothing maps is still answered in
+that shape, by :class:`DocumentedErrors`.
 """
 
 from __future__ import annotations
 
+import logging
+import traceback
+from http import HTTPStatus
+
+from asgi_correlation_id import correlation_id
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError as RedisOutOfMemoryError
 from redis.exceptions import ResponseError as RedisResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from models.request.errors import InvalidInput
+from service.api.middleware import MAX_TEXT_PART_BYTES
 from service.api.uploads import UploadRejected
 from service.contract.blobs import StorageUnavailable
+
+log = logging.getLogger("prism.api")
 
 
 class ErrorDetail(BaseModel):
@@ -145,8 +156,91 @@ def _readable(error: dict) -> str:
     return error["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
 
 
+def unreadable_body(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """The form parser's 400, said as a client can act on it: a text field over the part limit is
+    a 413 naming it; a missing boundary names the Content-Type header; broken framing says where
+    the body stopped parsing (:class:`~service.api.middleware.MultipartCheck` watched it)."""
+    check = getattr(request.state, "multipart", None)
+    if check is not None and check.oversized:
+        message = f"is over {MAX_TEXT_PART_BYTES} bytes, a text field's limit (send it as a file part)"
+        detail = [ErrorDetail(loc=["body", name], msg=message, type="too_large") for name in check.oversized]
+        return JSONResponse(ErrorBody(detail=detail).model_dump(), status_code=413)
+    if check is not None and check.problem is not None:
+        loc, message = check.problem
+        return error_response(400, message, "invalid_multipart", list(loc))
+    return error_response(400, f"the body cannot be read as a form ({exc.detail})", "invalid_body", ["body"])
+
+
+class DocumentedErrors:
+    """ASGI, around everything: every error answer in the documented shape.
+
+    * An exception nothing maps is answered 500 ``internal`` with the request id, and logged with
+      its traceback but not its message, which may quote input. (Starlette's last handler answers
+      and then re-raises, after which uvicorn closes the connection under the client's next
+      request; here the exception ends with its answer. One raised once a streamed answer has
+      started still ends the connection: that body is incomplete.)
+    * An error a library answered itself in plain text (Starlette's file responses refuse a
+      malformed ``Range`` header with ``text/plain``) is rewritten in the shape, its status kept.
+    """
+
+    def __init__(self, app: ASGIApp, header_name: str) -> None:
+        self.app = app
+        self.header_name = header_name
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+        plain: Message | None = None
+        text = b""
+
+        async def shaping_send(message: Message) -> None:
+            nonlocal started, plain, text
+            if message["type"] == "http.response.start":
+                started = True
+                content_type = dict(message.get("headers", [])).get(b"content-type", b"")
+                if message["status"] >= 400 and not content_type.startswith(b"application/json"):
+                    plain = message
+                    return
+            if plain is None:
+                await send(message)
+                return
+            text += message.get("body", b"")
+            if not message.get("more_body", False):
+                await self._plain_error(scope, receive, send, plain, text.decode("utf-8", "replace"))
+
+        try:
+            await self.app(scope, receive, shaping_send)
+        except Exception as exc:
+            route = getattr(scope.get("route"), "path", "an unrouted path")
+            frames = "".join(traceback.format_list(traceback.extract_tb(exc.__traceback__)))
+            log.error("unexpected %s in %s %s, answered 500\n%s", type(exc).__name__, scope["method"], route, frames)
+            if started:
+                raise
+            request_id = correlation_id.get() or "-"
+            message = f"internal error; quote request id {request_id} when reporting it"
+            response = error_response(500, message, "internal", headers={self.header_name: request_id})
+            await response(scope, receive, send)
+
+    async def _plain_error(self, scope: Scope, receive: Receive, send: Send, start: Message, text: str) -> None:
+        status = start["status"]
+        ranged = scope["method"] in ("GET", "HEAD") and status in (400, 416) and b"range" in dict(scope["headers"])
+        loc: list[str | int] = ["header", "Range"] if ranged else []
+        kept = {
+            name.decode("latin-1"): value.decode("latin-1")
+            for name, value in start.get("headers", [])
+            if name not in (b"content-type", b"content-length")
+        }
+        response = error_response(status, text or HTTPStatus(status).phrase, "http_error", loc, kept)
+        await response(scope, receive, send)
+
+
 def install_handlers(app: FastAPI) -> None:
-    """Map every domain exception to its answer (``app.state.settings`` gives Retry-After)."""
+    """Map every domain exception to its answer (``app.state.settings`` gives Retry-After), and
+    anything else to the documented 500 (:class:`DocumentedErrors`, added last: outside every
+    other middleware, so also around theirs)."""
+    from service.api.app import REQUEST_ID  # the app's module, which imports this one, names the header
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -186,6 +280,8 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:
+            return unreadable_body(request, exc)
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return error_response(exc.status_code, str(exc.detail), kind, headers=getattr(exc, "headers", None))
 
@@ -205,8 +301,10 @@ def install_handlers(app: FastAPI) -> None:
     async def redis_refused(request: Request, exc: RedisResponseError) -> JSONResponse:
         """Redis at its ``maxmemory`` with ``noeviction`` refuses writes (OOM): the client may retry;
         any other refusal is this service's fault."""
-        if str(exc).startswith("OOM"):
+        if isinstance(exc, RedisOutOfMemoryError):  # redis-py drops the reply's "OOM" prefix from the message
             headers = retry_after(request.app.state.settings.retry_after_s)
             message = "storage full: the queue's Redis is at its memory limit; nothing was accepted, retry later"
             return error_response(503, message, "storage_unavailable", headers=headers)
         return error_response(500, "internal error", "internal")
+
+    app.add_middleware(DocumentedErrors, header_name=REQUEST_ID)

@@ -4,9 +4,12 @@
   they arrive (also for chunked uploads) and the request is answered 413 past the limit.
 * :class:`Utf8FormFields`: Starlette decodes a multipart text field that is not valid UTF-8 as
   Latin-1 instead of failing, so a prompt in a legacy encoding would arrive as different,
-  valid-looking text. The multipart stream is parsed once more on the fly (file parts skipped,
-  text parts decoded incrementally, nothing kept) and the names of bad fields are left in
-  ``request.state.non_utf8_fields`` for the route's dependencies to answer (after authentication).
+  valid-looking text; and when a form does not parse, it says neither which field nor what was
+  wrong. The multipart stream is parsed once more on the fly (file parts skipped, text parts
+  decoded incrementally, nothing kept) by a :class:`MultipartCheck` left in
+  ``request.state.multipart``: the names of text fields that are not UTF-8 (for the route's
+  dependencies to answer, after authentication), of text fields over Starlette's part limit, and
+  what broke the framing (for the answer to the form parser's 400).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import json
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette import formparsers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
@@ -89,16 +93,25 @@ class BodySizeLimit:
                 await self._reject(send, max_bytes)
 
 
-class Utf8FieldCheck:
-    """Feed a multipart body chunk by chunk; ``bad`` names the text fields that are not UTF-8.
+MAX_TEXT_PART_BYTES = formparsers.MultiPartParser.max_part_size
+"""Starlette's limit on a text field of a form (files have none but the body's)."""
 
-    A body that does not parse stops the check without a finding: the form parser reports it.
+
+class MultipartCheck:
+    """Feed a multipart body chunk by chunk: ``bad`` names the text fields that are not UTF-8,
+    ``oversized`` those over :data:`MAX_TEXT_PART_BYTES`, and ``problem`` says what makes the
+    body unreadable as a form (``loc`` and message), if anything does.
+
+    A body that does not parse stops the check there: what was found before stays.
     """
 
-    def __init__(self, boundary: bytes) -> None:
+    def __init__(self, boundary: bytes | None) -> None:
         self.bad: list[str] = []
+        self.oversized: list[str] = []
+        self.problem: tuple[list[str], str] | None = None
         self._header_name = self._header_value = self._disposition = b""
         self._name = ""
+        self._size = 0
         self._decoder: codecs.IncrementalDecoder | None = None
         self._failed = False
         callbacks = {
@@ -110,26 +123,31 @@ class Utf8FieldCheck:
             "on_part_data": self._part_data,
             "on_part_end": self._part_end,
         }
-        self._parser: MultipartParser | None = MultipartParser(boundary, callbacks)
+        self._parser: MultipartParser | None = None
+        if boundary:
+            self._parser = MultipartParser(boundary, callbacks)
+        else:
+            self.problem = (["header", "Content-Type"], "multipart/form-data needs a boundary parameter")
 
     @classmethod
-    def for_content_type(cls, content_type: str) -> Utf8FieldCheck | None:
+    def for_content_type(cls, content_type: str) -> MultipartCheck | None:
         kind, options = parse_options_header(content_type)
-        boundary = options.get(b"boundary")
-        return cls(boundary) if kind == b"multipart/form-data" and boundary else None
+        return cls(options.get(b"boundary")) if kind == b"multipart/form-data" else None
 
     def feed(self, chunk: bytes) -> None:
         if self._parser is None:
             return
         try:
             self._parser.write(chunk)
-        except MultipartParseError:
+        except MultipartParseError as exc:
             self._parser = None
+            self.problem = (["body"], f"the multipart body is malformed ({exc})")
 
     def _part_begin(self) -> None:
         self._disposition = b""
         self._decoder = None
         self._failed = False
+        self._size = 0
 
     def _header_field(self, data: bytes, start: int, end: int) -> None:
         self._header_name += data[start:end]
@@ -144,12 +162,19 @@ class Utf8FieldCheck:
 
     def _headers_finished(self) -> None:
         options = parse_options_header(self._disposition)[1]
+        if b"name" not in options and self.problem is None:
+            self.problem = (["body"], "a part of the form has no name (its Content-Disposition needs name=...)")
         self._name = options.get(b"name", b"").decode("utf-8", "replace")
         is_file = b"filename" in options
         self._decoder = None if is_file else codecs.getincrementaldecoder("utf-8")()
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
-        if self._decoder is None or self._failed:
+        if self._decoder is None:
+            return
+        self._size += end - start
+        if self._size > MAX_TEXT_PART_BYTES and self._name not in self.oversized:
+            self.oversized.append(self._name)
+        if self._failed:
             return
         try:
             self._decoder.decode(data[start:end])
@@ -177,11 +202,11 @@ class Utf8FormFields:
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers", []))
-        check = Utf8FieldCheck.for_content_type(headers.get(b"content-type", b"").decode("latin-1"))
+        check = MultipartCheck.for_content_type(headers.get(b"content-type", b"").decode("latin-1"))
         if check is None:
             await self.app(scope, receive, send)
             return
-        scope.setdefault("state", {})["non_utf8_fields"] = check.bad
+        scope.setdefault("state", {})["multipart"] = check
 
         async def checking_receive() -> Message:
             message = await receive()

@@ -1,6 +1,7 @@
 """The layout of a counterfactual dataset, one for ``GET /batches/{id}/dataset.zip`` and for the
 folder ``prism batch`` writes: result files in one folder per kind, named after the input's path
-(its folders kept, its extension replaced), and ``manifest.csv`` with one line per manifest row.
+(its folders kept, its image extension replaced: :func:`models.request.manifest.output_stem`, the
+manifest's own name rule), and ``manifest.csv`` with one line per manifest row.
 
     counterfactuals/<path>.png   counterfactuals/<path>.dcm  (DICOM inputs: a Secondary Capture)
     differences/<path>.png       differences/<path>.npy       differences/<path>.dcm
@@ -12,9 +13,10 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Iterable, Mapping
-from pathlib import PurePosixPath
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
+
+from models.request.manifest import output_stem
 
 MANIFEST = "manifest.csv"
 LAYOUT = {
@@ -29,14 +31,11 @@ LAYOUT = {
 inversion) stays with the job."""
 
 
-def stem(path: str) -> str:
-    """The input's path without its extension: two inputs with one stem would share outputs."""
-    return str(PurePosixPath(path).with_suffix(""))
-
-
 def dataset_names(path: str, file_names: Iterable[str]) -> dict[str, str]:
-    """A job's file name -> its name in the dataset, for the files a dataset holds."""
-    return {name: LAYOUT[name].format(stem=stem(path)) for name in file_names if name in LAYOUT}
+    """A job's file name -> its name in the dataset, for the files a dataset holds; raises
+    :class:`~models.request.manifest.InvalidPath` for a path outside the name rule."""
+    stem = output_stem(path)
+    return {name: LAYOUT[name].format(stem=stem) for name in file_names if name in LAYOUT}
 
 
 def counterfactual_name(names: Mapping[str, str]) -> str:
@@ -74,6 +73,20 @@ def manifest_csv(lines: Iterable[ManifestLine]) -> bytes:
     return buffer.getvalue().encode()
 
 
+class NotADatasetManifest(ValueError):
+    """A ``manifest.csv`` this layout did not write (edited by hand, or another file)."""
+
+
 def read_manifest_csv(data: bytes) -> list[ManifestLine]:
-    rows = csv.DictReader(io.StringIO(data.decode(), newline=""))
-    return [ManifestLine.model_validate({k: v for k, v in row.items() if v != ""}) for row in rows]
+    """The lines of a ``manifest.csv`` that :func:`manifest_csv` wrote; raises :class:`NotADatasetManifest`."""
+    try:
+        rows = csv.DictReader(io.StringIO(data.decode(), newline=""))
+    except UnicodeDecodeError:
+        raise NotADatasetManifest("it is not UTF-8 text") from None
+    try:
+        return [ManifestLine.model_validate({k: v for k, v in row.items() if k in COLUMNS and v}) for row in rows]
+    except csv.Error as exc:
+        raise NotADatasetManifest(f"line {rows.line_num}: {exc}") from None
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        raise NotADatasetManifest(f"line {rows.line_num}: {error['loc'][0]}: {error['msg']}") from None

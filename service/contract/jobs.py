@@ -22,6 +22,7 @@ from rq.serializers import JSONSerializer
 from models.request.params import CommaList
 from models.request.resolve import EditRequest, ResolvedEdit
 from service.contract.blobs import input_blob, mask_blob
+from service.contract.keys import batch_cancel_key, cancel_key
 from service.contract.settings import Settings
 
 EventName = Literal["started", "completed"]
@@ -45,6 +46,19 @@ class JobRequest(EditRequest):
         Field(min_length=1, description="which events the webhook receives"),
         CommaList,
     ] = ("started", "completed")
+
+
+class JobArgs(BaseModel):
+    """A job's arguments, one typed envelope: the blobs of its input (and anatomy mask), the
+    client's ``request`` (where its events go) and the ``edit`` it was resolved to at the door.
+    Stored as JSON (never pickle) in the job; read in one place, :func:`job_args`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    image: str
+    request: JobRequest
+    edit: ResolvedEdit
+    mask: str | None = None
 
 
 class ErrorCode(StrEnum):
@@ -103,14 +117,10 @@ def enqueue(
     webhook settings), the ``edit`` it was resolved to, which the worker runs and a status shows,
     and the ``batch`` it belongs to, if any."""
     ttl = settings.job_ttl_s
-    kwargs = {
-        "image": input_blob(job_id),
-        "request": request.model_dump(mode="json"),
-        "edit": edit.model_dump(mode="json"),
-    }
+    args = JobArgs(image=input_blob(job_id), request=request, edit=edit, mask=mask_blob(job_id) if with_mask else None)
     return queue.enqueue_call(
         TASK,
-        kwargs={**kwargs, "mask": mask_blob(job_id) if with_mask else None},
+        kwargs=args.model_dump(mode="json"),
         job_id=job_id,
         timeout=settings.job_timeout_s,
         result_ttl=ttl,
@@ -126,9 +136,20 @@ def fetch_many(redis: Redis, job_ids: list[str]) -> list[Job | None]:
     return Job.fetch_many(job_ids, connection=redis, serializer=JSONSerializer)
 
 
+def job_args(job: Job) -> JobArgs:
+    """The job's arguments, read back as :func:`enqueue` wrote them."""
+    return JobArgs.model_validate(job.kwargs)
+
+
 def job_edit(job: Job) -> ResolvedEdit:
     """The edit a job was resolved to at submission."""
-    return ResolvedEdit.model_validate(job.kwargs["edit"])
+    return job_args(job).edit
+
+
+def cancel_flags(job: Job) -> list[str]:
+    """The keys that, set, mean the job must not run on: its own cancel, its batch's."""
+    batch = job.meta.get("batch")
+    return [cancel_key(job.id), *([batch_cancel_key(batch)] if batch else [])]
 
 
 def record_failure(job: Job, error: JobError) -> None:

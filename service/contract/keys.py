@@ -31,6 +31,11 @@ def batch_key(batch_id: str) -> str:
     return f"prism:batch:{batch_id}"
 
 
+def batch_cancel_key(batch_id: str) -> str:
+    """Set while a batch is being canceled: a worker takes none of its jobs from then on."""
+    return f"prism:batch:{batch_id}:cancel"
+
+
 def batch_ended_key(batch_id: str) -> str:
     """The set of a batch's job ids that have ended (succeeded, failed or canceled)."""
     return f"prism:batch:{batch_id}:ended"

@@ -84,6 +84,12 @@ class Settings(BaseSettings):
         "with CUDA graphs, CUDA only), warmed at worker start; eager with a log line where unavailable",
     )
     max_requeues: int = Field(1, ge=0, description="times a job whose worker died is re-queued before it fails")
+    stop_grace_s: int = Field(
+        120,
+        ge=0,
+        description="a stopping worker's jobs have this long to finish (a faithful GPU job takes under a minute), "
+        "then go back to the queue for the next worker",
+    )
     max_queue_depth: int = Field(
         500, ge=1, description="above this many queued jobs, POST answers 503 (a batch must fit whole)"
     )

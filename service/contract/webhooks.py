@@ -23,7 +23,7 @@ from rq import Queue, Retry
 from rq.serializers import JSONSerializer
 
 from models.request.errors import InvalidInput
-from service.contract.jobs import EventName
+from service.contract.jobs import EventName, job_args
 from service.contract.settings import Settings
 
 DELIVER = "worker.webhooks.deliver"
@@ -42,13 +42,17 @@ class WebhookEvent(BaseModel):
 
 def check_webhook_url(url: str, allow_private: bool) -> str:
     """The URL if it may receive webhooks, else :class:`InvalidInput` naming ``webhook``."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # parsed on access: a port out of range or not a number raises here
+    except ValueError:
+        raise InvalidInput("webhook", "must be an http or https URL (its host or port cannot be read)") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise InvalidInput("webhook", "must be an http or https URL")
     if allow_private:
         return url
     try:
-        infos = socket.getaddrinfo(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+        infos = socket.getaddrinfo(parts.hostname, port or (443 if parts.scheme == "https" else 80))
     except (socket.gaierror, UnicodeError):
         raise InvalidInput("webhook", "its host does not resolve") from None
     for info in infos:
@@ -87,7 +91,6 @@ def event(name: EventName, data: dict[str, Any], subject: Literal["job", "batch"
 
 def notify_job(redis: Redis, settings: Settings, job, name: EventName, data: dict[str, Any]) -> None:
     """Queue the ``name`` event of ``job`` if its request asked for it."""
-    request = job.kwargs.get("request") or {}
-    url, events = request.get("webhook"), request.get("webhook_events") or []
-    if url and name in events:
-        notify(redis, settings, job.meta.get("owner", ""), url, event(name, {"id": job.id, **data}))
+    request = job_args(job).request
+    if request.webhook and name in request.webhook_events:
+        notify(redis, settings, job.meta.get("owner", ""), request.webhook, event(name, {"id": job.id, **data}))

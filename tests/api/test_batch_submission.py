@@ -1,8 +1,10 @@
 """``POST /batches`` before any worker runs: idempotency, the queue's room, the row limit, other
-tenants, and the archive checks on entries a ZIP writer would not make."""
+tenants, the archive checks on entries a ZIP writer would not make, and entry names read as
+archivers write them."""
 
 import io
 import stat
+import unicodedata
 import uuid
 import zipfile
 
@@ -140,3 +142,29 @@ def test_batches_belong_to_the_key_that_made_them(redis_server, tmp_path):
         assert client.get("/batches", headers={"X-API-Key": bob}).json()["total"] == 0
         assert client.get("/batches", headers={"X-API-Key": alice}).json()["batches"][0]["id"] == batch_id
     Redis.from_url(redis_server.url).delete(f"rq:queue:{queue}")
+
+
+def _unflagged(name: str, data: bytes) -> io.BytesIO:
+    """A ZIP whose one entry's name is UTF-8 without the UTF-8 flag, as macOS's archiver writes it."""
+    raw = name.encode()
+    placeholder = b"x" * len(raw)
+    buffer = _zip((zipfile.ZipInfo(placeholder.decode()), data))
+    return io.BytesIO(buffer.getvalue().replace(placeholder, raw))
+
+
+def test_entry_names_follow_the_manifest_rule_as_archivers_write_them():
+    decomposed = unicodedata.normalize("NFD", "scans/échographie.png")
+    archive = open_archive(_unflagged(decomposed, b"x"), LIMITS)
+    assert archive.zip.infolist()[0].flag_bits & 0x800 == 0
+    assert archive.find("scans/échographie.png") == "scans/échographie.png"
+    windows = open_archive(
+        _zip((zipfile.ZipInfo("scans\\p000.png"), b"x"), (zipfile.ZipInfo("./p001.png"), b"y")), LIMITS
+    )
+    assert set(windows.files) == {"scans/p000.png", "p001.png"}
+    assert windows.find("CheXpert-v1.0/scans/p000.png") == "scans/p000.png"
+    with pytest.raises(UploadRejected, match="control character") as refused:
+        open_archive(_zip((zipfile.ZipInfo("scans/a\x01.png"), b"x")), LIMITS)
+    assert refused.value.status_code == 422 and refused.value.field == "images"
+    composed = zipfile.ZipInfo("scans/échographie.png")
+    with pytest.raises(UploadRejected, match="appears twice"):
+        open_archive(_zip((composed, b"x"), (zipfile.ZipInfo(decomposed), b"y")), LIMITS)

@@ -4,6 +4,7 @@
 import importlib
 import io
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -116,6 +117,29 @@ def test_python_client_submits_waits_downloads_and_lists(service, tmp_path):
         with pytest.raises(PrismError) as info:
             client.cancel(job.id)
         assert info.value.status_code == 409 and info.value.detail[0]["type"] == "conflict"
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "content_type", "message"),
+    [
+        (400, b"Invalid HTTP request received.", "text/plain", "400: : Invalid HTTP request received."),
+        (502, b"<html>Bad Gateway</html>", "text/html", "502: : <html>Bad Gateway</html>"),
+        (404, b'{"detail": "Not Found"}', "application/json", '404: : {"detail": "Not Found"}'),
+        (422, b'{"detail": [{"loc": ["body", "steps"], "msg": "too many", "type": "value_error"}]}',
+         "application/json", "422: body.steps: too many"),
+    ],
+)  # fmt: skip
+def test_the_client_reports_any_error_answer_as_prism_error(tmp_path, status, body, content_type, message):
+    """What answers before the service (a proxy, the HTTP server itself) is reported too, not a traceback."""
+    answer = httpx.MockTransport(
+        lambda request: httpx.Response(status, content=body, headers={"content-type": content_type})
+    )
+    with PrismClient("http://prism", transport=answer, max_retries=0) as client:
+        with pytest.raises(PrismError, match=re.escape(message)) as info:
+            client.batch("0" * 32)
+        assert info.value.status_code == status
+        with pytest.raises(PrismError, match=str(status)):
+            client.download_dataset("0" * 32, tmp_path / "d.zip")
 
 
 def test_prism_submit_from_the_readme(service, tmp_path):

@@ -1,6 +1,8 @@
-"""``prism up``: a Ctrl-C (SIGINT to the terminal's process group) stops the clients while Redis
-still runs, so nothing logs a traceback and RQ's webhook scheduler lock is released; a service
-restarted at once then delivers a webhook retry when it is due, not after the lock expires."""
+"""``prism up``: a worker killed under it is started again and its job re-queued; a Ctrl-C (SIGINT to
+the terminal's process group) gives a job past its grace back to the queue, spending no retry, and
+stops the clients while Redis still runs, so nothing logs a traceback and RQ's webhook scheduler
+lock is released; a service restarted at once then finishes the job and delivers a webhook retry
+when it is due, not after the lock expires."""
 
 import contextlib
 import os
@@ -16,7 +18,18 @@ from rq.scheduler import RQScheduler
 from cli.local_redis import LocalRedis, free_port
 from service.contract.settings import Settings
 from tests.api.test_webhooks import SECRET, Receiver
-from tests.stack import healthy, poll, prism, service_env, start_worker, stop, submit, wait_for, wait_ready
+from tests.stack import (
+    healthy,
+    poll,
+    prism,
+    service_env,
+    start_worker,
+    stop,
+    submit,
+    wait_for,
+    wait_ready,
+    wait_running,
+)
 
 LOCK = RQScheduler.get_locking_key(Settings().webhook_queue_name)
 
@@ -53,33 +66,68 @@ def _kill(process: subprocess.Popen, log: Path) -> None:
             Redis.from_url(url, socket_timeout=2).shutdown(nosave=True)
 
 
+def _children(parent: int) -> list[int]:
+    """The pids whose parent is ``parent``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == parent:
+                found.append(int(entry.name))
+    return found
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+    except OSError:
+        return ""
+
+
 def _ctrl_c(process: subprocess.Popen) -> None:
     os.killpg(process.pid, signal.SIGINT)
     assert process.wait(120) == 0
 
 
-def test_ctrl_c_stops_redis_last_and_a_quick_restart_retries_webhooks_on_time(tmp_path, tiny_model_dir):
+def test_a_killed_worker_restarts_and_ctrl_c_gives_jobs_back_and_stops_redis_last(tmp_path, tiny_model_dir):
     home = tmp_path / "home"
     env = service_env("", tiny_model_dir, PRISM_HOME=str(home), PRISM_WEBHOOK_ALLOW_PRIVATE="true",
-                      PRISM_WEBHOOK_SECRET=SECRET, PRISM_WEBHOOK_RETRY_FIRST_S="3")  # fmt: skip
+                      PRISM_WEBHOOK_SECRET=SECRET, PRISM_WEBHOOK_RETRY_FIRST_S="3", PRISM_STOP_GRACE_S="2")  # fmt: skip
     del env["PRISM_REDIS_URL"]
     log = tmp_path / "up.log"
-    first, _ = _up(env, free_port(), log)
+    first, url = _up(env, free_port(), log)
     try:
+        killed = submit(url, steps="12").json()["id"]
+        wait_running(url, killed)
+        (worker,) = [pid for pid in _children(first.pid) if _cmdline(pid).endswith(" worker")]
+        os.kill(worker, signal.SIGKILL)
+        wait_for(lambda: log.read_text(), lambda text: "worker 0 exited (code -9)" in text, "the restart line")
+        final = poll(url, killed, {"succeeded", "failed"})
+        assert final["status"] == "succeeded" and final["requeues"] == 1
+        held = submit(url, steps="60").json()["id"]
+        wait_running(url, held)
         _ctrl_c(first)
     finally:
         if first.poll() is None:
             _kill(first, log)
     text = log.read_text()
     assert "Traceback" not in text and "ConnectionError" not in text, text[-3000:]
+    assert "back on the queue for the next worker" in text
     with LocalRedis(home / "redis") as stopped:  # the same AOF, read back
         redis = Redis.from_url(stopped.url)
         assert not redis.exists(LOCK)
-        assert redis.scard("rq:workers") == 0  # every worker unregistered
+        # every worker that was stopped unregistered (the killed one could not: its key expires)
+        assert [w for w in redis.smembers("rq:workers") if f".{worker}.".encode() not in w] == []
+        assert redis.lindex("rq:queue:prism", 0) == held.encode()  # given back, first in line
 
     receiver = Receiver(fail=1)
     second, url = _up(env, free_port(), log)
     try:
+        final = poll(url, held, {"succeeded", "failed"})
+        assert final["status"] == "succeeded" and final["requeues"] == 0  # the stop spent no retry
         job_id = submit(url, webhook=receiver.url, steps="2").json()["id"]
         assert poll(url, job_id, {"succeeded", "failed"})["status"] == "succeeded"
         wait_for(lambda: len(receiver.requests), lambda n: n >= 4, "each event delivered on its retry")

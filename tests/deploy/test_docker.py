@@ -4,6 +4,8 @@ from pathlib import Path
 
 import yaml
 
+from service.contract.settings import Settings
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -20,10 +22,13 @@ def test_redis_is_durable_and_never_evicts():
     assert any(v.endswith(":/data") for v in redis["volumes"])
 
 
-def test_worker_reserves_a_gpu_and_mounts_weights_read_only():
+def test_the_worker_holds_the_node_s_gpus_one_process_each_and_mounts_weights_read_only():
     worker = _compose()["services"]["worker"]
     devices = worker["deploy"]["resources"]["reservations"]["devices"]
-    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    assert devices == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
+    assert worker["command"] == ["prism", "worker", "--devices", "all"]
+    grace = int(worker["stop_grace_period"].removesuffix("s"))
+    assert grace > Settings().stop_grace_s  # Docker waits for the jobs in hand before it kills
     assert any(v.endswith(":/models:ro") for v in worker["volumes"])
     assert worker["environment"]["PRISM_MODEL_DIR"].startswith("/models/")
     assert worker["depends_on"]["redis"]["condition"] == "service_healthy"

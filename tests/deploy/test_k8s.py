@@ -1,9 +1,9 @@
 """The Kubernetes manifests (deploy/k8s): valid against the Kubernetes API schemas (offline, with
 kubernetes-validate) and KEDA's ScaledObject fields, and in agreement with the code: the queue and
 Redis the ScaledObject watches are the ones the service uses, the settings are settings the code
-reads, and a worker's grace period outlasts the longest job. That a worker finishes its job on
-SIGTERM, which the grace period relies on, is tests/worker/test_faults.py's
-``test_sigterm_finishes_the_current_job_then_exits``."""
+reads, and a worker's grace period outlasts its stop's (PRISM_STOP_GRACE_S). That a worker
+finishes its job on SIGTERM, or gives it back past that grace, which the grace period relies on, is
+tests/worker/test_faults.py's and tests/cli/test_serving.py's."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import yaml
 from redis import Redis
 from rq import Queue
 
+from cli.serving import STOP_MARGIN_S
 from service.api.schemas import ScalingDemand
 from service.contract.settings import Settings
 from tests.deploy.keda import SCALED_OBJECT
@@ -138,8 +139,10 @@ def disagreements(docs: list[dict]) -> list[str]:
     if triggers["metrics-api"]["targetValue"] != "1":
         problems.append("the metrics-api trigger's target is not one worker per workers_wanted")
     grace = _one("Deployment", "prism-worker", docs)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
-    if grace <= settings.job_timeout_s:
-        problems.append(f"grace period {grace} s does not outlast PRISM_JOB_TIMEOUT_S={settings.job_timeout_s}")
+    if grace <= settings.stop_grace_s + STOP_MARGIN_S:
+        problems.append(
+            f"grace period {grace} s does not outlast PRISM_STOP_GRACE_S={settings.stop_grace_s} and a margin"
+        )
     return problems + storage_disagreements(docs)
 
 
@@ -157,7 +160,7 @@ def test_the_worker_pool_scales_and_stops_as_the_code_works():
         ),
         (("ConfigMap", "prism-settings", "data", "PRISM_QUEUE_NAME"), "other", "watches"),
         (("ConfigMap", "prism-settings", "data", "PRISM_REDIS_URL"), "redis://elsewhere:6379/0", "reads"),
-        (("ConfigMap", "prism-settings", "data", "PRISM_JOB_TIMEOUT_S"), "7200", "grace period"),
+        (("ConfigMap", "prism-settings", "data", "PRISM_STOP_GRACE_S"), "600", "grace period"),
         (("ConfigMap", "prism-settings", "data", "PRISM_WORKER_BATCH"), "8", "batches"),
         (("ScaledObject", "prism-worker", "spec", "triggers", 1, "metadata", "targetValue"), "4", "target"),
         (("ConfigMap", "prism-settings", "data", "PRISM_BLOB_URL"), "file:///srv/blobs", "share a blob store"),
