@@ -473,7 +473,7 @@ def bench_batch(args: argparse.Namespace) -> int:
 
 def register_throughput(sub: argparse._SubParsersAction) -> None:
     throughput = sub.add_parser(
-        "bench-throughput", help="jobs per hour of one worker at several batch sizes, through the worker's path"
+        "bench-throughput", help="jobs per hour of one worker at several pack sizes, through the worker's path"
     )
     throughput.add_argument(
         "--model", default="builtin", help="builtin; full-size (SD v1.5's architecture, random weights); or a directory"
@@ -481,13 +481,13 @@ def register_throughput(sub: argparse._SubParsersAction) -> None:
     throughput.add_argument("--device", choices=["cpu", "cuda"])
     throughput.add_argument("--dtype", choices=get_args(DtypeName), help="the UNet's precision")
     throughput.add_argument(
-        "--batches", type=_counts, default=(1, 2, 4, 8), help="batch sizes, comma-separated (default 1,2,4,8)"
+        "--packs", type=_counts, default=(1, 2, 4, 8), help="pack sizes, comma-separated (default 1,2,4,8)"
     )
     throughput.add_argument(
-        "--jobs", type=positive(int), default=8, help="jobs per batch size, each another image (default 8)"
+        "--jobs", type=positive(int), default=8, help="jobs per pack size, each another image (default 8)"
     )
     throughput.add_argument(
-        "--baseline-jobs", type=positive(int), help="run only this many of the jobs at batch 1 (default: all)"
+        "--baseline-jobs", type=positive(int), help="run only this many of the jobs at pack 1 (default: all)"
     )
     throughput.add_argument(
         "--compile", choices=["off", "compile", "cudagraph"], default="off", help="the inversion loops' UNet"
@@ -501,7 +501,7 @@ def register_throughput(sub: argparse._SubParsersAction) -> None:
 
 
 def _counts(text: str) -> tuple[int, ...]:
-    """An argparse ``type``: comma-separated batch sizes above 0."""
+    """An argparse ``type``: comma-separated pack sizes above 0."""
     try:
         counts = tuple(int(part) for part in text.split(","))
     except ValueError:
@@ -513,7 +513,7 @@ def _counts(text: str) -> tuple[int, ...]:
 
 def bench_throughput(args: argparse.Namespace) -> int:
     """A private redis-server and one in-process worker over ``--model``, compiled as ``--compile``
-    asks, running ``--jobs`` jobs at every batch size of ``--batches``."""
+    asks, running ``--jobs`` jobs at every pack size of ``--packs``."""
     import tempfile
 
     from tqdm import tqdm
@@ -527,19 +527,19 @@ def bench_throughput(args: argparse.Namespace) -> int:
 
     params = _params(args)
     if params.method != "prism":
-        raise CliError("--method", "only prism's jobs share batches")
-    bundle = compile_loops(_bench_model(args), args.compile, max(args.batches))
+        raise CliError("--method", "only prism's jobs share packs")
+    bundle = compile_loops(_bench_model(args), args.compile, max(args.packs))
     jobs = []
     for index in range(args.jobs):
         image, (source, edit, _) = _bench_case(args, bundle.resolution, index)
         jobs.append(
             (encode_png(image.pixels, 16), ResolvedEdit(original_prompt=source, edit_prompt=edit, params=params))
         )
-    batches = sorted({1, *args.batches})
+    packs = sorted({1, *args.packs})
     with tempfile.TemporaryDirectory() as tmp, LocalRedis(Path(tmp) / "redis") as redis:
         baseline = min(args.baseline_jobs or args.jobs, args.jobs)
         settings = Settings(redis_url=redis.url, blob_url=(Path(tmp) / "blobs").as_uri())
-        with tqdm(total=(len(batches) - 1) * args.jobs + baseline, desc="bench-throughput") as bar:
-            report = measure_throughput(bundle, jobs, batches, settings, bar.update, args.baseline_jobs)
+        with tqdm(total=(len(packs) - 1) * args.jobs + baseline, desc="bench-throughput") as bar:
+            report = measure_throughput(bundle, jobs, packs, settings, bar.update, args.baseline_jobs)
     _write_report(Path(args.out), "throughput", report)
     return 0

@@ -13,7 +13,7 @@ from pathlib import Path
 from cli.errors import CliError
 from cli.options import port, positive
 
-BATCH_HELP = "jobs a worker runs as one batch (PRISM_WORKER_BATCH; default 1): see the README on sizing it"
+PACK_HELP = "jobs a worker runs as one pack (PRISM_WORKER_PACK; default 1): see the README on sizing it"
 DEVICES_HELP = (
     "one worker per device, each pinned to it and started again if it exits: 'all' or GPU indices such as "
     "0,1,3; with PRISM_DEVICE=cpu the indices name shares of the cores, each worker pinned to its share"
@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     worker = sub.add_parser("worker", help="run a worker: load the model once, then serve jobs")
     worker.add_argument("--burst", action="store_true", help="exit when the queue is empty")
-    worker.add_argument("--batch", type=positive(int), help=BATCH_HELP)
+    worker.add_argument("--pack", type=positive(int), help=PACK_HELP)
     worker.add_argument("--devices", help=DEVICES_HELP)
     worker.set_defaults(func=run_worker, log_level=logging.INFO)
 
@@ -47,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=port, default=8000)
     up.add_argument("--workers", type=positive(int), default=1, help="GPU workers, each holding the model once")
-    up.add_argument("--batch", type=positive(int), help=BATCH_HELP)
+    up.add_argument("--pack", type=positive(int), help=PACK_HELP)
     up.add_argument("--devices", help=DEVICES_HELP + " (instead of --workers)")
     up.set_defaults(func=run_all, log_level=logging.INFO)
 
@@ -69,11 +69,11 @@ def run_worker(args: argparse.Namespace) -> int:
     from service.contract.settings import get_settings
 
     settings = get_settings()
-    if args.batch is not None:
+    if args.pack is not None:
         try:
-            settings = type(settings)(**{**settings.model_dump(), "worker_batch": args.batch})
+            settings = type(settings)(**{**settings.model_dump(), "worker_pack": args.pack})
         except ValidationError as exc:
-            raise CliError("--batch", exc.errors()[0]["msg"]) from None
+            raise CliError("--pack", exc.errors()[0]["msg"]) from None
     try:
         locate_model(settings.model_dir, settings.clip_model)
     except ModelLoadError as exc:
@@ -113,8 +113,8 @@ def _per_device(args: argparse.Namespace, settings) -> int:
     cpu = settings.device == "cpu"
     argv = [sys.executable, "-m", "cli", "worker", *(["--burst"] if args.burst else [])]
     env = dict(os.environ)
-    if args.batch is not None:
-        env["PRISM_WORKER_BATCH"] = str(args.batch)
+    if args.pack is not None:
+        env["PRISM_WORKER_PACK"] = str(args.pack)
     _supervise(Supervisor(device_workers(_devices(args.devices, cpu), cpu, argv, env)), settings.stop_grace_s)
     return 0
 
@@ -181,8 +181,8 @@ def run_all(args: argparse.Namespace) -> int:
         local = LocalRedis(Path(settings.home).expanduser() / "redis").start()
         env["PRISM_REDIS_URL"] = local.url
         print(f"started redis-server at {local.url}", file=sys.stderr)
-    if args.batch is not None:
-        env["PRISM_WORKER_BATCH"] = str(args.batch)
+    if args.pack is not None:
+        env["PRISM_WORKER_PACK"] = str(args.pack)
     prism = [sys.executable, "-m", "cli"]
     if args.devices is not None:
         cpu = settings.device == "cpu"

@@ -1,6 +1,6 @@
 """The whole PRISM counterfactual: run the request's method, score its candidates with S_CLIP,
-keep the best, map it back to the input, and report; for one input, or for a batch of inputs
-whose edits can share their passes (a worker's batch of jobs).
+keep the best, map it back to the input, and report; for one input, or for a pack of inputs
+whose edits can share their passes (a worker's pack of jobs).
 
 Plain arrays and a resolved request in (:func:`models.request.resolve.resolve`); plain arrays and a
 typed :class:`~models.request.report.EditReport` out; no HTTP, no queue.
@@ -16,14 +16,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.diffusion.batching import BatchProgress, LeaveBatch, ProgressCallback
 from models.diffusion.components import ModelBundle, decode_latents
 from models.diffusion.inversion import InversionCache
+from models.diffusion.packing import LeavePack, PackProgress, ProgressCallback
 from models.imaging.dicom import DicomSource, secondary_captures
 from models.imaging.difference import difference, encode_rgb_png, render_difference
 from models.imaging.files import DecodedImage, encode_png
 from models.imaging.geometry import from_model_output, quantize, to_model_input
-from models.methods.base import BatchMethod, Edit, Method, PhaseTimer, RunContext, Source
+from models.methods.base import Edit, Method, PackMethod, PhaseTimer, RunContext, Source
 from models.methods.guided import Guided
 from models.methods.prism import Prism
 from models.methods.sdedit import SDEdit
@@ -42,7 +42,7 @@ from models.scoring.classifier import FindingClassifier
 from models.scoring.clip import ClipScorer, score_candidates
 
 SCORE_REFERENCE = "reconstruction"
-METHODS: dict[str, Method | BatchMethod] = {method.name: method for method in (Prism(), SDEdit(), Guided())}
+METHODS: dict[str, Method | PackMethod] = {method.name: method for method in (Prism(), SDEdit(), Guided())}
 
 
 @dataclass
@@ -102,8 +102,8 @@ def encode_npy(array: np.ndarray) -> bytes:
 
 
 @dataclass(frozen=True)
-class BatchItem:
-    """One counterfactual of a batch: the decoded input, the resolved edit, its progress callback
+class PackItem:
+    """One counterfactual of a pack: the decoded input, the resolved edit, its progress callback
     and, for ``guided``, the anatomy to keep (an image-sized mask, True = keep)."""
 
     image: DecodedImage
@@ -112,11 +112,11 @@ class BatchItem:
     keep: np.ndarray | None = None
 
 
-def batch_key(params: EditParams) -> Hashable | None:
-    """Edits with equal keys can run as one batch (:func:`generate_counterfactuals`); None for an
+def pack_key(params: EditParams) -> Hashable | None:
+    """Edits with equal keys can run as one pack (:func:`generate_counterfactuals`); None for an
     edit whose method runs one image at a time."""
     method = METHODS[params.method]
-    return (params.method, method.batch_key(params)) if isinstance(method, BatchMethod) else None
+    return (params.method, method.pack_key(params)) if isinstance(method, PackMethod) else None
 
 
 def generate_counterfactual(
@@ -138,7 +138,7 @@ def generate_counterfactual(
     callback's exception, or the engine's :class:`InvalidInput` for the request.
     """
     (result,) = generate_counterfactuals(
-        bundle, [BatchItem(image, edit, callback, keep)], cache=cache, classifier=classifier
+        bundle, [PackItem(image, edit, callback, keep)], cache=cache, classifier=classifier
     )
     if isinstance(result, Exception):
         raise result
@@ -147,24 +147,24 @@ def generate_counterfactual(
 
 def generate_counterfactuals(
     bundle: ModelBundle,
-    items: Sequence[BatchItem],
+    items: Sequence[PackItem],
     *,
     cache: InversionCache | None = None,
     classifier: FindingClassifier | None = None,
 ) -> list[Counterfactual | Exception]:
-    """The counterfactuals of several inputs run as one batch (their edits share a :func:`batch_key`;
+    """The counterfactuals of several inputs run as one pack (their edits share a :func:`pack_key`;
     one item may have any), each as :func:`generate_counterfactual` would make it alone.
 
-    An item leaves the batch without stopping the others when its callback raises
-    :class:`~models.diffusion.batching.LeaveBatch` (a canceled job) or the engine finds its own
+    An item leaves the pack without stopping the others when its callback raises
+    :class:`~models.diffusion.packing.LeavePack` (a canceled job) or the engine finds its own
     input unusable (:class:`InvalidInput`, :class:`ImageError`): its place in the result holds that
-    exception. Any other exception stops the whole batch. Timings are the batch's: an item is
+    exception. Any other exception stops the whole pack. Timings are the pack's: an item is
     charged each phase it took part in.
     """
-    keys = {batch_key(item.edit.params) for item in items}
+    keys = {pack_key(item.edit.params) for item in items}
     if len(items) > 1 and (len(keys) > 1 or None in keys):
-        raise ValueError("these edits cannot share a batch: see batch_key")
-    progress = BatchProgress([item.callback for item in items])
+        raise ValueError("these edits cannot share a pack: see pack_key")
+    progress = PackProgress([item.callback for item in items])
     timers = [PhaseTimer(bundle.device) for _ in items]
     sources: list[Source] = []
     for index, item in enumerate(items):
@@ -185,22 +185,22 @@ def generate_counterfactuals(
             try:
                 results.append(_finish(bundle, item, sources[index], edits[index], timers[index], len(items)))
                 continue
-            except LeaveBatch as exc:  # left while being scored
+            except LeavePack as exc:  # left while being scored
                 progress.fail(index, exc)
         results.append(progress.left[index])
     return results
 
 
-ITEM_ERRORS = (LeaveBatch, InvalidInput, ImageError)
-"""What ends one item of a batch, not the batch."""
+ITEM_ERRORS = (LeavePack, InvalidInput, ImageError)
+"""What ends one item of a pack, not the pack."""
 
 
 def _run(
-    method: Method | BatchMethod, sources: list[Source], contexts: list[RunContext], progress: BatchProgress
+    method: Method | PackMethod, sources: list[Source], contexts: list[RunContext], progress: PackProgress
 ) -> dict[int, Edit]:
     """The method's edits of the items still in ``progress``, by item."""
-    if isinstance(method, BatchMethod):
-        return method.run_batch(sources, contexts, progress) if progress.alive else {}
+    if isinstance(method, PackMethod):
+        return method.run_pack(sources, contexts, progress) if progress.alive else {}
     edits = {}
     for index in progress.alive:
         try:
@@ -211,7 +211,7 @@ def _run(
 
 
 def _finish(
-    bundle: ModelBundle, item: BatchItem, source: Source, result: Edit, timer: PhaseTimer, batch_size: int
+    bundle: ModelBundle, item: PackItem, source: Source, result: Edit, timer: PhaseTimer, pack_size: int
 ) -> Counterfactual:
     """Decode one item's candidates, score them, keep the best, map it back to the input, report."""
     image, edit, callback = item.image, item.edit, item.callback
@@ -238,7 +238,7 @@ def _finish(
         image=image,
         geometry=source.geometry,
         timings=timer.timings,
-        batch_size=batch_size,
+        pack_size=pack_size,
         original_prompt=edit.original_prompt,
     )
     return Counterfactual(
@@ -304,7 +304,7 @@ def edit_report(
     geometry: Geometry,
     timings: dict[str, float],
     original_prompt: str,
-    batch_size: int,
+    pack_size: int,
 ) -> EditReport:
     """What ``result.json`` and the job status say about the kept candidate ``best``."""
     chosen = scores[best]
@@ -321,7 +321,7 @@ def edit_report(
             for s, sc in zip(result.self_replace, scores, strict=True)
         ],
         timings=timings,
-        batch_size=batch_size,
+        pack_size=pack_size,
         parameters=params,
         model=ModelInfo(
             identity=bundle.identity,

@@ -13,8 +13,8 @@
 #
 # Steps (cap in seconds): faithful (110) one null_text job alone, per phase, cold and cached;
 # profile (50) a torch.profiler trace of three null-text inner steps; precision (100) one job in
-# fp16 and in fp32 on the same input; throughput (110) batch 1 against batch 8, eager, at
-# $THROUGHPUT_STEPS steps; cudagraph (100) the same batch 8 with PRISM_COMPILE=cudagraph.
+# fp16 and in fp32 on the same input; throughput (110) pack 1 against pack 8, eager, at
+# $THROUGHPUT_STEPS steps; cudagraph (100) the same pack 8 with PRISM_COMPILE=cudagraph.
 # $OUT/steps.md lists each step's status and seconds; each step's tables are in $OUT/<step>/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -56,7 +56,7 @@ run_steps() {
     step profile 50 $PRISM bench-profile "${common[@]}" --dtype "$DTYPE" --inner-steps 3 --out "$OUT/profile"
     step precision 100 $PRISM bench-precision "${common[@]}" --dtypes "$DTYPE,float32" "${edit[@]}" \
         --out "$OUT/precision"
-    local throughput=(bench-throughput "${common[@]}" --dtype "$DTYPE" --batches 8 --jobs 8 --baseline-jobs 2
+    local throughput=(bench-throughput "${common[@]}" --dtype "$DTYPE" --packs 8 --jobs 8 --baseline-jobs 2
         --steps "$THROUGHPUT_STEPS" --inner-steps "$INNER")
     step throughput 110 $PRISM "${throughput[@]}" --out "$OUT/throughput"
     step cudagraph 100 $PRISM "${throughput[@]}" --compile cudagraph --out "$OUT/cudagraph"

@@ -16,13 +16,13 @@ def bundle_from_settings(settings: Settings) -> ModelBundle:
     ``PRISM_CLIP_MODEL``, on ``PRISM_DEVICE`` with the UNet in ``PRISM_DTYPE``, run by
     ``PRISM_CPU_THREADS`` threads (a process-wide torch setting, made here for the process that
     holds the model), its inversion loops compiled as ``PRISM_COMPILE`` asks for batches up to
-    ``PRISM_WORKER_BATCH``."""
+    ``PRISM_WORKER_PACK``."""
     if settings.cpu_threads is not None:
         torch.set_num_threads(settings.cpu_threads)
     bundle = load_bundle(
         settings.model_dir, settings.unet_weights, settings.clip_model, device=settings.device, dtype=settings.dtype
     )
-    return compile_loops(bundle, settings.compile, settings.worker_batch)
+    return compile_loops(bundle, settings.compile, settings.worker_pack)
 
 
 def classifier_from_settings(settings: Settings) -> FindingClassifier | None:

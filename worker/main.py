@@ -6,7 +6,7 @@ hosts may serve one Redis. A heartbeat thread keeps a short-lived ``prism:alive:
 key so the API can tell live workers from dead ones within seconds.
 
 One life of a job for one job and for several: a dequeued job runs with up to
-``PRISM_WORKER_BATCH`` - 1 compatible queued jobs (``worker.batching``) as one pass, a lone job
+``PRISM_WORKER_PACK`` - 1 compatible queued jobs (``worker.packing``) as one pass, a lone job
 being a pass of one; RQ's steps of a job's life are driven through ``worker.rq_adapter``.
 
 A worker outlives its Redis: it waits for it to come back (logging the outage once) and goes on.
@@ -44,8 +44,8 @@ from service.contract.keys import SWEEP_LOCK, alive_key
 from service.contract.recovery import recover_lost_jobs
 from service.contract.settings import Settings
 from worker import rq_adapter
-from worker.batching import claim_companions
 from worker.loading import bundle_from_settings, classifier_from_settings
+from worker.packing import claim_companions
 from worker.runner import JobCanceled, JobRunner, Outcome, StopTaking, failure_of
 
 log = logging.getLogger("prism.worker")
@@ -129,8 +129,8 @@ class PrismWorker(SimpleWorker):
         return IDLE_WAIT_S
 
     def execute_job(self, job: Job, queue: Queue) -> None:
-        """Run the job with up to ``PRISM_WORKER_BATCH`` - 1 queued jobs that can share its pass."""
-        companions = claim_companions(self.connection, queue, job, self.settings.worker_batch - 1)
+        """Run the job with up to ``PRISM_WORKER_PACK`` - 1 queued jobs that can share its pass."""
+        companions = claim_companions(self.connection, queue, job, self.settings.worker_pack - 1)
         self._run([job, *companions], queue)
         self.set_state(WorkerStatus.IDLE)
 
@@ -145,7 +145,7 @@ class PrismWorker(SimpleWorker):
         reason. A stop past its grace gives every job still in it back to the queue."""
         executions = rq_adapter.take(self, jobs)
         if len(jobs) > 1:
-            log.info("batch of %d jobs: %s", len(jobs), ", ".join(job.id for job in jobs))
+            log.info("pack of %d jobs: %s", len(jobs), ", ".join(job.id for job in jobs))
         outcomes: dict[str, Outcome] = {}
 
         def ended(job: Job, outcome: Outcome) -> None:
@@ -156,7 +156,7 @@ class PrismWorker(SimpleWorker):
         limit = max(job.timeout or queue.DEFAULT_TIMEOUT for job in jobs) * len(jobs)
         try:
             with rq_adapter.time_limit(self, limit, jobs[0].id):
-                self.runner.run_batch(jobs, ended)
+                self.runner.run_pack(jobs, ended)
         except StopTaking:
             for job in jobs:
                 if job.id not in outcomes:

@@ -3,7 +3,7 @@ blob store.
 
 A job that cannot finish ends with an exception: :class:`JobFailed` with its :class:`JobError`,
 or the engine's own, which :func:`failure_of` turns into one. The worker records it (see
-``main``). Jobs run one at a time or as a batch (``PRISM_WORKER_BATCH``), where each still ends
+``main``). Jobs run one at a time or as a pack (``PRISM_WORKER_PACK``), where each still ends
 on its own: canceled, failed or succeeded.
 """
 
@@ -21,11 +21,11 @@ from redis.exceptions import RedisError
 from rq.job import Job
 from rq.timeouts import JobTimeoutException
 
-from models.diffusion.batching import LeaveBatch
 from models.diffusion.components import ModelBundle
 from models.diffusion.inversion import InversionCache
+from models.diffusion.packing import LeavePack
 from models.imaging.files import decode_image, keep_mask
-from models.pipeline import ITEM_ERRORS, BatchItem, Counterfactual, generate_counterfactuals
+from models.pipeline import ITEM_ERRORS, Counterfactual, PackItem, generate_counterfactuals
 from models.request.errors import ImageError, InvalidInput
 from models.scoring.classifier import FindingClassifier
 from service.contract import metrics
@@ -39,8 +39,8 @@ log = logging.getLogger("prism.worker")
 PROGRESS_EVERY_S = 0.5
 
 
-class JobCanceled(LeaveBatch):
-    """Raised from the progress callback when the client canceled the job: it leaves its batch."""
+class JobCanceled(LeavePack):
+    """Raised from the progress callback when the client canceled the job: it leaves its pack."""
 
 
 class StopTaking(Exception):
@@ -71,7 +71,7 @@ def failure_of(exc: BaseException, job_id: str) -> JobError:
 
 
 ITEM_FAILURES = (JobFailed, ValidationError, *ITEM_ERRORS)
-"""What fails one job of a batch, not the batch."""
+"""What fails one job of a pack, not the pack."""
 
 
 Outcome = dict | BaseException
@@ -80,7 +80,7 @@ Ended = Callable[[Job, Outcome], None]
 
 
 class JobRunner:
-    """Holds the model bundle for the worker's lifetime and runs jobs, one or a batch at a time."""
+    """Holds the model bundle for the worker's lifetime and runs jobs, one or a pack at a time."""
 
     def __init__(
         self,
@@ -100,14 +100,14 @@ class JobRunner:
             directory = Path(settings.inversion_cache_dir).expanduser()
             self.cache = InversionCache(directory, settings.inversion_cache_max_bytes)
 
-    def run_batch(self, jobs: Sequence[Job], ended: Ended) -> None:
-        """Run jobs that share a :func:`~models.pipeline.batch_key` as one batch, calling ``ended``
+    def run_pack(self, jobs: Sequence[Job], ended: Ended) -> None:
+        """Run jobs that share a :func:`~models.pipeline.pack_key` as one pack, calling ``ended``
         once per job with its outcome: at once for a job that cannot start (its input expired or
-        undecodable) or is canceled mid-run, which leaves the batch while the others go on; at
-        the end for the others, after their outputs are stored. What stops the whole batch (a
+        undecodable) or is canceled mid-run, which leaves the pack while the others go on; at
+        the end for the others, after their outputs are stored. What stops the whole pack (a
         timeout, an engine fault) is raised, and no ``ended`` is called for the jobs it stopped."""
         started: list[Job] = []
-        items: list[BatchItem] = []
+        items: list[PackItem] = []
         for job in jobs:
             try:
                 items.append(self._prepare(job, ended))
@@ -127,11 +127,11 @@ class JobRunner:
                 continue
             try:
                 outcome: Outcome = self._store(job, result)
-            except JobFailed as exc:  # its outputs were not stored: this job fails, not the batch
+            except JobFailed as exc:  # its outputs were not stored: this job fails, not the pack
                 outcome = exc
             ended(job, outcome)
 
-    def _prepare(self, job: Job, ended: Ended) -> BatchItem:
+    def _prepare(self, job: Job, ended: Ended) -> PackItem:
         """The job's input from the blob store, decoded, and its progress callback; the ``started`` webhook."""
         redis = job.connection
 
@@ -185,7 +185,7 @@ class JobRunner:
                 "job %s: started while Redis was away; its started event and wait time are not recorded", job.id
             )
         progress("decode", 0, 1)
-        return BatchItem(image, args.edit, progress, keep)
+        return PackItem(image, args.edit, progress, keep)
 
     def _store(self, job: Job, result: Counterfactual) -> dict:
         """The outputs into the blob store; the report as JSON. A store that refuses the outputs

@@ -1,10 +1,10 @@
-"""``prism bench-throughput``: jobs per hour of one worker at several batch sizes, through the
+"""``prism bench-throughput``: jobs per hour of one worker at several pack sizes, through the
 worker's own path (jobs enqueued on Redis as the API enqueues them, their inputs in the blob
-store, a ``PrismWorker`` taking them in batches of ``PRISM_WORKER_BATCH``, results stored and read
+store, a ``PrismWorker`` taking them in packs of ``PRISM_WORKER_PACK``, results stored and read
 back).
 
-Every batch size runs the same jobs, so each job's S_CLIP, chosen candidate and counterfactual
-are compared with the batch-of-one run: the table says how far batching moves results.
+Every pack size runs the same jobs, so each job's S_CLIP, chosen candidate and counterfactual
+are compared with the pack-of-one run: the table says how far packing moves results.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from worker.runner import JobRunner
 
 
 class ThroughputRow(BaseModel):
-    batch: int
+    pack: int
     jobs: int
     seconds: float
     jobs_per_hour: float
@@ -53,11 +53,11 @@ class ThroughputReport(BenchSetup):
 
     def markdown(self) -> str:
         head = (
-            "| batch | jobs | s | jobs/hour | s per job | s running, per job | × batch 1 | same candidate "
+            "| pack | jobs | s | jobs/hour | s per job | s running, per job | × pack 1 | same candidate "
             "| max ΔS_CLIP | max Δcounterfactual |\n" + "| --- " * 10 + "|\n"
         )
         rows = "".join(
-            f"| {r.batch} | {r.jobs} | {r.seconds:.1f} | {r.jobs_per_hour:.0f} | {r.seconds_per_job:.2f} "
+            f"| {r.pack} | {r.jobs} | {r.seconds:.1f} | {r.jobs_per_hour:.0f} | {r.seconds_per_job:.2f} "
             f"| {r.running_s:.1f} | {r.speedup:.2f} | {'yes' if r.same_candidate else 'no'} "
             f"| {r.max_s_clip_diff:.1e} | {r.max_counterfactual_diff:.1e} |\n"
             for r in self.rows
@@ -66,8 +66,8 @@ class ThroughputReport(BenchSetup):
             f"Device: {self.device}; UNet {self.dtype}, inversion loops {self.compile}; model {self.model} at "
             f"{self.resolution}²; {self.steps} steps, {self.inversion} inversion, sweep {self.sweep}; one worker, "
             "every job another image, no inversion cache, after one untimed job. s: from the first job's start "
-            "to the last one's end. Δ: against the same job at batch 1 (counterfactual intensities in [0, 1]; "
-            "over the jobs batch 1 ran).\n\n" + head + rows
+            "to the last one's end. Δ: against the same job at pack 1 (counterfactual intensities in [0, 1]; "
+            "over the jobs pack 1 ran).\n\n" + head + rows
         )
 
 
@@ -82,28 +82,28 @@ class JobRun:
 def measure_throughput(
     bundle: ModelBundle,
     jobs: Sequence[tuple[bytes, ResolvedEdit]],
-    batch_sizes: Sequence[int],
+    pack_sizes: Sequence[int],
     settings: Settings,
     progress: Callable[[], None] | None = None,
     baseline_jobs: int | None = None,
 ) -> ThroughputReport:
-    """Run ``jobs`` (an input file and its edit each) once per batch size, after one untimed job,
+    """Run ``jobs`` (an input file and its edit each) once per pack size, after one untimed job,
     through the Redis and blob store of ``settings``; ``progress`` is called as each job ends.
-    Batch 1, the reference, runs always, and only the first ``baseline_jobs`` of them if given (a
+    Pack 1, the reference, runs always, and only the first ``baseline_jobs`` of them if given (a
     GPU's minutes are few)."""
     redis = Redis.from_url(settings.redis_url)
     blobs = BlobStore.from_settings(settings)
     _run(redis, blobs, settings, bundle, jobs[:1], 1, "warm-up")
     runs = {
-        b: _run(redis, blobs, settings, bundle, jobs[:baseline_jobs] if b == 1 else jobs, b, f"batch-{b}", progress)
-        for b in sorted({1, *batch_sizes})
+        b: _run(redis, blobs, settings, bundle, jobs[:baseline_jobs] if b == 1 else jobs, b, f"pack-{b}", progress)
+        for b in sorted({1, *pack_sizes})
     }
     params = jobs[0][1].params
     return ThroughputReport(
         **BenchSetup.of(bundle, params),
         compile=bundle.compile,
         inversion=params.inversion,
-        rows=[_row(batch, run, runs[1]) for batch, run in runs.items()],
+        rows=[_row(pack, run, runs[1]) for pack, run in runs.items()],
     )
 
 
@@ -113,13 +113,13 @@ def _run(
     base: Settings,
     bundle: ModelBundle,
     jobs: Sequence[tuple[bytes, ResolvedEdit]],
-    batch: int,
+    pack: int,
     tag: str,
     progress: Callable[[], None] | None = None,
 ) -> list[JobRun]:
-    """Enqueue ``jobs`` on a queue of their own, let one worker of batch ``batch`` take them all."""
+    """Enqueue ``jobs`` on a queue of their own, let one worker of pack ``pack`` take them all."""
     settings = base.model_copy(
-        update={"queue_name": f"throughput-{tag}", "worker_batch": batch, "inversion_cache_dir": None}
+        update={"queue_name": f"throughput-{tag}", "worker_pack": pack, "inversion_cache_dir": None}
     )
     queue = job_queue(redis, settings)
     ids = []
@@ -156,13 +156,13 @@ class _Worker(PrismWorker):
             self.progress()
 
 
-def _row(batch: int, run: list[JobRun], reference: list[JobRun]) -> ThroughputRow:
+def _row(pack: int, run: list[JobRun], reference: list[JobRun]) -> ThroughputRow:
     seconds = (max(j.ended for j in run) - min(j.started for j in run)).total_seconds()
     per_hour = 3600 * len(run) / seconds
     base_seconds = (max(j.ended for j in reference) - min(j.started for j in reference)).total_seconds()
     pairs = list(zip(run, reference, strict=False))  # the reference may run fewer jobs
     return ThroughputRow(
-        batch=batch,
+        pack=pack,
         jobs=len(run),
         seconds=round(seconds, 2),
         jobs_per_hour=round(per_hour, 1),

@@ -32,12 +32,12 @@ Backend = str | Callable
 log = logging.getLogger("prism.models")
 
 
-def warm_sizes(max_batch: int) -> tuple[int, ...]:
-    """The batch sizes the loops' UNet runs at, for a worker of batches up to ``max_batch``: powers
+def warm_sizes(max_pack: int) -> tuple[int, ...]:
+    """The batch sizes the loops' UNet runs at, for a worker of batches up to ``max_pack``: powers
     of two up to twice it (direct's offsets run two rows per image), it, and twice it."""
-    sizes = {max_batch, 2 * max_batch}
+    sizes = {max_pack, 2 * max_pack}
     size = 1
-    while size < 2 * max_batch:
+    while size < 2 * max_pack:
         sizes.add(size)
         size *= 2
     return tuple(sorted(sizes))
@@ -83,14 +83,14 @@ class PaddedUNet(torch.nn.Module):
         return UNet2DConditionOutput(sample=out[:rows] if size > rows else out)
 
 
-def warm_up(unet: torch.nn.Module, bundle: ModelBundle, max_batch: int) -> None:
+def warm_up(unet: torch.nn.Module, bundle: ModelBundle, max_pack: int) -> None:
     """Run the inversion loops (DDIM inversion, null-text with its gradient and, in fp16/bf16, its
-    scaling, direct's offsets) with ``unet`` for one step at every batch size up to ``max_batch``
+    scaling, direct's offsets) with ``unet`` for one step at every batch size up to ``max_pack``
     that :func:`warm_sizes` lists: every graph a job will need is made here."""
     config, device = unet.config, bundle.device
     sampler = DDIMSampler(bundle.scheduler, 1)
     settings = NullTextSettings(inner_steps=2, early_stop=0.0, early_stop_growth=0.0)
-    for batch in (size for size in warm_sizes(max_batch) if size <= max_batch):
+    for batch in (size for size in warm_sizes(max_pack) if size <= max_pack):
         z0 = torch.zeros(batch, config.in_channels, config.sample_size, config.sample_size, device=device)
         cond = torch.zeros(batch, TOKEN_WINDOW, config.cross_attention_dim, device=device)
         uncond = cond[:1]
@@ -100,10 +100,10 @@ def warm_up(unet: torch.nn.Module, bundle: ModelBundle, max_batch: int) -> None:
 
 
 def compile_loops(
-    bundle: ModelBundle, mode: CompileMode, max_batch: int = 1, backend: Backend = "inductor"
+    bundle: ModelBundle, mode: CompileMode, max_pack: int = 1, backend: Backend = "inductor"
 ) -> ModelBundle:
     """The bundle with its inversion loops' UNet compiled in ``mode`` and warmed for batches up to
-    ``max_batch`` (a batching worker's largest). ``backend`` is torch.compile's code generator:
+    ``max_pack`` (a packing worker's largest). ``backend`` is torch.compile's code generator:
     TorchInductor, or e.g. ``aot_eager`` (the same graph capture and autograd, run by eager
     kernels) where a test cannot wait for Inductor's C++ build."""
     if mode == "off":
@@ -113,8 +113,8 @@ def compile_loops(
         return replace(bundle, loop_unet=None, compile="off")
     try:
         compiled = torch.compile(bundle.unet, backend=backend, mode="reduce-overhead" if mode == "cudagraph" else None)
-        unet = PaddedUNet(compiled, warm_sizes(max_batch))
-        warm_up(unet, bundle, max_batch)
+        unet = PaddedUNet(compiled, warm_sizes(max_pack))
+        warm_up(unet, bundle, max_pack)
     except Exception as exc:  # TorchInductor's errors have no common base: any of them means eager
         log.warning("compiling the UNet failed (%s); the inversion loops run the eager UNet", type(exc).__name__)
         return replace(bundle, loop_unet=None, compile="off")

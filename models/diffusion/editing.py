@@ -2,7 +2,7 @@
 
 Each candidate is an (edit prompt, self_replace_steps) pair, so several edit prompts and the
 PRISM sweep of self_replace_steps share the source branch and one UNet call per step; the passes
-of several images (a worker's batch of jobs) share the UNet calls too.
+of several images (a worker's pack of jobs) share the UNet calls too.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from models.diffusion.attention_control import (
     PromptToPromptControl,
     StackedControl,
 )
-from models.diffusion.batching import BatchProgress
 from models.diffusion.ddim import DDIMSampler
+from models.diffusion.packing import PackProgress
 from models.diffusion.token_maps import refinement_mapper, replacement_mapper
 from models.request.constants import TOKEN_WINDOW
 from models.request.params import BlendEditMaps, EditParams
@@ -158,7 +158,7 @@ def denoise(
     sampler: DDIMSampler,
     passes: Sequence[DenoisePass],
     guidance_scale: float,
-    progress: BatchProgress | None = None,
+    progress: PackProgress | None = None,
     fused: bool = True,
 ) -> list[torch.Tensor]:
     """Several images' guided DDIM sampling as one batch: every UNet call takes all their branches,

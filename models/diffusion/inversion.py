@@ -33,8 +33,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from models.atomic import write_aside
-from models.diffusion.batching import BatchProgress
 from models.diffusion.ddim import DDIMSampler
+from models.diffusion.packing import PackProgress
 from models.request.params import InversionMode, NullTextSettings
 
 log = logging.getLogger("prism.inversion")
@@ -200,7 +200,7 @@ def ddim_invert(
     sampler: DDIMSampler,
     z0: torch.Tensor,
     cond: torch.Tensor,
-    progress: BatchProgress | None = None,
+    progress: PackProgress | None = None,
 ) -> list[torch.Tensor]:
     """Latents [z_0, ..., z_T] (each (B, C, h, w)) of a DDIM inversion of a batch of latents, each
     with its conditional prompt only (guidance 1); rows of items that leave ``progress`` are dropped."""
@@ -309,7 +309,7 @@ def null_text_optimize(
     uncond_init: torch.Tensor,
     guidance_scale: float,
     settings: NullTextSettings = NullTextSettings(),
-    progress: BatchProgress | None = None,
+    progress: PackProgress | None = None,
     check_every: int = EARLY_STOP_CHECK_EVERY,
 ) -> tuple[torch.Tensor, list[list[float]]]:
     """Per-step unconditional embeddings that make guided DDIM sampling retrace ``latents``, for a
@@ -388,7 +388,7 @@ def direct_offsets(
     cond: torch.Tensor,
     uncond: torch.Tensor,
     guidance_scale: float,
-    progress: BatchProgress | None = None,
+    progress: PackProgress | None = None,
 ) -> torch.Tensor:
     """(steps, B, C, h, w): z*_{t-1} minus one guided DDIM step from z*_t, for each step and each
     of a batch of inversions (``cond`` (B, 77, D), ``uncond`` (1 or B, 77, D))."""

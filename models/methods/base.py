@@ -11,9 +11,9 @@ from typing import ClassVar, Protocol, TypeVar, runtime_checkable
 import numpy as np
 import torch
 
-from models.diffusion.batching import BatchProgress, ProgressCallback
 from models.diffusion.components import ModelBundle
 from models.diffusion.inversion import InversionCache
+from models.diffusion.packing import PackProgress, ProgressCallback
 from models.request.params import EditParams
 from models.request.report import Geometry, InversionInfo
 from models.scoring.classifier import FindingClassifier
@@ -36,7 +36,7 @@ class PhaseTimer:
 
 
 def measure_all(timers: Sequence[PhaseTimer], name: str, fn: Callable[[], T]) -> T:
-    """Run ``fn`` once and charge its seconds to every timer: the items of a batch share its phases."""
+    """Run ``fn`` once and charge its seconds to every timer: the items of a pack share its phases."""
     start = time.perf_counter()
     result = fn()
     if any(timer.cuda for timer in timers):
@@ -91,17 +91,17 @@ class Method(Protocol):
 
 
 @runtime_checkable
-class BatchMethod(Protocol):
-    """A counterfactual method that runs several images as one batch (a worker's batch of jobs).
+class PackMethod(Protocol):
+    """A counterfactual method that runs several images as one pack (a worker's pack of jobs).
 
-    ``run_batch`` returns the edits of the items still in ``progress`` when it ends; an item that
-    leaves (canceled, or its own input unusable) is in ``progress.left`` instead. ``batch_key``
-    says which edits may share a batch."""
+    ``run_pack`` returns the edits of the items still in ``progress`` when it ends; an item that
+    leaves (canceled, or its own input unusable) is in ``progress.left`` instead. ``pack_key``
+    says which edits may share a pack."""
 
     name: ClassVar[str]
 
-    def batch_key(self, params: EditParams) -> Hashable: ...
+    def pack_key(self, params: EditParams) -> Hashable: ...
 
-    def run_batch(
-        self, sources: Sequence[Source], contexts: Sequence[RunContext], progress: BatchProgress
+    def run_pack(
+        self, sources: Sequence[Source], contexts: Sequence[RunContext], progress: PackProgress
     ) -> dict[int, Edit]: ...

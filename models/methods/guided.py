@@ -15,10 +15,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.diffusion.batching import BatchProgress, ProgressCallback
 from models.diffusion.components import decode_latents, embed_prompts, encode_latent
 from models.diffusion.ddim import DDIMSampler
 from models.diffusion.inversion import ddim_invert, predict_eps
+from models.diffusion.packing import PackProgress, ProgressCallback
 from models.imaging.geometry import to_model_input
 from models.methods.base import Edit, RunContext, Source
 from models.request.errors import InvalidInput
@@ -117,7 +117,7 @@ class Guided:
         keep = None
         if source.keep is not None:
             keep = latent_mask(source.keep, source.geometry, tuple(z0.shape[2:])).to(bundle.device)
-        progress = BatchProgress.single(context.progress)
+        progress = PackProgress.single(context.progress)
         unet = bundle.inversion_unet
         latents = timer.measure("inversion", lambda: ddim_invert(unet, sampler, z0, original, progress))
         if progress.left:  # a run of one: the item's reason to leave ends it

@@ -2,7 +2,7 @@
 negative-prompt or direct), then edit towards the edit prompt with prompt-to-prompt attention
 control, every ``self_replace_steps`` value of the sweep as one candidate of one batched pass.
 
-Several images (a worker's batch of jobs with the same :meth:`Prism.batch_key`) run as one batch: their
+Several images (a worker's pack of jobs with the same :meth:`Prism.pack_key`) run as one pack: their
 DDIM inversions, null-text optimisations (one embedding and one early stop per image) and edits
 share every UNet call, while each keeps its own prompts, sweep, words, progress and cache entry.
 """
@@ -13,7 +13,6 @@ from collections.abc import Hashable, Sequence
 
 import torch
 
-from models.diffusion.batching import BatchProgress
 from models.diffusion.components import ModelBundle, embed_prompts, encode_latent
 from models.diffusion.ddim import PRISM_SCHEDULER_CONFIG, DDIMSampler
 from models.diffusion.editing import DenoisePass, build_control, denoise, edit_specs
@@ -25,6 +24,7 @@ from models.diffusion.inversion import (
     inversion_key,
     null_text_optimize,
 )
+from models.diffusion.packing import PackProgress
 from models.methods.base import Edit, PhaseTimer, RunContext, Source, measure_all
 from models.request.errors import InvalidInput
 from models.request.params import EditParams
@@ -37,13 +37,13 @@ def invert(
     prompts: Sequence[str],
     params: EditParams,
     cache: InversionCache | None = None,
-    progress: BatchProgress | None = None,
+    progress: PackProgress | None = None,
     timers: Sequence[PhaseTimer] | None = None,
 ) -> dict[int, tuple[Inversion, bool]]:
     """The inversions (``params.inversion`` mode) of model-size images (1, 1, S, S) under their
     prompts, by item, with whether each came from ``cache`` (a hit needs every key part to match).
     The images the cache lacks are inverted as one batch; items that leave ``progress`` are absent."""
-    progress = progress or BatchProgress([None] * len(images))
+    progress = progress or PackProgress([None] * len(images))
     timers = timers or [PhaseTimer(bundle.device) for _ in images]
     mode = params.inversion
     identity = f"{bundle.inversion_identity}:{bundle.dtype}"
@@ -121,21 +121,21 @@ class Prism:
 
     name = "prism"
 
-    def batch_key(self, params: EditParams) -> Hashable:
-        """Edits with equal keys can share a batch: the same inversion mode, schedule, guidance and
+    def pack_key(self, params: EditParams) -> Hashable:
+        """Edits with equal keys can share a pack: the same inversion mode, schedule, guidance and
         null-text settings, so that every loop runs the same steps for all of them (the model and
         its size are the worker's own). Prompts, sweeps, words, thresholds and outputs may differ."""
         return (params.inversion, params.steps, params.guidance_scale, params.null_text)
 
-    def run_batch(
-        self, sources: Sequence[Source], contexts: Sequence[RunContext], progress: BatchProgress
+    def run_pack(
+        self, sources: Sequence[Source], contexts: Sequence[RunContext], progress: PackProgress
     ) -> dict[int, Edit]:
         """The edits of the items still in ``progress``, by item; the contexts share their bundle,
-        cache and :meth:`batch_key`. An item whose words cannot be mapped leaves with its error."""
+        cache and :meth:`pack_key`. An item whose words cannot be mapped leaves with its error."""
         first = contexts[progress.alive[0]]
         bundle, params = first.bundle, first.params
-        if len({self.batch_key(contexts[i].params) for i in progress.alive}) > 1:
-            raise ValueError("edits of different inversion, steps, guidance or null-text settings share a batch")
+        if len({self.pack_key(contexts[i].params) for i in progress.alive}) > 1:
+            raise ValueError("edits of different inversion, steps, guidance or null-text settings share a pack")
         timers = [c.timer for c in contexts]
         inversions = invert(
             bundle,

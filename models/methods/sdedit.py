@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from models.diffusion.batching import ProgressCallback
 from models.diffusion.components import embed_prompts, encode_latent
 from models.diffusion.ddim import DDIMSampler
 from models.diffusion.inversion import eps_fp32
+from models.diffusion.packing import ProgressCallback
 from models.methods.base import Edit, RunContext, Source
 
 

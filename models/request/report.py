@@ -86,11 +86,9 @@ class EditReport(Record):
     score_reference: Annotated[str, Field(description="which image the scores compare against")]
     chosen_self_replace: float | None
     candidates: list[CandidateScores]
-    timings: Annotated[
-        dict[str, float], Field(description="seconds per phase (in a batch, the phases this job shared)")
-    ]
-    batch_size: Annotated[
-        int, Field(description="counterfactuals made in one batch with this one (a batching worker's), itself included")
+    timings: Annotated[dict[str, float], Field(description="seconds per phase (in a pack, the phases this job shared)")]
+    pack_size: Annotated[
+        int, Field(description="counterfactuals made in one pack with this one (a packing worker's), itself included")
     ] = 1
     parameters: EditParams
     model: ModelInfo

@@ -77,13 +77,13 @@ class Health(BaseModel):
 
 
 class ScalingDemand(BaseModel):
-    """What an autoscaler (KEDA's metrics-api trigger) reads: one GPU worker serves a batch of
-    ``PRISM_WORKER_BATCH`` jobs at a time, so the workers wanted are the jobs waiting plus the jobs
+    """What an autoscaler (KEDA's metrics-api trigger) reads: one GPU worker serves a pack of
+    ``PRISM_WORKER_PACK`` jobs at a time, so the workers wanted are the jobs waiting plus the jobs
     running, over that."""
 
     queued: int
     running: int
-    workers_wanted: Annotated[int, Field(description="(queued + running) / PRISM_WORKER_BATCH, rounded up")]
+    workers_wanted: Annotated[int, Field(description="(queued + running) / PRISM_WORKER_PACK, rounded up")]
 
 
 ItemState = Literal["queued", "running", "succeeded", "failed", "canceled", "skipped"]

@@ -71,12 +71,12 @@ class Settings(BaseSettings):
         description="a file the worker touches at each heartbeat Redis took, for an exec probe "
         "(prism worker-probe, as Kubernetes runs it); unset: none",
     )
-    worker_batch: int = Field(
+    worker_pack: int = Field(
         1,
         ge=1,
         le=64,
-        description="jobs a worker runs as one batch: with a job it takes up to this many minus one more queued "
-        "jobs that can share its passes (prism batch); size it to the GPU's memory",
+        description="jobs a worker runs as one pack: with a job it takes up to this many minus one more queued "
+        "jobs that can share its passes; size it to the GPU's memory",
     )
     compile: Literal["off", "compile", "cudagraph"] = Field(
         "off",

@@ -252,7 +252,7 @@ def test_scaling_counts_running_jobs_beside_queued_ones(service):
 @pytest.mark.parametrize(("batch", "jobs", "wanted"), [(1, 5, 5), (4, 5, 2), (4, 8, 2), (4, 0, 0)])
 def test_scaling_wants_a_worker_per_batch_of_jobs(redis_server, batch, jobs, wanted):
     settings = Settings(
-        redis_url=redis_server.url, auth="off", queue_name=f"scaling-{uuid.uuid4().hex[:8]}", worker_batch=batch
+        redis_url=redis_server.url, auth="off", queue_name=f"scaling-{uuid.uuid4().hex[:8]}", worker_pack=batch
     )
     queue = job_queue(Redis.from_url(redis_server.url), settings)
     edit = ResolvedEdit(original_prompt=SOURCE, edit_prompt=EDIT, params=EditParams())

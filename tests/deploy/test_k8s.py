@@ -131,10 +131,10 @@ def disagreements(docs: list[dict]) -> list[str]:
         or triggers["metrics-api"]["valueLocation"] not in ScalingDemand.model_fields
     ):
         problems.append(f"the metrics-api trigger does not read the API's /scaling: {api.geturl()}")
-    if triggers["redis"]["listLength"] != str(settings.worker_batch):
+    if triggers["redis"]["listLength"] != str(settings.worker_pack):
         problems.append(
             f"the redis trigger asks for a worker per {triggers['redis']['listLength']} queued jobs, "
-            f"a worker batches {settings.worker_batch}"
+            f"a worker packs {settings.worker_pack}"
         )
     if triggers["metrics-api"]["targetValue"] != "1":
         problems.append("the metrics-api trigger's target is not one worker per workers_wanted")
@@ -161,7 +161,7 @@ def test_the_worker_pool_scales_and_stops_as_the_code_works():
         (("ConfigMap", "prism-settings", "data", "PRISM_QUEUE_NAME"), "other", "watches"),
         (("ConfigMap", "prism-settings", "data", "PRISM_REDIS_URL"), "redis://elsewhere:6379/0", "reads"),
         (("ConfigMap", "prism-settings", "data", "PRISM_STOP_GRACE_S"), "600", "grace period"),
-        (("ConfigMap", "prism-settings", "data", "PRISM_WORKER_BATCH"), "8", "batches"),
+        (("ConfigMap", "prism-settings", "data", "PRISM_WORKER_PACK"), "8", "packs"),
         (("ScaledObject", "prism-worker", "spec", "triggers", 1, "metadata", "targetValue"), "4", "target"),
         (("ConfigMap", "prism-settings", "data", "PRISM_BLOB_URL"), "file:///srv/blobs", "share a blob store"),
         (("ConfigMap", "prism-settings", "data", "PRISM_BLOB_URL"), "", "unset"),

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from models.diffusion.batching import LeaveBatch
 from models.diffusion.components import embed_prompts, encode_latent
 from models.diffusion.ddim import DDIMSampler
 from models.diffusion.inversion import ddim_invert, null_text_optimize
+from models.diffusion.packing import LeavePack
 from models.imaging.files import DecodedImage
-from models.pipeline import BatchItem, generate_counterfactual, generate_counterfactuals
+from models.pipeline import PackItem, generate_counterfactual, generate_counterfactuals
 from models.request.params import EditParams, NullTextSettings
 from models.request.resolve import ResolvedEdit
 from models.scoring.classifier import FindingClassifier
@@ -50,7 +50,7 @@ class Steps:
             if self.traffic is not None:
                 self.marks[item, phase].append(self.traffic.snapshot())
             if (phase, step) == leave_at:
-                raise LeaveBatch
+                raise LeavePack
 
         return report
 
@@ -61,11 +61,11 @@ class Steps:
         return [(r1 - r0, u1 - u0) for (r0, u0), (r1, u1) in itertools.pairwise(marks)]
 
 
-def _items(batch: int, params: EditParams, steps: Steps) -> list[BatchItem]:
+def _items(batch: int, params: EditParams, steps: Steps) -> list[PackItem]:
     """``batch`` images of other sizes; with more than one, the last leaves during the inversion's loops."""
     leave = {"null_text": ("null_text", 2), "direct": ("offsets", 2)}[params.inversion]
     return [
-        BatchItem(
+        PackItem(
             DecodedImage(xray_like(48 + 8 * k, 64, seed=k), 8),
             ResolvedEdit(original_prompt=SOURCE, edit_prompt=EDIT, params=params),
             steps.callback(k, leave if batch > 1 and k == batch - 1 else None),
@@ -97,7 +97,7 @@ def test_the_prism_pipeline_runs_on_another_device(bundle, fake, batch, inversio
     for device_result, cpu_result in zip(on_device_, on_cpu, strict=True):
         _assert_same(device_result, cpu_result)
     if batch > 1:
-        assert isinstance(on_device_[-1], LeaveBatch)
+        assert isinstance(on_device_[-1], LeavePack)
     # no step of a loop copies from the host but where the host picks rows (an item left, the
     # sweep's candidates part); null-text reads which images still run once per inner step
     loop = "null_text" if inversion == "null_text" else "offsets"

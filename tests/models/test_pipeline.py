@@ -1,5 +1,5 @@
 """How the counterfactual is formed from the decoded edit (residual, the default, and decoded), and
-batches of counterfactuals."""
+packs of counterfactuals."""
 
 import io
 import json
@@ -11,10 +11,10 @@ import torch
 from pydicom import dcmread
 
 from models.diffusion.attention_control import BlendMaps
-from models.diffusion.batching import LeaveBatch
 from models.diffusion.inversion import InversionCache
+from models.diffusion.packing import LeavePack
 from models.imaging.files import DecodedImage, decode_image
-from models.pipeline import BatchItem, batch_key, edited_regions, generate_counterfactual, generate_counterfactuals
+from models.pipeline import PackItem, edited_regions, generate_counterfactual, generate_counterfactuals, pack_key
 from models.request.errors import InvalidInput
 from models.request.params import EditParams, NullTextSettings
 from models.request.report import FILE_NAMES
@@ -98,9 +98,9 @@ def test_edited_regions_are_where_a_candidate_latent_differs_from_the_source():
     assert regions[1].all()
 
 
-def _batch_items(callbacks=(None, None, None)) -> list[BatchItem]:
+def _pack_items(callbacks=(None, None, None)) -> list[PackItem]:
     """Three phantom counterfactuals of the built-in model (the tiny model's edits are noise, and so
-    its S_CLIP) that can share a batch: other images, prompts, sweeps and outputs; 16-bit, so that
+    its S_CLIP) that can share a pack: other images, prompts, sweeps and outputs; 16-bit, so that
     the comparison is not of 8-bit rounding."""
     params = EditParams(steps=10, null_text=NullTextSettings(inner_steps=4))
     items = []
@@ -115,20 +115,20 @@ def _batch_items(callbacks=(None, None, None)) -> list[BatchItem]:
         edit = ResolvedEdit(
             original_prompt=explicit_caption(source), edit_prompt=explicit_caption(target), params=params.replace(**own)
         )
-        items.append(BatchItem(DecodedImage(render(anatomy, source), 16), edit, callbacks[k]))
+        items.append(PackItem(DecodedImage(render(anatomy, source), 16), edit, callbacks[k]))
     return items
 
 
-def _assert_same(alone, batched) -> None:
-    """A batched counterfactual is the one made alone: same candidate, intensities and S_CLIP within 1e-3."""
-    assert batched.report.chosen_self_replace == alone.report.chosen_self_replace
-    assert np.abs(batched.counterfactual - alone.counterfactual).max() <= 1e-3
-    assert abs(batched.report.s_clip - alone.report.s_clip) <= 1e-3
-    assert batched.report.edit_prompt == alone.report.edit_prompt
+def _assert_same(alone, packed) -> None:
+    """A packed counterfactual is the one made alone: same candidate, intensities and S_CLIP within 1e-3."""
+    assert packed.report.chosen_self_replace == alone.report.chosen_self_replace
+    assert np.abs(packed.counterfactual - alone.counterfactual).max() <= 1e-3
+    assert abs(packed.report.s_clip - alone.report.s_clip) <= 1e-3
+    assert packed.report.edit_prompt == alone.report.edit_prompt
 
 
-def test_a_batch_gives_each_item_what_it_gets_alone(builtin, tmp_path):
-    items = _batch_items()
+def test_a_pack_gives_each_item_what_it_gets_alone(builtin, tmp_path):
+    items = _pack_items()
     alone = [generate_counterfactual(builtin, item.image, item.edit) for item in items]
     cache = InversionCache(tmp_path)
     generate_counterfactual(builtin, items[1].image, items[1].edit, cache=cache)  # cached: it joins at editing
@@ -136,13 +136,13 @@ def test_a_batch_gives_each_item_what_it_gets_alone(builtin, tmp_path):
     for one, many in zip(alone, batched, strict=True):
         _assert_same(one, many)
     assert [b.report.inversion.cached for b in batched] == [False, True, False]
-    assert [b.report.batch_size for b in batched] == [3, 3, 3] and alone[0].report.batch_size == 1
+    assert [b.report.pack_size for b in batched] == [3, 3, 3] and alone[0].report.pack_size == 1
     assert "null_text" in batched[0].report.timings and "null_text" not in batched[1].report.timings
     assert min(b.report.s_clip for b in batched) > 0.1  # real edits, not noise
 
 
 def test_an_item_that_leaves_or_fails_does_not_stop_the_others(builtin):
-    class Canceled(LeaveBatch):
+    class Canceled(LeavePack):
         pass
 
     def cancel_in_null_text(phase, step, total):
@@ -153,7 +153,7 @@ def test_an_item_that_leaves_or_fails_does_not_stop_the_others(builtin):
         if phase == "scoring":
             raise Canceled
 
-    items = _batch_items((None, cancel_in_null_text, cancel_in_scoring))
+    items = _pack_items((None, cancel_in_null_text, cancel_in_scoring))
     alone = generate_counterfactual(builtin, items[0].image, items[0].edit)
     first, canceled, late = generate_counterfactuals(builtin, items)
     _assert_same(alone, first)
@@ -164,14 +164,14 @@ def test_an_item_that_leaves_or_fails_does_not_stop_the_others(builtin):
     assert isinstance(failed, InvalidInput) and failed.field == "mask"
 
 
-def test_only_edits_with_one_batch_key_share_a_batch(bundle):
-    items = _batch_items()
+def test_only_edits_with_one_pack_key_share_a_pack(bundle):
+    items = _pack_items()
     sdedit = replace(items[0], edit=items[0].edit.model_copy(update={"params": EditParams(method="sdedit")}))
-    assert batch_key(sdedit.edit.params) is None
+    assert pack_key(sdedit.edit.params) is None
     other_steps = replace(items[1], edit=items[1].edit.model_copy(update={"params": EditParams(steps=7)}))
-    assert batch_key(items[0].edit.params) == batch_key(items[1].edit.params) != batch_key(other_steps.edit.params)
+    assert pack_key(items[0].edit.params) == pack_key(items[1].edit.params) != pack_key(other_steps.edit.params)
     for mixed in ([items[0], sdedit], [items[0], other_steps]):
-        with pytest.raises(ValueError, match="cannot share a batch"):
+        with pytest.raises(ValueError, match="cannot share a pack"):
             generate_counterfactuals(bundle, mixed)
 
 
@@ -187,9 +187,9 @@ def test_files_are_the_chosen_outputs_and_the_report_names_exactly_those(bundle,
     full = run(study, FILE_NAMES)
     assert tuple(full.files()) == full.report.file_names == FILE_NAMES  # a DICOM input's seven
     dicom_only = run(study, "counterfactual.dcm")
-    # outputs choose files only: the same inversion (from the cache) and the same batch
+    # outputs choose files only: the same inversion (from the cache) and the same pack
     assert dicom_only.report.inversion.cached and dicom_only.report.inversion.key == full.report.inversion.key
-    assert batch_key(dicom_only.report.parameters) == batch_key(full.report.parameters)
+    assert pack_key(dicom_only.report.parameters) == pack_key(full.report.parameters)
     files = dicom_only.files()
     assert tuple(files) == dicom_only.report.file_names == ("result.json", "counterfactual.dcm")
     assert json.loads(files["result.json"])["parameters"]["outputs"] == ["result.json", "counterfactual.dcm"]

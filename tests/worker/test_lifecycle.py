@@ -26,7 +26,7 @@ def _ended(redis: Redis) -> dict[str, list[str]]:
 
 
 def test_redis_gone_mid_pass_ends_every_job_once_and_the_worker_stays(tmp_path, tiny_model_dir):
-    with Cluster(tmp_path, tiny_model_dir, workers=1, PRISM_WORKER_BATCH="2") as c:
+    with Cluster(tmp_path, tiny_model_dir, workers=1, PRISM_WORKER_PACK="2") as c:
         ids = [submit(c.url, steps="12").json()["id"] for _ in range(4)]
         wait_running(c.url, ids[0])
         c.redis.stop()
@@ -46,7 +46,7 @@ def test_redis_gone_mid_pass_ends_every_job_once_and_the_worker_stays(tmp_path, 
 def test_a_canceled_batch_ends_every_item_canceled_while_a_worker_holds_some(tmp_path, tiny_model_dir):
     """300 items on a worker taking 4 at a time: the cancel reaches the running ones, the queued
     ones and those a worker takes meanwhile; none fails for its deleted input; the metrics agree."""
-    with Cluster(tmp_path, tiny_model_dir, workers=1, PRISM_WORKER_BATCH="4", PRISM_MAX_QUEUE_DEPTH="400",
+    with Cluster(tmp_path, tiny_model_dir, workers=1, PRISM_WORKER_PACK="4", PRISM_MAX_QUEUE_DEPTH="400",
                  PRISM_BATCH_MAX_ITEMS="300") as c:  # fmt: skip
         archive, _, rows = phantom_batch(300)
         table = io.StringIO()

@@ -1,5 +1,5 @@
-"""``prism bench-throughput``'s measurement: the same jobs through a real worker at each batch size,
-timed from the jobs' own timestamps and compared with their batch-of-one results."""
+"""``prism bench-throughput``'s measurement: the same jobs through a real worker at each pack size,
+timed from the jobs' own timestamps and compared with their pack-of-one results."""
 
 import subprocess
 
@@ -12,7 +12,7 @@ from tests.stack import prism
 from worker.throughput import measure_throughput
 
 
-def test_every_batch_size_runs_the_same_jobs_and_is_compared_with_batch_one(bundle, redis_server, tmp_path):
+def test_every_pack_size_runs_the_same_jobs_and_is_compared_with_pack_one(bundle, redis_server, tmp_path):
     params = EditParams(steps=3, self_replace_steps=(0.5,), null_text=NullTextSettings(inner_steps=2))
     jobs = [
         (
@@ -24,7 +24,7 @@ def test_every_batch_size_runs_the_same_jobs_and_is_compared_with_batch_one(bund
     ended = []
     settings = Settings(redis_url=redis_server.url, blob_url=tmp_path.as_uri())
     report = measure_throughput(bundle, jobs, [3], settings, lambda: ended.append(1), baseline_jobs=2)
-    assert [(r.batch, r.jobs) for r in report.rows] == [(1, 2), (3, 3)]
+    assert [(r.pack, r.jobs) for r in report.rows] == [(1, 2), (3, 3)]
     assert len(ended) == 5  # the untimed warm-up job is not counted
     one, three = report.rows
     assert one.speedup == 1.0 and one.max_counterfactual_diff == 0.0
@@ -34,6 +34,6 @@ def test_every_batch_size_runs_the_same_jobs_and_is_compared_with_batch_one(bund
     assert "| 3 | 3 |" in report.markdown()
 
 
-def test_bad_batch_sizes_are_refused_naming_the_flag():
-    run = subprocess.run(prism("bench-throughput", "--batches", "1,0"), capture_output=True, text=True)
-    assert run.returncode == 2 and "--batches" in run.stderr and "above 0" in run.stderr
+def test_bad_pack_sizes_are_refused_naming_the_flag():
+    run = subprocess.run(prism("bench-throughput", "--packs", "1,0"), capture_output=True, text=True)
+    assert run.returncode == 2 and "--packs" in run.stderr and "above 0" in run.stderr

@@ -69,9 +69,9 @@ def metrics(request: Request) -> Response:
 )
 def scaling(request: Request, settings: SettingsDep) -> ScalingDemand:
     """Running jobs count too: they have left the queue's list, and a pool scaled on the list alone
-    would shrink under busy workers. A worker serves ``PRISM_WORKER_BATCH`` jobs at a time."""
+    would shrink under busy workers. A worker serves ``PRISM_WORKER_PACK`` jobs at a time."""
     counts = job_counts(request.app.state.redis, settings)
     jobs = counts["queued"] + counts["running"]
     return ScalingDemand(
-        queued=counts["queued"], running=counts["running"], workers_wanted=-(-jobs // settings.worker_batch)
+        queued=counts["queued"], running=counts["running"], workers_wanted=-(-jobs // settings.worker_pack)
     )

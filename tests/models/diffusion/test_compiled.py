@@ -8,8 +8,8 @@ from dataclasses import replace
 import torch
 from torch._dynamo.backends.debugging import aot_eager
 
-from models.diffusion.batching import BatchProgress, LeaveBatch
 from models.diffusion.compiled import PaddedUNet, compile_loops, warm_sizes, warm_up
+from models.diffusion.packing import LeavePack, PackProgress
 from models.methods.prism import invert
 from models.request.params import EditParams, NullTextSettings
 from tests.helpers import SOURCE
@@ -41,15 +41,15 @@ def test_where_compiling_fails_the_eager_unet_runs_and_says_so(bundle, caplog):
     assert compile_loops(bundle, "off").inversion_unet is bundle.unet
 
 
-def _leaving(batch: int) -> BatchProgress:
+def _leaving(batch: int) -> PackProgress:
     """Progress of ``batch`` items, the last of which (when there are several) leaves at null-text's
     or direct's second step."""
 
     def leave(phase, step, total):
         if step == 2 and phase in ("null_text", "offsets"):
-            raise LeaveBatch
+            raise LeavePack
 
-    return BatchProgress([None] * (batch - 1) + [leave if batch > 1 else None])
+    return PackProgress([None] * (batch - 1) + [leave if batch > 1 else None])
 
 
 def _images(bundle, count: int) -> list[torch.Tensor]:

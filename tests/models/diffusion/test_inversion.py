@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 
-from models.diffusion.batching import BatchProgress, LeaveBatch
 from models.diffusion.components import embed_prompts, encode_latent
 from models.diffusion.ddim import DDIMSampler
 from models.diffusion.editing import DenoisePass, denoise
@@ -17,6 +16,7 @@ from models.diffusion.inversion import (
     null_text_learning_rate,
     null_text_optimize,
 )
+from models.diffusion.packing import LeavePack, PackProgress
 from models.methods.prism import invert
 from models.request.params import EditParams, NullTextSettings
 
@@ -144,7 +144,7 @@ def test_cached_inversion_is_reused_only_when_every_part_matches(bundle, tmp_pat
     [("null_text", "inversion"), ("null_text", "null_text"), ("direct", "offsets"), ("negative_prompt", "inversion")],
 )
 def test_a_callback_takes_its_item_out_and_any_other_error_stops_the_run(bundle, mode, phase):
-    class Cancelled(LeaveBatch):
+    class Cancelled(LeavePack):
         pass
 
     seen = []
@@ -156,11 +156,11 @@ def test_a_callback_takes_its_item_out_and_any_other_error_stops_the_run(bundle,
 
     image = torch.rand(1, 1, bundle.resolution, bundle.resolution)
     params = EditParams(steps=6, inversion=mode, null_text=NullTextSettings(inner_steps=1))
-    progress = BatchProgress([callback])
+    progress = PackProgress([callback])
     assert invert(bundle, [image], [PROMPT], params, progress=progress) == {}
     assert isinstance(progress.left[0], Cancelled) and progress.alive == []
     assert seen[-1] == (phase, 2, 6)
-    alone_too = BatchProgress([callback, None])
+    alone_too = PackProgress([callback, None])
     inverted = invert(bundle, [image, image.flip(-1)], [PROMPT, PROMPT], params, progress=alone_too)
     assert list(inverted) == [1] and inverted[1][0].uncond_embeddings.shape[0] == 6  # the other goes on
 
@@ -168,7 +168,7 @@ def test_a_callback_takes_its_item_out_and_any_other_error_stops_the_run(bundle,
         raise RuntimeError("not a reason to leave")
 
     with pytest.raises(RuntimeError):
-        invert(bundle, [image, image.flip(-1)], [PROMPT, PROMPT], params, progress=BatchProgress([None, broken]))
+        invert(bundle, [image, image.flip(-1)], [PROMPT, PROMPT], params, progress=PackProgress([None, broken]))
 
 
 def test_inversion_key_ignores_diffusers_private_config_entries():

@@ -4,11 +4,11 @@ images' prompt-to-prompt passes share UNet calls without mixing their attention.
 import pytest
 import torch
 
-from models.diffusion.batching import BatchProgress, LeaveBatch
 from models.diffusion.components import embed_prompts, encode_latent
 from models.diffusion.ddim import DDIMSampler
 from models.diffusion.editing import DenoisePass, EditSpec, build_control, denoise
 from models.diffusion.inversion import ddim_invert, null_text_optimize
+from models.diffusion.packing import LeavePack, PackProgress
 from models.request.params import NullTextSettings
 from tests.helpers import EDIT, SOURCE
 
@@ -22,9 +22,9 @@ def test_items_leave_by_their_callback_or_their_own_error_and_subsets_share_who_
     def leave_at_2(phase, step, total):
         seen.append(step)
         if step == 2:
-            raise LeaveBatch
+            raise LeavePack
 
-    progress = BatchProgress([None, leave_at_2, None])
+    progress = PackProgress([None, leave_at_2, None])
     assert progress.report("x", 1, 3) is None
     assert progress.report("x", 2, 3) == [0, 2] and progress.alive == [0, 2]
     part = progress.subset([0, 1])
@@ -37,7 +37,7 @@ def test_items_leave_by_their_callback_or_their_own_error_and_subsets_share_who_
         raise RuntimeError
 
     with pytest.raises(RuntimeError):
-        BatchProgress([broken]).report("x", 1, 1)
+        PackProgress([broken]).report("x", 1, 1)
 
 
 def _inverted(bundle):
@@ -52,7 +52,7 @@ def _inverted(bundle):
     return sampler, latents, cond, uncond
 
 
-def test_null_text_optimises_each_image_of_a_batch_as_if_alone(bundle):
+def test_null_text_optimises_each_image_of_a_pack_as_if_alone(bundle):
     """The early-stop threshold is put between the two images' first losses at one step: there one
     image stops at once and is frozen, and the inner steps run the other alone."""
     sampler, latents, cond, uncond = _inverted(bundle)

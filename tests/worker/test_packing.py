@@ -1,5 +1,5 @@
-"""A batching worker (PRISM_WORKER_BATCH): which queued jobs it takes, and RQ's life of a job kept
-for each job of a batch (own progress, cancel, failure, result, re-queue after a lost worker)."""
+"""A packing worker (PRISM_WORKER_PACK): which queued jobs it takes, and RQ's life of a job kept
+for each job of a pack (own progress, cancel, failure, result, re-queue after a lost worker)."""
 
 import os
 import signal
@@ -14,10 +14,10 @@ from service.contract.jobs import JobRequest, enqueue, job_queue
 from service.contract.settings import Settings
 from tests.helpers import EDIT, SOURCE
 from tests.stack import Cluster, job_state, poll, submit, wait_for, wait_running
-from worker.batching import claim_companions
+from worker.packing import claim_companions
 
 
-def test_it_takes_the_queued_jobs_that_share_the_batch_key_in_queue_order(redis_server):
+def test_it_takes_the_queued_jobs_that_share_the_pack_key_in_queue_order(redis_server):
     settings = Settings(redis_url=redis_server.url, queue_name="claim-test")
     redis = Redis.from_url(redis_server.url)
     queue = job_queue(redis, settings)
@@ -56,8 +56,8 @@ def test_it_takes_the_queued_jobs_that_share_the_batch_key_in_queue_order(redis_
         redis.delete(queue.key, queue.intermediate_queue_key, *(job.key for job in jobs.values()))
 
 
-def test_a_canceled_and_a_failing_job_leave_the_batch_and_the_others_succeed(tmp_path, tiny_model_dir):
-    with Cluster(tmp_path, tiny_model_dir, workers=0, PRISM_WORKER_BATCH="4") as c:
+def test_a_canceled_and_a_failing_job_leave_the_pack_and_the_others_succeed(tmp_path, tiny_model_dir):
+    with Cluster(tmp_path, tiny_model_dir, workers=0, PRISM_WORKER_PACK="4") as c:
         ids = [submit(c.url, steps="40", self_replace_steps="0.4,0.8").json()["id"] for _ in range(4)]
         first, canceled, expired, last = ids
         (c.blobs / input_blob(expired)).unlink()
@@ -69,17 +69,17 @@ def test_a_canceled_and_a_failing_job_leave_the_batch_and_the_others_succeed(tmp
         assert job_state(c.url, first)["status"] == "running"  # the others go on
         results = [poll(c.url, i, {"succeeded", "failed", "canceled"}) for i in (first, last)]
         assert [r["status"] for r in results] == ["succeeded", "succeeded"]
-        assert [r["result"]["batch_size"] for r in results] == [3, 3]  # the expired one never started
+        assert [r["result"]["pack_size"] for r in results] == [3, 3]  # the expired one never started
         failed = job_state(c.url, expired)
         assert failed["status"] == "failed" and failed["error"]["code"] == "input_expired"
-        assert "batch of 4 jobs" in c.logs() and "Traceback" not in c.logs()
+        assert "pack of 4 jobs" in c.logs() and "Traceback" not in c.logs()
         for i in (first, last):
             files = job_state(c.url, i)["links"]["files"]
             assert set(files) >= {"counterfactual.png", "result.json"}
 
 
-def test_a_worker_killed_mid_batch_has_every_job_requeued_and_run_once(tmp_path, tiny_model_dir):
-    with Cluster(tmp_path, tiny_model_dir, workers=0, PRISM_WORKER_BATCH="3") as c:
+def test_a_worker_killed_mid_pack_has_every_job_requeued_and_run_once(tmp_path, tiny_model_dir):
+    with Cluster(tmp_path, tiny_model_dir, workers=0, PRISM_WORKER_PACK="3") as c:
         ids = [submit(c.url, steps="30", self_replace_steps="0.4,0.8").json()["id"] for _ in range(3)]
         c.workers.append(c.add_worker())
         for job_id in ids:

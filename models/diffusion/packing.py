@@ -1,11 +1,11 @@
-"""Several counterfactuals in one pass: which items are still in a batched loop, and their progress.
+"""Several counterfactuals in one pack: which items are still in a packed loop, and their progress.
 
-A worker that batches jobs runs their inversions, null-text optimisations and edits as one batch
+A worker that packs jobs runs their inversions, null-text optimisations and edits as one pack
 (row ``r`` of every tensor is item ``alive[r]``). Each item keeps its own progress callback; a
-callback that raises :class:`LeaveBatch` (a canceled job) takes its item out at that step, and
+callback that raises :class:`LeavePack` (a canceled job) takes its item out at that step, and
 the loop drops its rows while the others go on. An item whose own input the engine finds
-unusable leaves the same way (:meth:`BatchProgress.fail`). Any other exception stops the whole
-batch.
+unusable leaves the same way (:meth:`PackProgress.fail`). Any other exception stops the whole
+pack.
 """
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ from collections.abc import Callable, Sequence
 ProgressCallback = Callable[[str, int, int], None]
 
 
-class LeaveBatch(Exception):
-    """Raised by an item's progress callback to leave a batched run; the other items go on."""
+class LeavePack(Exception):
+    """Raised by an item's progress callback to leave a packed run; the other items go on."""
 
 
-class BatchProgress:
-    """The items of a batched run, in the order of their rows, and the progress callback of each.
+class PackProgress:
+    """The items of a packed run, in the order of their rows, and the progress callback of each.
 
-    ``left`` maps an item that left to why (the :class:`LeaveBatch` it raised, or its own error);
+    ``left`` maps an item that left to why (the :class:`LeavePack` it raised, or its own error);
     it is shared with every :meth:`subset`, so that an item leaving a phase run by some of the
     items (the inversion of those the cache did not have) leaves the whole run.
     """
@@ -38,8 +38,8 @@ class BatchProgress:
         self.left = {} if left is None else left
 
     @classmethod
-    def single(cls, callback: ProgressCallback | None) -> BatchProgress:
-        """A run of one item (the methods that do not batch)."""
+    def single(cls, callback: ProgressCallback | None) -> PackProgress:
+        """A run of one item (the methods that do not pack)."""
         return cls([callback])
 
     @property
@@ -47,16 +47,16 @@ class BatchProgress:
         """The items still running, in row order."""
         return [i for i in self.items if i not in self.left]
 
-    def subset(self, items: Sequence[int]) -> BatchProgress:
+    def subset(self, items: Sequence[int]) -> PackProgress:
         """Some of the items, sharing who has left."""
-        return BatchProgress(self.callbacks, items, self.left)
+        return PackProgress(self.callbacks, items, self.left)
 
     def fail(self, item: int, error: Exception) -> None:
         """Take ``item`` out of the run for a reason of its own (its words, its mask)."""
         self.left[item] = error
 
     def report(self, phase: str, step: int, total: int) -> list[int] | None:
-        """Tell every item still running where the batch is. Returns the rows (of the items running
+        """Tell every item still running where the pack is. Returns the rows (of the items running
         before the call) that stay when some left, None when all stay."""
         alive = self.alive
         stay = []
@@ -66,6 +66,6 @@ class BatchProgress:
                 if callback is not None:
                     callback(phase, step, total)
                 stay.append(row)
-            except LeaveBatch as exc:
+            except LeavePack as exc:
                 self.left[item] = exc
         return None if len(stay) == len(alive) else stay
