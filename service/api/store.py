@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from redis import Redis
-from rq.exceptions import NoSuchJobError
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job
 from rq.job import JobStatus as RQStatus
 
@@ -221,7 +221,10 @@ class JobStore:
         status = job.get_status()
         if status in (RQStatus.QUEUED, RQStatus.DEFERRED, RQStatus.SCHEDULED):
             self.redis.set(cancel_key(job_id), 1, ex=self.settings.job_ttl_s)
-            job.cancel()
+            try:
+                job.cancel()
+            except InvalidJobOperation:  # a worker took it meanwhile, saw the flag and ended it
+                return self.status(job_id, owner)
             self.blobs.delete([input_blob(job_id), mask_blob(job_id)])
             job_ended(self.redis, self.settings, job, {"status": "canceled"})
         elif status == RQStatus.STARTED:

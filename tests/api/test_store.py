@@ -5,6 +5,7 @@ import uuid
 
 import pytest
 from redis import Redis
+from rq.job import JobStatus as RQStatus
 
 import models.request.resolve
 from models.request.resolve import resolve
@@ -43,3 +44,18 @@ def test_status_and_list_show_the_submitted_prompts_after_the_findings_table_cha
     listed, total = store.list(owner, limit=10, offset=0)
     assert total == 1 and listed[0].prompts == status.prompts
     assert store.status(job_id, "bob") is None
+
+
+def test_cancel_of_a_job_a_worker_ended_canceled_meanwhile_answers_its_status(store, monkeypatch):
+    """The batch-cancel race: the API reads a job queued, a worker takes it, sees the flag and ends it
+    canceled, then the API's cancel of the queued job finds it canceled (RQ raises): not a 500."""
+    owner = f"carol-{uuid.uuid4().hex}"
+    request = JobRequest(findings=FINDINGS, edit={"Support Devices": 0})
+    job_id = store.submit(png_bytes(xray_like(16, 16)), request, resolve(request), owner)
+    job = store._fetch(job_id, owner)
+    job.cancel()  # what the worker did meanwhile
+    real = type(job).get_status
+    reads = iter([RQStatus.QUEUED])  # what the API read before the worker took it
+    monkeypatch.setattr(type(job), "get_status", lambda self, refresh=True: next(reads, None) or real(self, refresh))
+    status = store.cancel(job_id, owner)
+    assert status is not None and status.status == "canceled"
