@@ -31,10 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+QUOTING_UIDS = ("highdicom", "dicomweb_client", "pynetdicom", "urllib3")
+
+
 def configure_logging(level: int, json_lines: bool) -> None:
     """One handler for everything (uvicorn's loggers propagate to it): each line carries the
     request id of the HTTP request it belongs to (``-`` outside one), as text or as JSON. pydicom
-    is silenced."""
+    is silenced, and the DICOM libraries say warnings only."""
     from asgi_correlation_id import CorrelationIdFilter
     from pythonjsonlogger.json import JsonFormatter
 
@@ -48,6 +51,8 @@ def configure_logging(level: int, json_lines: bool) -> None:
     # (its decoders log from child loggers, which would reach the root handler unless stopped here)
     pydicom = logging.getLogger("pydicom")
     pydicom.disabled, pydicom.propagate = True, False
+    for name in QUOTING_UIDS:  # their info and debug lines quote UIDs, and URLs and queries with them
+        logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", module="pydicom")
     warnings.filterwarnings("ignore", module="highdicom")
 

@@ -36,9 +36,12 @@ INTERRUPTED = 130
 
 def register(sub: argparse._SubParsersAction) -> None:
     batch = sub.add_parser("batch", help="counterfactuals of a folder of images listed in a CSV manifest")
-    batch.add_argument("--images", required=True, help="folder holding the images the manifest's Path column names")
+    batch.add_argument("--images", help="folder holding the images the manifest's Path column names")
     batch.add_argument(
-        "--manifest", required=True, help="CSV: Path, and CheXpert condition columns or original_prompt/edit_prompt"
+        "--manifest",
+        required=True,
+        help="CSV: Path (or, with --source, study_uid and optionally series_uid, sop_uid), and CheXpert condition "
+        "columns or original_prompt/edit_prompt",
     )
     batch.add_argument("--out", required=True, help="output folder (the dataset layout, with manifest.csv)")
     batch.add_argument("--edit", help="with condition columns: the labels to change, e.g. 'Support Devices=0'")
@@ -46,6 +49,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     batch.add_argument("--edit-prompt", help="for rows without their own")
     batch.add_argument("--url", help="a running service; unset: the engine in this process")
     batch.add_argument("--api-key", help="X-API-Key (default: $PRISM_API_KEY)")
+    batch.add_argument(
+        "--source", help="with --url, for a manifest of studies: the service's PACS endpoint they are in"
+    )
+    batch.add_argument("--store-to", help="with --url: a PACS endpoint of the service's to store DICOM outputs into")
     batch.add_argument("--passed-only", action="store_true", help="keep only the files of edits with S_CLIP >= 0.1")
     batch.add_argument("--model", help="local: diffusers SD directory (default: $PRISM_MODEL_DIR, else built-in)")
     batch.add_argument("--device", choices=["cpu", "cuda"], help="local: default cuda when available")
@@ -131,16 +138,20 @@ def _run(args: argparse.Namespace) -> int:
     from models.request.manifest import find_file, read_rows
 
     started = time.monotonic()
-    manifest_path, images, out = Path(args.manifest), Path(args.images), Path(args.out)
+    for flag in ("source", "store_to"):
+        if getattr(args, flag) is not None and not args.url:
+            raise CliError("--" + flag.replace("_", "-"), "PACS endpoints are the service's: needs --url")
+    manifest_path, out = Path(args.manifest), Path(args.out)
     try:
         manifest_bytes = manifest_path.read_bytes()
     except OSError as exc:
         raise CliError("--manifest", str(exc)) from None
     options, manifest, kept = _plan(args, manifest_bytes)
+    _check_image_source(args, manifest.by_reference)
     lines = {item.path: kept[item.path] for item in manifest.items if item.path in kept}
     todo = [item for item in manifest.items if lines.get(item.path) is None or lines[item.path].status not in DONE]
-    files = {}
-    for item in todo:
+    files, images = {}, Path(args.images or ".")
+    for item in [] if manifest.by_reference else todo:
         found = find_file(images, item.path)
         if found is None:
             raise CliError("--images", f"manifest line {item.line}: no image {item.path} under {images}")
@@ -162,27 +173,47 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_image_source(args: argparse.Namespace, by_reference: bool) -> None:
+    """A manifest of files needs ``--images``; one of studies (``study_uid``) needs ``--source``
+    instead, the PACS endpoint of the service's they are in (as ``POST /batches`` says)."""
+    if by_reference and not args.url:
+        raise CliError("--url", "the manifest names studies (study_uid): a service reads them from its PACS")
+    if by_reference and args.source is None:
+        raise CliError("--source", "the manifest names studies (study_uid): give the PACS endpoint they are in")
+    if by_reference and args.images is not None:
+        raise CliError("--images", "the manifest names studies (study_uid), not files: leave --images out")
+    if not by_reference and args.source is not None:
+        raise CliError("--source", "is for a manifest of studies (study_uid); this one names files (Path)")
+    if not by_reference and args.images is None:
+        raise CliError("--images", "give the folder of the images the manifest's Path column names")
+
+
 def _remote(args, options, todo, files, table, lines, out: Path, bar) -> None:
     """One batch of the rows still to do: the ZIP and the manifest's own rows for them (its known
-    columns, each ``Path`` in the name rule's form, the name the image has in the ZIP)."""
+    columns, each ``Path`` in the name rule's form, the name the image has in the ZIP); for a
+    manifest of studies, its rows alone (the service retrieves each from ``--source``)."""
     import httpx
 
     from models.request.manifest import PATH, InvalidPath, clean_path
     from service.client import PrismClient, PrismError
     from service.contract.datasets import MANIFEST, NotADatasetManifest, read_manifest_csv
 
-    archive = io.BytesIO()
-    with zipfile.ZipFile(archive, "w") as z:
-        for item in todo:
-            z.write(files[item.path], item.path)
+    zipped = None
+    if by_path := PATH in table.columns:
+        archive = io.BytesIO()
+        with zipfile.ZipFile(archive, "w") as z:
+            for item in todo:
+                z.write(files[item.path], item.path)
+        zipped = archive.getvalue()
     rows = dict(table.rows)
     manifest = io.StringIO(newline="")
     writer = csv.DictWriter(manifest, list(table.columns.values()), lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
-    writer.writerows({**rows[item.line], table.columns[PATH]: item.path} for item in todo)
+    writer.writerows({**rows[item.line], **({table.columns[PATH]: item.path} if by_path else {})} for item in todo)
     fields = {"edit": args.edit, "original_prompt": args.original_prompt, "edit_prompt": args.edit_prompt}
+    fields |= {"source": args.source, "store_to": args.store_to}
     sent = {**{k: v for k, v in fields.items() if v is not None}, **options}
-    key = hashlib.sha256(archive.getvalue() + manifest.getvalue().encode() + json.dumps(sent, sort_keys=True).encode())
+    key = hashlib.sha256((zipped or b"") + manifest.getvalue().encode() + json.dumps(sent, sort_keys=True).encode())
     original_line = {item.path: item.line for item in todo}
     done_before = bar.n
 
@@ -193,7 +224,7 @@ def _remote(args, options, todo, files, table, lines, out: Path, bar) -> None:
     try:
         with PrismClient(args.url, api_key=args.api_key or os.environ.get("PRISM_API_KEY"), timeout=600) as prism:
             submitted = prism.submit_batch(
-                archive.getvalue(), manifest.getvalue().encode(), idempotency_key=key.hexdigest(), **sent
+                zipped, manifest.getvalue().encode(), idempotency_key=key.hexdigest(), **sent
             )
             prism.wait_batch(submitted.id, on_progress=progress)
             with tempfile.TemporaryDirectory(dir=out) as tmp:

@@ -1,4 +1,6 @@
-"""``prism submit``: one counterfactual through a running service, with the Python client."""
+"""``prism submit``: one counterfactual through a running service, with the Python client: of an
+image file (``--image``), or of a study in one of the service's PACS endpoints (``--source`` and
+``--study-uid``), its DICOM outputs optionally stored back (``--store-to``)."""
 
 from __future__ import annotations
 
@@ -14,10 +16,20 @@ from models.request.params import EditOptions
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    submit = sub.add_parser("submit", help="submit an image to a running service, wait, download the results")
+    submit = sub.add_parser(
+        "submit", help="submit an image (or a PACS study) to a running service, wait, download the results"
+    )
     submit.add_argument("--url", default="http://127.0.0.1:8000", help="the service (default: %(default)s)")
     submit.add_argument("--api-key", help="X-API-Key (default: $PRISM_API_KEY)")
-    submit.add_argument("--image", required=True, help="PNG, JPEG or DICOM")
+    given = submit.add_mutually_exclusive_group(required=True)
+    given.add_argument("--image", help="PNG, JPEG or DICOM")
+    given.add_argument("--source", help="instead of --image: a PACS endpoint of the service's, with --study-uid")
+    submit.add_argument("--study-uid", help="with --source: the study; its one frontal radiograph is edited")
+    submit.add_argument("--series-uid", help="with --source: the series to take the radiograph from")
+    submit.add_argument("--sop-uid", help="with --source: the instance itself")
+    submit.add_argument(
+        "--store-to", help="a PACS endpoint of the service's: store the DICOM outputs into the input's study"
+    )
     submit.add_argument("--original-prompt")
     submit.add_argument("--edit-prompt")
     submit.add_argument("--findings", help="CheXpert labels: JSON, or pairs such as 'Support Devices=1; Edema=0'")
@@ -36,6 +48,11 @@ def run(args: argparse.Namespace) -> int:
 
     from service.client import PrismClient, PrismError
 
+    reference = {name: getattr(args, name) for name in ("source", "study_uid", "series_uid", "sop_uid")}
+    if args.source is not None and args.study_uid is None:
+        raise CliError("--study-uid", "--source needs the study: --study-uid")
+    if args.source is None and (stray := next((k for k, v in reference.items() if v is not None), None)):
+        raise CliError("--" + stray.replace("_", "-"), "goes with --source (a study by reference), not --image")
     try:
         options = model_from_args(EditOptions, args).model_dump(exclude_unset=True)
     except ValueError as exc:
@@ -61,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
                 mask=args.mask,
                 webhook=args.webhook,
                 webhook_events=args.webhook_events,
+                store_to=args.store_to,
+                **reference,
                 **options,
             )
             status = prism.wait(job.id, on_progress=progress)
@@ -74,5 +93,8 @@ def run(args: argparse.Namespace) -> int:
     except httpx.HTTPError as exc:
         raise CliError("--url", f"cannot reach the service at {args.url}: {exc}") from exc
     result = status["result"]
-    print(json.dumps({"id": job.id, "out": args.out, "s_clip": result["s_clip"], "passed": result["passed"]}))
+    summary = {"id": job.id, "out": args.out, "s_clip": result["s_clip"], "passed": result["passed"]}
+    if result.get("stored"):
+        summary["stored"] = {k: result["stored"][k] for k in ("endpoint", "protocol")}
+    print(json.dumps(summary))
     return 0

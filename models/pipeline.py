@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from models.diffusion.components import ModelBundle, decode_latents
 from models.diffusion.inversion import InversionCache
 from models.diffusion.packing import LeavePack, PackProgress, ProgressCallback
-from models.imaging.dicom import DicomSource, secondary_captures
+from models.imaging.dicom import DicomSource, Findings, dicom_outputs
 from models.imaging.difference import difference, encode_rgb_png, render_difference
 from models.imaging.files import DecodedImage, encode_png
 from models.imaging.geometry import from_model_output, quantize, to_model_input
@@ -71,18 +71,19 @@ class Counterfactual:
     report: EditReport
     dicom: DicomSource | None = None
 
-    def files(self) -> dict[str, bytes]:
+    def files(self, uid_seed: str | None = None) -> dict[str, bytes]:
         """The result files by name, exactly the report's
         :attr:`~models.request.report.EditReport.file_names` (the request's ``outputs``). Only
         those are encoded: a real-size study's full set is tens of megabytes. The DICOM ones are
-        Secondary Captures in the input's study."""
+        Secondary Captures and a structured report in the input's study, their UIDs derived from
+        ``uid_seed`` when given (a job's id: a job's outputs stored twice are one copy)."""
         names = self.report.file_names
         encoders: dict[str, Callable[[], bytes]] = {
             "counterfactual.png": lambda: encode_png(self.counterfactual, self.bit_depth),
             "difference.png": lambda: encode_rgb_png(self.difference_rgb),
             "difference.npy": lambda: encode_npy(self.difference),
             "reconstruction.png": lambda: encode_png(self.reconstruction, self.bit_depth),
-            "result.json": lambda: self.report.model_dump_json(indent=2).encode(),
+            "result.json": lambda: encode_report(self.report),
         }
         files = {name: encoders[name]() for name in names if name in encoders}
         if self.dicom is not None and set(DICOM_FILES) & set(names):
@@ -90,8 +91,25 @@ class Counterfactual:
                 f"PRISM counterfactual (S_CLIP {self.report.s_clip:.3f}): {self.report.original_prompt!r} "
                 f"edited to {self.report.edit_prompt!r}"
             )
-            files |= secondary_captures(self.dicom, self.counterfactual, self.difference_rgb, description)
+            report = self.report
+            findings = Findings(
+                s_clip=report.s_clip,
+                threshold=report.s_clip_threshold,
+                passed=report.passed,
+                original_prompt=report.original_prompt,
+                edit_prompt=report.edit_prompt,
+                method=report.method,
+                model=report.model.identity,
+            )
+            files |= dicom_outputs(
+                self.dicom, self.counterfactual, self.difference_rgb, description, findings, uid_seed
+            )
         return {name: files[name] for name in names}
+
+
+def encode_report(report: EditReport) -> bytes:
+    """``result.json``."""
+    return report.model_dump_json(indent=2).encode()
 
 
 def encode_npy(array: np.ndarray) -> bytes:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install everything the project needs on a Debian machine with Python 3.11: redis-server from apt
-# (and, with --browser, Debian's chromium and chromium-driver for the browser tests), then a
-# virtual environment in .venv with pinned packages. Safe to run again.
+# (and, with --browser, what the tests need besides: Debian's chromium and chromium-driver for the
+# browser tests, orthanc and orthanc-dicomweb as the tests' PACS), then a virtual environment in
+# .venv with pinned packages. Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,6 +11,8 @@ command -v redis-server >/dev/null 2>&1 || packages+=(redis-server)
 if [ "${1:-}" = "--browser" ]; then
     command -v chromium >/dev/null 2>&1 || packages+=(chromium)
     command -v chromedriver >/dev/null 2>&1 || packages+=(chromium-driver)
+    command -v Orthanc >/dev/null 2>&1 || packages+=(orthanc)
+    ls /usr/share/orthanc/plugins/libOrthancDicomWeb.so* >/dev/null 2>&1 || packages+=(orthanc-dicomweb)
 fi
 if [ ${#packages[@]} -gt 0 ]; then
     SUDO=""

@@ -97,7 +97,7 @@ class PrismClient:
 
     def submit(
         self,
-        image: str | Path | bytes,
+        image: str | Path | bytes | None = None,
         *,
         original_prompt: str | None = None,
         edit_prompt: str | None = None,
@@ -113,7 +113,17 @@ class PrismClient:
 
         ``options`` are the service's other form fields (``steps``, ``inversion``, ``outputs``,
         ``webhook``, ``webhook_events``, ...); lists and mappings are sent in the service's syntax.
+
+        Instead of ``image``, a study in one of the service's PACS endpoints: ``source`` (the
+        endpoint's name) and ``study_uid``, optionally ``series_uid`` or ``sop_uid``; and
+        ``store_to`` (an endpoint's name) stores the DICOM outputs back into the input's study:
+
+            prism.submit(source="radiology", study_uid="1.2.840...", store_to="radiology", edit=...)
+
+        A :class:`ValueError`, before any request, for neither ``image`` nor ``source``, or both.
         """
+        if (image is None) == (options.get("source") is None):
+            raise ValueError("give image, or source and study_uid (a study in one of the service's PACS endpoints)")
         if isinstance(image, str | Path):
             filename = filename or Path(image).name
             image = Path(image).read_bytes()
@@ -128,9 +138,13 @@ class PrismClient:
         }
         data = {name: _form_value(value) for name, value in fields.items() if value is not None}
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        files = {"image": (filename or "image", image, "application/octet-stream")}
+        files = {}
+        if image is not None:
+            files["image"] = (filename or "image", image, "application/octet-stream")
         if mask is not None:
             files["mask"] = ("mask", mask, "application/octet-stream")
+        if not files:  # by reference: still multipart (the service takes nothing else), the fields as parts
+            data, files = {}, {name: (None, value) for name, value in data.items()}
         response = self._request("POST", "/counterfactual", data=data, files=files, headers=headers)
         retry_after = float(response.headers.get("Retry-After", self.poll_s))
         self.poll_s = retry_after
@@ -184,7 +198,7 @@ class PrismClient:
 
     def submit_batch(
         self,
-        images: str | Path | bytes,
+        images: str | Path | bytes | None,
         manifest: str | Path | bytes,
         *,
         edit: Mapping[str, int | None] | str | None = None,
@@ -194,16 +208,18 @@ class PrismClient:
         **options: Any,
     ) -> Submitted:
         """Submit a ZIP of images (a path or bytes) and its CSV manifest; ``edit`` (labels) or the
-        prompts apply to every row that has none of its own. Answers the batch's id."""
+        prompts apply to every row that has none of its own; ``options`` are the other form fields,
+        ``store_to`` among them. A manifest of studies (a ``study_uid`` column, no ``Path``) goes
+        without a ZIP (``images=None``) and with ``source``, the PACS endpoint they are in.
+        Answers the batch's id."""
         images = Path(images).read_bytes() if isinstance(images, str | Path) else images
         manifest = Path(manifest).read_bytes() if isinstance(manifest, str | Path) else manifest
         fields = {"edit": edit, "original_prompt": original_prompt, "edit_prompt": edit_prompt, **options}
         data = {name: _form_value(value) for name, value in fields.items() if value is not None}
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        files = {
-            "images": ("images.zip", images, "application/zip"),
-            "manifest": ("manifest.csv", manifest, "text/csv"),
-        }
+        files = {"manifest": ("manifest.csv", manifest, "text/csv")}
+        if images is not None:
+            files = {"images": ("images.zip", images, "application/zip"), **files}
         response = self._request("POST", "/batches", data=data, files=files, headers=headers)
         return Submitted(response.json()["id"], response.headers["Location"], self.poll_s)
 

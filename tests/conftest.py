@@ -67,3 +67,15 @@ def service(redis_server, tiny_model_dir, tmp_path_factory):
     finally:
         api.stop()
         stop(worker)
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory):
+    """A real PACS (Orthanc with DICOMweb, ``tests/pacs.py``), started once: a stop takes seconds."""
+    from tests.pacs import Orthanc
+
+    server = Orthanc(tmp_path_factory.mktemp("orthanc"))
+    try:
+        yield server
+    finally:
+        server.close()

@@ -25,13 +25,16 @@ from models.diffusion.components import ModelBundle
 from models.diffusion.inversion import InversionCache
 from models.diffusion.packing import LeavePack
 from models.imaging.files import decode_image, keep_mask
-from models.pipeline import ITEM_ERRORS, Counterfactual, PackItem, generate_counterfactuals
+from models.pipeline import ITEM_ERRORS, Counterfactual, PackItem, encode_report, generate_counterfactuals
 from models.request.errors import ImageError, InvalidInput
+from models.request.params import DICOM_FILES
+from models.request.report import StoredCopy
 from models.scoring.classifier import FindingClassifier
 from service.contract import metrics
 from service.contract.blobs import BlobMissing, BlobStore, StorageUnavailable, file_blob
 from service.contract.jobs import ErrorCode, JobError, Progress, cancel_flags, job_args, save_progress
 from service.contract.keys import cancel_key
+from service.contract.pacs import PacsUnavailable, endpoint
 from service.contract.settings import Settings
 from service.contract.webhooks import notify_job
 
@@ -127,7 +130,7 @@ class JobRunner:
                 continue
             try:
                 outcome: Outcome = self._store(job, result)
-            except JobFailed as exc:  # its outputs were not stored: this job fails, not the pack
+            except ITEM_FAILURES as exc:  # its outputs were not stored: this job fails, not the pack
                 outcome = exc
             ended(job, outcome)
 
@@ -188,19 +191,48 @@ class JobRunner:
         return PackItem(image, args.edit, progress, keep)
 
     def _store(self, job: Job, result: Counterfactual) -> dict:
-        """The outputs into the blob store; the report as JSON. A store that refuses the outputs
-        fails the job with its own code. The inputs stay until the job's end is recorded
-        (:meth:`drop_inputs`): a job re-queued meanwhile runs again from them."""
+        """The outputs into the PACS the request names (``store_to``), then into the blob store;
+        the report as JSON. A PACS or a store that refuses the outputs fails the job with its own
+        code. The inputs stay until the job's end is recorded (:meth:`drop_inputs`): a job
+        re-queued meanwhile runs again from them. Every DICOM UID derives from the job's id."""
+        files = result.files(uid_seed=job.id)
+        report = result.report
+        if (store_to := job_args(job).request.store_to) is not None:
+            dicom = {name: files[name] for name in DICOM_FILES if name in files}
+            report = report.model_copy(update={"stored": self._to_pacs(job, store_to, dicom)})
+            if "result.json" in files:
+                files["result.json"] = encode_report(report)
         try:
-            for name, content in result.files().items():
+            for name, content in files.items():
                 self.blobs.put(file_blob(job.id, name), content)
         except StorageUnavailable as exc:
             message = f"{exc}: the result files were not stored; submit the job again"
             raise JobFailed(JobError(code=ErrorCode.storage_unavailable, message=message)) from None
-        for phase, seconds in result.report.timings.items():
+        for phase, seconds in report.timings.items():
             metrics.observe(job.connection, "phase_seconds", seconds, phase)
-        log.info("job %s: done in %.1f s", job.id, sum(result.report.timings.values()))
-        return result.report.model_dump(mode="json")
+        log.info("job %s: done in %.1f s", job.id, sum(report.timings.values()))
+        return report.model_dump(mode="json")
+
+    def _to_pacs(self, job: Job, name: str, files: dict[str, bytes]) -> StoredCopy:
+        """``files`` stored into endpoint ``name``, tried again after 2, 4, 8 ... s
+        (``pacs_retry_first_s``, ``pacs_retries`` times) without computing anything again; a PACS
+        that refuses them every time fails the job with ``store_failed``. Logs name the endpoint only."""
+        pacs = endpoint(self.settings.pacs_file, name, "store_to")
+        tries, wait_s = 1, self.settings.pacs_retry_first_s
+        while True:
+            try:
+                stored = pacs.store(files)
+            except (PacsUnavailable, OSError, ValueError, RuntimeError) as exc:
+                reason = str(exc) if isinstance(exc, PacsUnavailable) else f"storing failed ({type(exc).__name__})"
+                if tries > self.settings.pacs_retries:
+                    message = f"{reason}: the outputs were not stored after {tries} tries"
+                    raise JobFailed(JobError(code=ErrorCode.store_failed, message=message)) from None
+                log.warning("job %s: %s; trying again in %.0f s", job.id, reason, wait_s)
+                time.sleep(wait_s)
+                tries, wait_s = tries + 1, wait_s * 2
+                continue
+            log.info("job %s: %d outputs stored to %s by %s", job.id, len(files), name, stored.protocol)
+            return stored
 
     def _canceled(self, job: Job) -> bool:
         """The client canceled the job, or its batch is being canceled; False while Redis is away."""

@@ -39,6 +39,7 @@ from pydicom.uid import (
     JPEGLSLossless,
     JPEGLSNearLossless,
     RLELossless,
+    generate_uid,
 )
 
 from models.imaging.colour import grey_of
@@ -214,7 +215,7 @@ def _lossy(ds: Dataset, syntax: UID | None) -> tuple[tuple[str, object], ...]:
 def _copies(ds: Dataset) -> bool:
     """Whether highdicom accepts ``ds``'s patient and study attributes (tried on a 1-pixel image)."""
     try:
-        _capture(DicomSource(ds, 8, False), hd.UID(), 1, np.zeros((1, 1), np.uint8), "")
+        _capture(DicomSource(ds, 8, False), hd.UID(), hd.UID(), 1, np.zeros((1, 1), np.uint8), "")
     except (ValueError, TypeError, AttributeError):
         return False
     return True
@@ -287,28 +288,116 @@ def _stored(pixels: np.ndarray, source: DicomSource) -> np.ndarray:
     return stored.astype(np.uint8 if source.bits_stored <= 8 else np.uint16)
 
 
-def secondary_captures(
-    source: DicomSource, counterfactual: np.ndarray, difference_rgb: np.ndarray, description: str
+@dataclass(frozen=True)
+class Findings:
+    """What the structured report says of an edit (``report.dcm``)."""
+
+    s_clip: float
+    threshold: float
+    passed: bool
+    original_prompt: str
+    edit_prompt: str
+    method: str
+    model: str
+
+
+def dicom_outputs(
+    source: DicomSource,
+    counterfactual: np.ndarray,
+    difference_rgb: np.ndarray,
+    description: str,
+    findings: Findings,
+    uid_seed: str | None = None,
 ) -> dict[str, bytes]:
     """``counterfactual.dcm`` (the input's depth and photometric interpretation) and
-    ``difference.dcm`` (the rendered difference map, RGB), one new series in the input's study."""
-    series = hd.UID()
+    ``difference.dcm`` (the rendered difference map, RGB), one new series in the input's study, and
+    ``report.dcm``, a Comprehensive SR in a series of its own (a series holds one modality) that
+    references the input and both images and says what the edit did. With ``uid_seed`` (a job's
+    id) every series and instance UID derives from it, so storing a job's outputs again replaces
+    them rather than adding copies."""
+    uid = (lambda part: generate_uid(entropy_srcs=[uid_seed, part])) if uid_seed else (lambda part: hd.UID())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # highdicom's warnings quote the patient's name
-        return _captures(source, series, counterfactual, difference_rgb, description)
+        series = uid("series")
+        images = {
+            "counterfactual.dcm": _capture(
+                source, series, uid("counterfactual"), 1, _stored(counterfactual, source), description
+            ),
+            "difference.dcm": _capture(
+                source, series, uid("difference"), 2, difference_rgb.astype(np.uint8), description
+            ),
+        }
+        report = _structured_report(source, images, findings, uid("report series"), uid("report"))
+    return {name: _encode(image) for name, image in images.items()} | {"report.dcm": _saved(report)}
 
 
-def _captures(
-    source: DicomSource, series: str, counterfactual: np.ndarray, difference_rgb: np.ndarray, description: str
-) -> dict[str, bytes]:
-    images = {
-        "counterfactual.dcm": _capture(source, series, 1, _stored(counterfactual, source), description),
-        "difference.dcm": _capture(source, series, 2, difference_rgb.astype(np.uint8), description),
+def _concept(value: str, meaning: str) -> hd.sr.CodedConcept:
+    """A concept of the service's own coding scheme (99PRISM, a private one, as PS3.16 allows)."""
+    return hd.sr.CodedConcept(value=value, scheme_designator="99PRISM", meaning=meaning)
+
+
+def _structured_report(
+    source: DicomSource, images: dict[str, Dataset], findings: Findings, series: str, instance: str
+) -> Dataset:
+    contains = hd.sr.RelationshipTypeValues.CONTAINS
+    ratio = hd.sr.CodedConcept(value="1", scheme_designator="UCUM", meaning="no units")
+    texts = {
+        "NOTICE": ("Notice", f"Synthetic counterfactual, research use only: {NOT_FOR_DIAGNOSIS}."),
+        "PROMPT-ORIGINAL": ("Original prompt", findings.original_prompt),
+        "PROMPT-EDIT": ("Edit prompt", findings.edit_prompt),
+        "PASSED": ("Edit passed the S_CLIP threshold", "yes" if findings.passed else "no"),
+        "METHOD": ("Method", findings.method),
+        "MODEL": ("Model identity", findings.model),
     }
-    return {name: _encode(image) for name, image in images.items()}
+    items = [
+        hd.sr.TextContentItem(name=_concept(code, meaning), value=value[:1024], relationship_type=contains)
+        for code, (meaning, value) in texts.items()
+    ]
+    items += [
+        hd.sr.NumContentItem(name=_concept(code, meaning), value=value, unit=ratio, relationship_type=contains)
+        for code, meaning, value in (
+            ("S-CLIP", "S_CLIP directional similarity", findings.s_clip),
+            ("S-CLIP-THRESHOLD", "S_CLIP threshold", findings.threshold),
+        )
+    ]
+    references = [("SOURCE", "Source image", source.dataset)] + [
+        (name.removesuffix(".dcm").upper(), f"{name.removesuffix('.dcm').capitalize()} image", image)
+        for name, image in images.items()
+    ]
+    items += [
+        hd.sr.ImageContentItem(
+            name=_concept(code, meaning),
+            referenced_sop_class_uid=ref.SOPClassUID,
+            referenced_sop_instance_uid=ref.SOPInstanceUID,
+            relationship_type=contains,
+        )
+        for code, meaning, ref in references
+    ]
+    content = hd.sr.ContainerContentItem(name=_concept("PRISM-REPORT", "PRISM counterfactual report"))
+    content.ContentSequence = items
+    subject = copy.copy(source.dataset)  # what _copyable left out stays empty, as in the images
+    for name in COPIED_ATTRIBUTES:
+        if name not in subject:
+            setattr(subject, name, "")
+    report = hd.sr.ComprehensiveSR(
+        evidence=[subject, *images.values()],
+        content=content,
+        series_instance_uid=series,
+        series_number=SERIES_NUMBER + 1,
+        sop_instance_uid=instance,
+        instance_number=1,
+        manufacturer="PRISM counterfactual service",
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+    )
+    report.SeriesDescription = f"PRISM counterfactual report - {NOT_FOR_DIAGNOSIS}"
+    return report
 
 
-def _capture(source: DicomSource, series: str, number: int, pixels: np.ndarray, description: str) -> Dataset:
+def _capture(
+    source: DicomSource, series: str, instance: str, number: int, pixels: np.ndarray, description: str
+) -> Dataset:
     ref = source.dataset
     rgb = pixels.ndim == 3
     photometric = "RGB" if rgb else ("MONOCHROME1" if source.monochrome1 else "MONOCHROME2")
@@ -321,7 +410,7 @@ def _capture(source: DicomSource, series: str, number: int, pixels: np.ndarray, 
         patient_orientation=("L", "F"),  # replaced by the input's below: highdicom needs a value to start from
         series_instance_uid=series,
         series_number=SERIES_NUMBER,
-        sop_instance_uid=hd.UID(),
+        sop_instance_uid=instance,
         instance_number=number,
         manufacturer="PRISM counterfactual service",
         transfer_syntax_uid=ExplicitVRLittleEndian,
@@ -353,6 +442,10 @@ def _encode(image: Dataset) -> bytes:
         image.compress(OUTPUT_SYNTAX, generate_instance_uid=False)
     except (ValueError, RuntimeError):  # 1 bit stored, or too few pixels for pyjpegls
         image.compress(FALLBACK_SYNTAX, generate_instance_uid=False)
+    return _saved(image)
+
+
+def _saved(dataset: Dataset) -> bytes:
     buffer = io.BytesIO()
-    image.save_as(buffer, enforce_file_format=True)
+    dataset.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()

@@ -36,9 +36,11 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from models.request.errors import InvalidInput, NothingToEdit
 from models.request.findings import CONDITIONS, normalize_labels, parse_labels
 from models.request.params import FILE_NAMES
+from models.request.reference import REFERENCE_FIELDS, is_uid, reference_path
 from models.request.resolve import EditRequest, ResolvedEdit, resolve
 
 PATH = "Path"
+STUDY = REFERENCE_FIELDS[0]
 EDIT = "edit"
 ORIGINAL = "original_prompt"
 EDIT_PROMPT = "edit_prompt"
@@ -82,11 +84,15 @@ class PlannedItem(BaseModel):
     request: EditRequest
     edit: ResolvedEdit | None = None
     skipped: str | None = None
+    reference: dict[str, str] | None = None
+    """A row by reference: its ``study_uid`` (``series_uid``, ``sop_uid``) for the batch's ``source``."""
 
 
 class Manifest(BaseModel):
     items: list[PlannedItem]
     errors: list[RowError]
+    by_reference: bool = False
+    """Its rows name studies (``study_uid``), not files (``Path``)."""
 
 
 @dataclass(frozen=True)
@@ -176,7 +182,9 @@ def find_file(root: Path, written: str) -> Path | None:
 
 def _columns(header: list[str], line: int) -> dict[str, str]:
     """Each known column's canonical name -> the file's own spelling; a known column twice is refused."""
-    known = {name.lower(): name for name in (PATH, EDIT, ORIGINAL, EDIT_PROMPT, CAPTION, *CONDITIONS)}
+    known = {
+        name.lower(): name for name in (PATH, *REFERENCE_FIELDS, EDIT, ORIGINAL, EDIT_PROMPT, CAPTION, *CONDITIONS)
+    }
     columns: dict[str, str] = {}
     for spelling in header:
         if (name := known.get(spelling.strip().lower())) is not None:
@@ -207,11 +215,12 @@ def _records(text: str, delimiter: str):
 
 
 def _header(text: str, delimiter: str) -> tuple[int, list[str]] | None:
-    """The first non-blank record read with ``delimiter``, if it names a ``Path`` column."""
+    """The first non-blank record read with ``delimiter``, if it names a ``Path`` or a ``study_uid`` column."""
+    names = (PATH.lower(), STUDY)
     try:
         for line, cells in _records(text, delimiter):
             if any(cell.strip() for cell in cells):
-                return (line, cells) if any(cell.strip().lower() == PATH.lower() for cell in cells) else None
+                return (line, cells) if any(cell.strip().lower() in names for cell in cells) else None
     except ManifestInvalid:
         return None
     return None
@@ -224,8 +233,8 @@ def read_rows(data: bytes) -> Table:
     found = {d: header for d in DELIMITERS if (header := _header(text, d)) is not None}
     if not found:
         raise ManifestInvalid(
-            "the manifest needs a 'Path' column naming each image (its header has none, "
-            "read with a comma, a semicolon or a tab between columns)"
+            "the manifest needs a 'Path' column naming each image in the ZIP, or a 'study_uid' column naming "
+            "each study in the PACS (its header has neither, read with a comma, a semicolon or a tab between columns)"
         )
     delimiter = max(found, key=lambda d: len(found[d][1]))
     header_line, header = found[delimiter]
@@ -247,6 +256,8 @@ def read_rows(data: bytes) -> Table:
     if conditions and prompts:
         message = f"give condition columns or prompt columns, not both ({conditions[0]!r}, {prompts[0]!r})"
         raise ManifestInvalid(f"line {header_line}: {message}")
+    if PATH in columns and STUDY in columns:
+        raise ManifestInvalid(f"line {header_line}: give 'Path' (images in the ZIP) or 'study_uid' (studies), not both")
     if ORIGINAL in columns and CAPTION in columns:
         raise ManifestInvalid(f"line {header_line}: give 'original_prompt' or 'caption', not both")
     return Table(columns, rows, errors)
@@ -284,24 +295,41 @@ def _column(field: str, columns: dict[str, str]) -> str:
     return columns.get(field, field)
 
 
-def _paths(table: Table, errors: list[RowError]) -> list[tuple[int, str, dict[str, str]]]:
-    """Each row with its clean path, once; bad, repeated and clashing paths are errors."""
-    column = table.columns[PATH]
-    rows: list[tuple[int, str, dict[str, str]]] = []
+def _path(row: dict[str, str], columns: dict[str, str], line: int) -> tuple[str, dict[str, str] | None] | RowError:
+    """The row's clean path (and its reference, for a row naming a study), or what is wrong with it."""
+    if PATH in columns:
+        try:
+            return clean_path(row[columns[PATH]].strip()), None
+        except InvalidPath as exc:
+            return RowError(line=line, column=columns[PATH], message=f"the image's path {exc}")
+    reference = {field: row[columns[field]].strip() for field in REFERENCE_FIELDS if field in columns}
+    reference = {field: uid for field, uid in reference.items() if uid}
+    for field, uid in reference.items():
+        if not is_uid(uid):
+            return RowError(line=line, column=columns[field], message="not a DICOM UID (digits and dots, 64 at most)")
+    if STUDY not in reference:
+        return RowError(line=line, column=columns[STUDY], message="empty: each row names a study")
+    return reference_path(tuple(reference.values())), reference
+
+
+def _paths(table: Table, errors: list[RowError]) -> list[tuple[int, str, dict[str, str] | None, dict[str, str]]]:
+    """Each row with its clean path (and reference), once; bad, repeated and clashing paths are errors."""
+    column = table.columns.get(PATH) or table.columns[STUDY]
+    rows: list[tuple[int, str, dict[str, str] | None, dict[str, str]]] = []
     first_line: dict[str, int] = {}
     for line, row in table.rows:
-        try:
-            path = clean_path(row[column].strip())
-        except InvalidPath as exc:
-            errors.append(RowError(line=line, column=column, message=f"the image's path {exc}"))
+        found = _path(row, table.columns, line)
+        if isinstance(found, RowError):
+            errors.append(found)
             continue
+        path, reference = found
         if (first := first_line.setdefault(path, line)) != line:
             errors.append(
                 RowError(line=line, column=column, message=f"{path!r} is also on line {first}: one row per image")
             )
             continue
-        rows.append((line, path, row))
-    clashes = _clashes([(line, path) for line, path, _ in rows], column)
+        rows.append((line, path, reference, row))
+    clashes = _clashes([(line, path) for line, path, _, _ in rows], column)
     errors.extend(clashes)
     refused = {error.line for error in clashes}
     return [row for row in rows if row[0] not in refused]
@@ -316,7 +344,7 @@ def read_manifest(data: bytes, base: EditRequest, tokenizer=None, with_mask: boo
     base_fields = base.model_dump(exclude_none=True)
     items: list[PlannedItem] = []
     errors: list[RowError] = list(table.errors)
-    for line, path, row in _paths(table, errors):
+    for line, path, reference, row in _paths(table, errors):
         before = len(errors)
         fields = _row_fields(row, columns, line, errors)
         if len(errors) > before:
@@ -324,9 +352,10 @@ def read_manifest(data: bytes, base: EditRequest, tokenizer=None, with_mask: boo
         try:
             request = EditRequest.model_validate({**base_fields, **fields})
             edit = resolve(request, tokenizer, with_mask)
-            items.append(PlannedItem(line=line, path=path, request=request, edit=edit))
+            items.append(PlannedItem(line=line, path=path, request=request, edit=edit, reference=reference))
         except NothingToEdit as exc:
-            items.append(PlannedItem(line=line, path=path, request=request, skipped=f"the edit {exc.message}"))
+            skipped = f"the edit {exc.message}"
+            items.append(PlannedItem(line=line, path=path, request=request, skipped=skipped, reference=reference))
         except InvalidInput as exc:
             errors.append(RowError(line=line, column=_column(exc.field, columns), message=exc.message))
         except ValidationError as exc:
@@ -334,4 +363,4 @@ def read_manifest(data: bytes, base: EditRequest, tokenizer=None, with_mask: boo
                 field = str(e["loc"][0]) if e["loc"] else ""
                 message = e["msg"].removeprefix("Value error, ")
                 errors.append(RowError(line=line, column=_column(field, columns), message=message))
-    return Manifest(items=items, errors=sorted(errors, key=lambda e: e.line))
+    return Manifest(items=items, errors=sorted(errors, key=lambda e: e.line), by_reference=STUDY in columns)

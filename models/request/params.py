@@ -32,13 +32,14 @@ FileName = Literal[
     "result.json",
     "counterfactual.dcm",
     "difference.dcm",
+    "report.dcm",
 ]
 """Every file a counterfactual can have, declared once: a request chooses among them (``outputs``),
 the engine writes them, the API links them."""
 FILE_NAMES: tuple[str, ...] = get_args(FileName)
 REPORT_FILE = "result.json"
 """Always written, listed or not: the report is the job's result."""
-DICOM_FILES = ("counterfactual.dcm", "difference.dcm")
+DICOM_FILES = ("counterfactual.dcm", "difference.dcm", "report.dcm")
 """Written for a DICOM input only."""
 
 

@@ -75,6 +75,21 @@ class DifferenceInfo(Record):
 InputFormat = Literal["image", "dicom"]
 
 
+class StoredInstance(Record):
+    file: Annotated[str, Field(description="the output stored, e.g. counterfactual.dcm")]
+    sop_instance_uid: str
+    status: Annotated[str, Field(description="stored, or the peer's C-STORE status (0x0000: success)")]
+    retrieve_url: Annotated[str | None, Field(description="where the PACS serves it (STOW-RS's answer)")] = None
+
+
+class StoredCopy(Record):
+    """Where a job's DICOM outputs were stored (the request's ``store_to``): set by the worker."""
+
+    endpoint: Annotated[str, Field(description="the PACS endpoint's name")]
+    protocol: Literal["STOW-RS", "C-STORE"]
+    instances: list[StoredInstance]
+
+
 class EditReport(Record):
     """Scores, choices and provenance of one counterfactual."""
 
@@ -118,6 +133,9 @@ class EditReport(Record):
     edited_fraction: Annotated[float, Field(description="fraction of the image where the edit changed the latent")]
     difference: DifferenceInfo
     difference_png_scale: Annotated[float, Field(description="|difference| drawn at full colour in difference.png")]
+    stored: Annotated[
+        StoredCopy | None, Field(description="the PACS copy of the DICOM outputs (store_to); null without one")
+    ] = None
 
     @property
     def file_names(self) -> tuple[str, ...]:

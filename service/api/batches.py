@@ -9,7 +9,9 @@ in the ZIP and checked as a single upload is). A batch must fit in the queue who
 from __future__ import annotations
 
 import hashlib
+import io
 import re
+import tempfile
 import time
 import uuid
 import zipfile
@@ -20,6 +22,7 @@ from typing import BinaryIO
 
 from rq.job import Job
 
+from models.imaging.dicom import is_dicom
 from models.request.manifest import InvalidPath, Manifest, PlannedItem, RowError
 from models.request.report import EditReport
 from service.api.archive import Archive
@@ -41,6 +44,7 @@ from service.contract.blobs import BlobMissing, file_blob
 from service.contract.datasets import MANIFEST, ManifestLine, counterfactual_name, dataset_names, manifest_csv
 from service.contract.jobs import JobRequest, fetch_many, read_failure
 from service.contract.keys import batch_cancel_key, batches_index_key
+from service.contract.pacs import Pacs, PacsError
 from service.contract.recovery import recover_lost_jobs, worker_lost
 
 BATCH_ID = re.compile(r"[0-9a-f]{32}")
@@ -62,30 +66,91 @@ def content_digest(*parts: bytes | BinaryIO) -> str:
     return sha.hexdigest()
 
 
-def check_rows(manifest: Manifest, archive: Archive, max_pixels: int) -> dict[int, str]:
-    """Each row's entry in the ZIP, every image decoded once; raises :class:`ManifestErrors`
-    listing every bad row (its own cells, its path, its image). Over-limit entries stay a 413.
-    Paths and the names of their outputs were checked by the manifest's reader, by the rule the
-    archive's names follow too."""
+class Spool:
+    """Instances retrieved from a PACS for a batch, one after another in one temporary file, until
+    they are enqueued: memory stays at one instance, whatever the batch's size."""
+
+    def __init__(self) -> None:
+        self.file = tempfile.TemporaryFile()
+        self.parts: dict[int, tuple[int, int]] = {}
+
+    def add(self, line: int, data: bytes) -> None:
+        self.parts[line] = (self.file.seek(0, io.SEEK_END), len(data))
+        self.file.write(data)
+
+    def read(self, line: int) -> bytes:
+        offset, size = self.parts[line]
+        self.file.seek(offset)
+        return self.file.read(size)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+@dataclass
+class RowImages:
+    """Where each row's image is: an entry of the batch's ZIP, or an instance retrieved from its PACS."""
+
+    archive: Archive | None
+    entries: dict[int, str]
+    spool: Spool
+
+    def read(self, line: int) -> bytes:
+        return self.spool.read(line) if line in self.spool.parts else self.archive.read(self.entries[line])
+
+
+def check_rows(
+    manifest: Manifest, archive: Archive | None, pacs: Pacs | None, max_pixels: int, store_to: bool
+) -> RowImages:
+    """Each row's image, every one decoded once, as a single upload is: its entry in the ZIP, or
+    for a row naming a study its frontal radiograph, retrieved from ``pacs`` (by the same rule as
+    a single submission). Raises :class:`ManifestErrors` listing every bad row (its own cells, its
+    path or study, its image; with ``store_to``, an image that is not DICOM). Over-limit entries
+    stay a 413; a PACS that is down is a 503. Paths and the names of their outputs were checked by
+    the manifest's reader, by the rule the archive's names follow too."""
     errors: list[RowError] = list(manifest.errors)
-    entries: dict[int, str] = {}
-    for item in manifest.items:
-        name = archive.find(item.path)
-        if name is None:
-            errors.append(RowError(line=item.line, column="Path", message=f"no file {item.path!r} in the ZIP"))
-            continue
-        try:
-            check_image(archive.read(name), max_pixels)
-        except UploadRejected as exc:
-            if exc.status_code == 413 and exc.field == "images":
-                raise
-            errors.append(RowError(line=item.line, column="Path", message=f"{item.path}: {exc.message}"))
-            continue
-        entries[item.line] = name
+    images = RowImages(archive, {}, Spool())
+    try:
+        for item in manifest.items:
+            if item.reference is not None:
+                column = "study_uid"
+                try:
+                    ref = pacs.frontal(
+                        item.reference[column], item.reference.get("series_uid"), item.reference.get("sop_uid")
+                    )
+                    data = pacs.retrieve(ref)
+                except PacsError as exc:
+                    errors.append(RowError(line=item.line, column=exc.field, message=exc.message))
+                    continue
+            else:
+                column = "Path"
+                name = archive.find(item.path)
+                if name is None:
+                    errors.append(RowError(line=item.line, column=column, message=f"no file {item.path!r} in the ZIP"))
+                    continue
+                data = archive.read(name)
+                images.entries[item.line] = name
+            try:
+                check_image(data, max_pixels)
+            except UploadRejected as exc:
+                if exc.status_code == 413 and exc.field == "images":
+                    raise
+                errors.append(RowError(line=item.line, column=column, message=f"{item.path}: {exc.message}"))
+                continue
+            if store_to and not is_dicom(data):
+                message = f"{item.path}: store_to needs DICOM inputs, only those have DICOM outputs to store"
+                errors.append(RowError(line=item.line, column=column, message=message))
+            if item.reference is not None:
+                images.spool.add(item.line, data)
+    except BaseException:  # a PACS that is down, an archive over its limits
+        images.spool.close()
+        raise
     if errors:
+        images.spool.close()
         raise ManifestErrors(sorted(errors, key=lambda e: e.line))
-    archive.read_bytes = 0
-    return entries
+    if archive is not None:
+        archive.read_bytes = 0
+    return images
 
 
 @dataclass
@@ -102,16 +167,17 @@ class BatchStore:
 
     def submit(
         self,
-        archive: Archive,
-        entries: dict[int, str],
+        images: RowImages,
         items: list[PlannedItem],
+        pacs: dict[str, str | None],
         owner: str,
         webhook: str | None,
         client_key: str | None,
         digest: str,
     ) -> BatchRecord:
         """Enqueue a job per applicable row and keep the batch; a repeat of an Idempotency-Key with
-        the same content returns the first batch."""
+        the same content returns the first batch. ``pacs`` holds the batch's ``source`` (for rows
+        naming a study) and ``store_to``."""
         batch_id = uuid.uuid4().hex
         client_key = None if client_key is None else f"batch:{client_key}"
         if client_key is not None and (existing := self.jobs.claim(owner, client_key, batch_id, digest)) is not None:
@@ -132,8 +198,10 @@ class BatchStore:
                     batch_items.append(BatchItem(line=item.line, path=item.path, skipped=item.skipped))
                     continue
                 job_id = uuid.uuid4().hex
-                job_request = JobRequest.model_validate(item.request.model_dump())
-                self.jobs.add(job_id, archive.read(entries[item.line]), job_request, item.edit, owner, batch=batch_id)
+                reference = {**item.reference, "source": pacs["source"]} if item.reference else {}
+                fields = {**item.request.model_dump(), **reference, "store_to": pacs["store_to"]}
+                job_request = JobRequest.model_validate(fields)
+                self.jobs.add(job_id, images.read(item.line), job_request, item.edit, owner, batch=batch_id)
                 batch_items.append(BatchItem(line=item.line, path=item.path, job_id=job_id))
         except Exception:  # refused on the way (storage full): the batch is taken back whole
             for item in batch_items:

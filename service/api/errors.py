@@ -29,6 +29,7 @@ from models.request.errors import InvalidInput
 from service.api.middleware import MAX_TEXT_PART_BYTES
 from service.api.uploads import UploadRejected
 from service.contract.blobs import StorageUnavailable
+from service.contract.pacs import PacsError, PacsUnavailable
 
 log = logging.getLogger("prism.api")
 
@@ -290,6 +291,16 @@ def install_handlers(app: FastAPI) -> None:
     async def redis_down(request: Request, exc: Exception) -> JSONResponse:
         headers = retry_after(request.app.state.settings.retry_after_s)
         return error_response(503, "queue backend unavailable", "unavailable", headers=headers)
+
+    @app.exception_handler(PacsError)
+    async def pacs_refused(request: Request, exc: PacsError) -> JSONResponse:
+        kind = "not_found" if exc.status == 404 else "value_error"
+        return error_response(exc.status, exc.message, kind, ["body", exc.field])
+
+    @app.exception_handler(PacsUnavailable)
+    async def pacs_down(request: Request, exc: PacsUnavailable) -> JSONResponse:
+        headers = retry_after(request.app.state.settings.retry_after_s)
+        return error_response(503, f"PACS unavailable: {exc}; retry later", "pacs_unavailable", headers=headers)
 
     @app.exception_handler(StorageUnavailable)
     async def storage_down(request: Request, exc: StorageUnavailable) -> JSONResponse:

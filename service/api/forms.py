@@ -19,18 +19,18 @@ from models.request.errors import InvalidInput
 from models.request.resolve import EditRequest
 from service.contract.jobs import JobRequest
 
-"""The file a batch's dataset names in each row of its ``manifest.csv``."""
 LABELS_SYNTAX = 'a JSON object such as {"Support Devices": 1} or pairs such as "Support Devices=1; Edema=0"'
 
 
 class CounterfactualForm(JobRequest):
     image: Annotated[
-        UploadFile,
+        UploadFile | None,
         Field(
-            description="chest X-ray: PNG (8/16-bit), JPEG or DICOM (detected from the content)",
+            description="chest X-ray: PNG (8/16-bit), JPEG or DICOM (detected from the content); or give "
+            "source and study_uid instead",
             json_schema_extra={"format": "binary"},
         ),
-    ]
+    ] = None
     mask: Annotated[
         UploadFile | None,
         Field(
@@ -70,18 +70,19 @@ class BatchForm(EditRequest):
     every row shares (a row's own cells take precedence)."""
 
     images: Annotated[
-        UploadFile,
+        UploadFile | None,
         Field(
-            description="a ZIP of the images (PNG, JPEG or DICOM), in any folders",
+            description="a ZIP of the images (PNG, JPEG or DICOM), in any folders; not with a manifest of studies",
             json_schema_extra={"format": "binary"},
         ),
-    ]
+    ] = None
     manifest: Annotated[
         UploadFile,
         Field(
-            description="CSV, one row per image: `Path` (its name in the ZIP) and either CheXpert condition "
-            "columns (1, 0, -1 or blank) or `original_prompt`/`caption` and `edit_prompt` columns; an `edit` "
-            "column overrides `edit` per row",
+            description="CSV, one row per image: `Path` (its name in the ZIP), or `study_uid` (and optional "
+            "`series_uid`, `sop_uid`: a study of `source`, its frontal radiograph used), and either CheXpert "
+            "condition columns (1, 0, -1 or blank) or `original_prompt`/`caption` and `edit_prompt` columns; an "
+            "`edit` column overrides `edit` per row",
             json_schema_extra={"format": "binary"},
         ),
     ]
@@ -95,13 +96,22 @@ class BatchForm(EditRequest):
         str | None,
         Field(max_length=2000, description="http(s) URL that receives `batch.completed` once every item has ended"),
     ] = None
+    source: Annotated[
+        str | None,
+        Field(max_length=100, description="with a manifest of studies: the PACS endpoint they are taken from"),
+    ] = None
+    store_to: Annotated[
+        str | None,
+        Field(max_length=100, description="a PACS endpoint each item's DICOM outputs are stored into (DICOM inputs)"),
+    ] = None
 
     def base_request(self) -> EditRequest:
         """What every row shares; a 422 naming the field if a value does not parse."""
         if self.findings:
             raise InvalidInput("findings", "a batch's findings are its manifest's condition columns, one row per image")
         try:
-            request = EditRequest.model_validate(self.model_dump(exclude={"images", "manifest", "webhook", "findings"}))
+            fields = self.model_dump(exclude={"images", "manifest", "webhook", "findings", "source", "store_to"})
+            request = EditRequest.model_validate(fields)
         except ValidationError as exc:
             raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from exc
         return request

@@ -18,7 +18,10 @@ from PIL import Image
 
 from models.imaging.dicom import is_dicom, read_dicom
 from models.imaging.files import to_grayscale
-from models.request.errors import ImageError
+from models.request.errors import ImageError, InvalidInput
+from models.request.params import DICOM_FILES
+from service.contract.jobs import JobRequest
+from service.contract.pacs import endpoint
 
 SIGNATURES = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG"}
 STATUS = {"invalid": 422, "unsupported": 415, "too_large": 413}
@@ -48,6 +51,26 @@ def read_upload(file: BinaryIO, max_bytes: int, max_pixels: int) -> Upload:
     if len(data) > max_bytes:
         raise UploadRejected(413, f"file exceeds {max_bytes} bytes", "too_large")
     return Upload(data, check_image(data, max_pixels))
+
+
+def read_reference(request: JobRequest, pacs_file: str | None, max_pixels: int) -> Upload:
+    """The radiograph a request names by reference (``source`` and ``study_uid``), retrieved from
+    the PACS and checked as an upload is (the same decoding, refusals and colour rule)."""
+    pacs = endpoint(pacs_file, request.source, "source")
+    data = pacs.retrieve(pacs.frontal(request.study_uid, request.series_uid, request.sop_uid))
+    return Upload(data, check_image(data, max_pixels))
+
+
+def check_store_to(request: JobRequest, pacs_file: str | None, image: bytes) -> None:
+    """A ``store_to`` names an endpoint that can store and a DICOM input (only those have DICOM
+    outputs to store); else an :class:`InvalidInput` naming it."""
+    if request.store_to is None:
+        return
+    endpoint(pacs_file, request.store_to, "store_to")
+    if not is_dicom(image):
+        raise InvalidInput("store_to", "needs a DICOM input: only those have DICOM outputs to store")
+    if not set(DICOM_FILES) & set(request.outputs):
+        raise InvalidInput("store_to", f"outputs holds none of {', '.join(DICOM_FILES)} to store")
 
 
 def read_mask(file: BinaryIO, image_size: tuple[int, int], settings) -> bytes:

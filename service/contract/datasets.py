@@ -25,6 +25,7 @@ LAYOUT = {
     "difference.png": "differences/{stem}.png",
     "difference.npy": "differences/{stem}.npy",
     "difference.dcm": "differences/{stem}.dcm",
+    "report.dcm": "reports/{stem}.dcm",
     "result.json": "results/{stem}.json",
 }
 """Which of a job's files a dataset holds, and where; the reconstruction (a check of the

@@ -19,7 +19,9 @@ from rq import Queue
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
+from models.request.errors import InvalidInput
 from models.request.params import CommaList
+from models.request.reference import Uid
 from models.request.resolve import EditRequest, ResolvedEdit
 from service.contract.blobs import input_blob, mask_blob
 from service.contract.keys import batch_cancel_key, cancel_key
@@ -46,6 +48,35 @@ class JobRequest(EditRequest):
         Field(min_length=1, description="which events the webhook receives"),
         CommaList,
     ] = ("started", "completed")
+    source: Annotated[
+        str | None,
+        Field(
+            max_length=100,
+            description="instead of an image: a PACS endpoint of the service's (PRISM_PACS_FILE) to take the "
+            "study from, with study_uid (and series_uid or sop_uid)",
+            examples=["radiology"],
+        ),
+    ] = None
+    study_uid: Annotated[Uid | None, Field(description="with source: the study; its frontal radiograph is used")] = None
+    series_uid: Annotated[Uid | None, Field(description="with source: the series to take the radiograph from")] = None
+    sop_uid: Annotated[Uid | None, Field(description="with source: the instance itself")] = None
+    store_to: Annotated[
+        str | None,
+        Field(
+            max_length=100,
+            description="a PACS endpoint of the service's to store counterfactual.dcm, difference.dcm and report.dcm "
+            "into the input's study once the job succeeds (a DICOM input only); result.json's stored says where",
+            examples=["radiology"],
+        ),
+    ] = None
+
+    def check_reference(self) -> None:
+        """A study reference is an endpoint and a study, a series or instance only within one: else
+        an :class:`InvalidInput` naming the field."""
+        if (self.source is None) != (self.study_uid is None):
+            raise InvalidInput("study_uid" if self.source else "source", "source and study_uid go together")
+        if self.source is None and (self.series_uid or self.sop_uid):
+            raise InvalidInput("series_uid" if self.series_uid else "sop_uid", "needs source and study_uid")
 
 
 class JobArgs(BaseModel):
@@ -68,6 +99,7 @@ class ErrorCode(StrEnum):
     invalid_parameters = "invalid_parameters"
     input_expired = "input_expired"
     storage_unavailable = "storage_unavailable"
+    store_failed = "store_failed"
     timeout = "timeout"
     worker_lost = "worker_lost"
     internal = "internal"

@@ -10,6 +10,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.request.params import DtypeName
+from service.contract.pacs import load_endpoints
 
 
 class Settings(BaseSettings):
@@ -55,6 +56,17 @@ class Settings(BaseSettings):
         description="an S3-compatible store's endpoint, e.g. https://minio.hospital.local:9000; unset: AWS's",
     )
     blob_region: str | None = Field(None, description="the S3 store's region; unset: AWS_REGION's, else us-east-1")
+    pacs_file: str | None = Field(
+        None,
+        description="TOML file of the PACS endpoints requests may name (source, store_to): DICOMweb URL with its auth "
+        "and CA bundle, and/or a DICOM peer; unset: none",
+    )
+    pacs_retries: int = Field(
+        4, ge=0, le=10, description="how often a worker tries again to store a job's outputs into a PACS (store_to)"
+    )
+    pacs_retry_first_s: float = Field(
+        2.0, gt=0, description="the first store retry waits this long, each next one twice as long (4 tries: 30 s)"
+    )
     blob_sweep_s: int = Field(
         300, ge=10, description="how often a worker deletes the blobs of jobs Redis no longer has (one per period)"
     )
@@ -123,13 +135,21 @@ class Settings(BaseSettings):
 
     @field_validator(
         "model_dir", "unet_weights", "clip_model", "classifier", "inversion_cache_dir", "api_keys_file",
-        "webhook_secret", "worker_heartbeat_file", "blob_url", "blob_endpoint", "blob_region",
+        "webhook_secret", "worker_heartbeat_file", "blob_url", "blob_endpoint", "blob_region", "pacs_file",
         mode="before",
     )  # fmt: skip
     @classmethod
     def _empty_means_none(cls, value: str | None) -> str | None:
         """An empty value is unset: how a container clears a path its image sets (Compose cannot unset)."""
         return value or None
+
+    @field_validator("pacs_file")
+    @classmethod
+    def _usable_endpoints(cls, value: str | None) -> str | None:
+        """A file whose every endpoint can be used (``service.contract.pacs``): else the entry at fault."""
+        if value is not None:
+            load_endpoints(value)
+        return value
 
     @field_validator("blob_url")
     @classmethod

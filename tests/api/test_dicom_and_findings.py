@@ -25,6 +25,7 @@ from tests.models.imaging.test_dicom import REFUSALS, _voi_lut
 from tests.stack import poll, submit, wait_for
 
 DICOM_FILES = {"counterfactual.dcm", "difference.dcm"}
+DICOM_OUTPUTS = {*DICOM_FILES, "report.dcm"}
 OUTPUTS = ("counterfactual.dcm", "counterfactual.png")
 
 
@@ -63,7 +64,7 @@ def test_dicom_inputs_give_a_secondary_capture_in_the_same_study(service, name):
     status = poll(service.url, r.json()["id"], {"succeeded", "failed"})
     assert status["status"] == "succeeded", status
     result = status["result"]
-    assert result["input_format"] == "dicom" and DICOM_FILES <= set(result["files"])
+    assert result["input_format"] == "dicom" and DICOM_OUTPUTS <= set(result["files"])
     files = {n: httpx.get(service.url + result["files"][n], timeout=30) for n in OUTPUTS}
     assert files["counterfactual.dcm"].headers["content-type"] == "application/dicom"
     out = dcmread(io.BytesIO(files["counterfactual.dcm"].content))
@@ -127,7 +128,7 @@ def test_png_input_gets_no_dicom_files(service):
     from tests.helpers import png_bytes, xray_like
 
     status = poll(service.url, submit(service.url, png_bytes(xray_like(32, 32))).json()["id"], {"succeeded", "failed"})
-    assert status["result"]["input_format"] == "image" and not DICOM_FILES & set(status["result"]["files"])
+    assert status["result"]["input_format"] == "image" and not DICOM_OUTPUTS & set(status["result"]["files"])
     job = status["id"]
     assert httpx.get(f"{service.url}/jobs/{job}/files/counterfactual.dcm").status_code == 404
 

@@ -50,7 +50,7 @@ def _expected_files(out: Path) -> set[str]:
             result = json.loads((out / dataset_names(path, ["result.json"])["result.json"]).read_text())
             files = ["counterfactual.png", "difference.png", "difference.npy", "result.json"]
             if result["input_format"] == "dicom":
-                files += ["counterfactual.dcm", "difference.dcm"]
+                files += ["counterfactual.dcm", "difference.dcm", "report.dcm"]
             names |= set(dataset_names(path, files).values())
     return names
 
@@ -187,8 +187,12 @@ def test_ctrl_c_stops_with_one_line_saying_how_to_resume(tmp_path):
                 break
             except TimeoutError:
                 assert run.poll() is None, run.stderr.read()
+        connection.settimeout(300)
+        received = b""
+        while b"\r\n\r\n" not in received:  # the request's head is in: the client is sending or waiting
+            received += connection.recv(65536)
         run.send_signal(signal.SIGINT)
-        _, stderr = run.communicate(timeout=60)
+        _, stderr = run.communicate(timeout=300)
         connection.close()
     assert run.returncode == 130
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr

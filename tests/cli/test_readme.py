@@ -77,3 +77,31 @@ def test_the_batch_example_is_what_make_example_writes_and_it_resolves(tmp_path)
     names = set(zipfile.ZipFile(archive).namelist())
     assert names == {item.path for item in plan.items}
     assert all(find_file(folder, item.path) for item in plan.items)
+
+
+def test_the_configuration_table_is_every_setting_the_code_reads():
+    """One row per setting (PRISM_PACS_FILE and its retries among them), and no row the code ignores."""
+    from service.contract.settings import Settings
+
+    section = README.split("## Configuration (environment)")[1].split("\n## ")[0]
+    rows = re.findall(r"^\| `(PRISM_[A-Z0-9_]+)` \|", section, flags=re.M)
+    assert len(rows) == len(set(rows)), "a setting listed twice"
+    assert set(rows) == {f"PRISM_{name.upper()}" for name in Settings.model_fields}
+
+
+def test_the_endpoints_example_is_a_file_the_service_accepts(tmp_path):
+    """The README's pacs.toml, with its secret files made under tmp_path: every key is one the
+    service reads, and every rule it states holds (a password file for basic auth)."""
+    from service.contract.pacs import load_endpoints
+
+    (block,) = re.findall(r"```toml\n(.*?)```", README, flags=re.S)
+    for path in set(re.findall(r'_(?:file|bundle) = "([^"]+)"', block)):
+        local = tmp_path / path.lstrip("/")
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_text("secret\n")
+        block = block.replace(f'"{path}"', f'"{local}"')
+    (tmp_path / "pacs.toml").write_text(block)
+    endpoints = load_endpoints(str(tmp_path / "pacs.toml"))
+    assert set(endpoints) == {"radiology", "archive"}
+    assert endpoints["radiology"].dicomweb.auth == "basic" and endpoints["radiology"].dicom.port == 4242
+    assert endpoints["archive"].dicomweb is None and endpoints["archive"].dicom.calling_ae == "PRISM"

@@ -89,7 +89,7 @@ def _cmdline(pid: int) -> str:
 
 def _ctrl_c(process: subprocess.Popen) -> None:
     os.killpg(process.pid, signal.SIGINT)
-    assert process.wait(120) == 0
+    assert process.wait(300) == 0  # a grace of 2 s, then every process stopped in turn: long on busy cores
 
 
 def test_a_killed_worker_restarts_and_ctrl_c_gives_jobs_back_and_stops_redis_last(tmp_path, tiny_model_dir):

@@ -199,7 +199,7 @@ def test_files_are_the_chosen_outputs_and_the_report_names_exactly_those(bundle,
     def not_asked(*_):
         raise AssertionError("encoded a file that was not asked for")
 
-    monkeypatch.setattr("models.pipeline.secondary_captures", not_asked)
+    monkeypatch.setattr("models.pipeline.dicom_outputs", not_asked)
     monkeypatch.setattr("models.pipeline.encode_npy", not_asked)
     png = run(study, ("counterfactual.png", "result.json"))
     assert tuple(png.files()) == png.report.file_names == ("counterfactual.png", "result.json")

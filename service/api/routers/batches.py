@@ -11,8 +11,8 @@ from fastapi import APIRouter, Depends, Form, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from models.request.errors import InvalidInput
-from models.request.manifest import ManifestInvalid, read_manifest
-from service.api.archive import ArchiveLimits, open_archive
+from models.request.manifest import Manifest, ManifestInvalid, read_manifest
+from service.api.archive import Archive, ArchiveLimits, open_archive
 from service.api.batches import BatchStore, check_rows, content_digest
 from service.api.deps import (
     Admitted,
@@ -27,6 +27,8 @@ from service.api.docs import accepted, error_responses
 from service.api.errors import BatchNotFound, BatchTooLarge, retry_after
 from service.api.forms import BatchForm
 from service.api.schemas import BatchList, BatchStatus, BatchSummary
+from service.contract.pacs import Pacs, endpoint
+from service.contract.settings import Settings
 from service.contract.tenants import signing_secret
 from service.contract.webhooks import check_webhook_url
 
@@ -66,7 +68,8 @@ Batches = Annotated[BatchStore, Depends(get_batches)]
                 415: "not a multipart form",
                 422: "a field, the archive (entry names such as ../x.png) or manifest rows are invalid",
                 429: "rate limit of this API key exceeded; retry after Retry-After",
-                503: "Redis unreachable or the queue has no room for the batch; retry after Retry-After",
+                503: "Redis or the source PACS unreachable, or the queue has no room for the batch; retry after "
+                "Retry-After",
             }
         ),
     },
@@ -83,12 +86,6 @@ def submit_batch(
     ] = None,
 ) -> JSONResponse:
     base = form.base_request()
-    limits = ArchiveLimits(
-        max_entries=settings.batch_max_items * 4,
-        max_entry_bytes=settings.max_upload_bytes,
-        max_total_bytes=settings.batch_max_uncompressed_bytes,
-    )
-    archive = open_archive(form.images.file, limits)
     manifest_bytes = form.manifest.file.read(settings.max_upload_bytes + 1)
     if len(manifest_bytes) > settings.max_upload_bytes:
         raise InvalidInput("manifest", f"exceeds {settings.max_upload_bytes} bytes")
@@ -99,19 +96,48 @@ def submit_batch(
     rows = len(manifest.items) + len(manifest.errors)
     if rows > settings.batch_max_items:
         raise BatchTooLarge(f"the manifest has {rows} rows; the limit is {settings.batch_max_items}")
-    entries = check_rows(manifest, archive, settings.max_image_pixels)
-    if form.webhook is not None:
-        check_webhook_url(form.webhook, settings.webhook_allow_private)
-        if signing_secret(http.app.state.tenants, tenant, settings.webhook_secret) is None:
-            raise InvalidInput("webhook", "no secret to sign webhooks with: use a key from `prism keys add`")
-    admission.admit()
-    digest = content_digest(
-        form.images.file, manifest_bytes, form.model_dump_json(exclude={"images", "manifest"}).encode()
-    )
-    record = batches.submit(archive, entries, manifest.items, tenant, form.webhook, idempotency_key, digest)
+    archive, pacs = _image_source(form, manifest, settings)
+    if form.store_to is not None:
+        endpoint(settings.pacs_file, form.store_to, "store_to")
+    images = check_rows(manifest, archive, pacs, settings.max_image_pixels, form.store_to is not None)
+    try:
+        if form.webhook is not None:
+            check_webhook_url(form.webhook, settings.webhook_allow_private)
+            if signing_secret(http.app.state.tenants, tenant, settings.webhook_secret) is None:
+                raise InvalidInput("webhook", "no secret to sign webhooks with: use a key from `prism keys add`")
+        admission.admit()
+        digest = content_digest(
+            form.images.file if form.images is not None else b"",
+            manifest_bytes,
+            form.model_dump_json(exclude={"images", "manifest"}).encode(),
+        )
+        targets = {"source": form.source, "store_to": form.store_to}
+        record = batches.submit(images, manifest.items, targets, tenant, form.webhook, idempotency_key, digest)
+    finally:
+        images.spool.close()
     body = batches.summary(record).model_dump(mode="json")
     headers = {"Location": f"/batches/{record.id}", **retry_after(settings.retry_after_s)}
     return JSONResponse(body, status_code=202, headers=headers)
+
+
+def _image_source(form: BatchForm, manifest: Manifest, settings: Settings) -> tuple[Archive | None, Pacs | None]:
+    """The ZIP the manifest's paths name, or the PACS its studies are in (``source``): one of them."""
+    if manifest.by_reference:
+        if form.images is not None:
+            raise InvalidInput("images", "the manifest names studies (study_uid): leave the ZIP out")
+        if form.source is None:
+            raise InvalidInput("source", "the manifest names studies: give source, the PACS endpoint they are in")
+        return None, endpoint(settings.pacs_file, form.source, "source")
+    if form.source is not None:
+        raise InvalidInput("source", "is for a manifest of studies (study_uid); this one names files (Path)")
+    if form.images is None:
+        raise InvalidInput("images", "give a ZIP of the images the manifest's Path column names")
+    limits = ArchiveLimits(
+        max_entries=settings.batch_max_items * 4,
+        max_entry_bytes=settings.max_upload_bytes,
+        max_total_bytes=settings.batch_max_uncompressed_bytes,
+    )
+    return open_archive(form.images.file, limits), None
 
 
 @router.get(

@@ -23,7 +23,7 @@ from service.api.errors import retry_after
 from service.api.forms import CounterfactualForm
 from service.api.schemas import JobAccepted
 from service.api.store import links
-from service.api.uploads import read_mask, read_upload
+from service.api.uploads import check_store_to, read_mask, read_reference, read_upload
 from service.contract.tenants import signing_secret
 from service.contract.webhooks import check_webhook_url
 
@@ -42,12 +42,14 @@ router = APIRouter(tags=["counterfactuals"])
         **error_responses(
             {
                 401: "missing or invalid X-API-Key",
+                404: "the source PACS has no such study, series or instance (`loc` names the UID field)",
                 409: "Idempotency-Key reused with a different request",
                 413: "request body or image too large",
                 415: "not a multipart form, not a PNG, JPEG or DICOM image, or a DICOM object that is not an image",
                 422: "a field is invalid; `loc` names it",
                 429: "rate limit of this API key exceeded; retry after Retry-After",
-                503: "Redis unreachable or queue full; retry after Retry-After",
+                503: "Redis, the blob store or the source PACS unreachable, or the queue or storage full; retry after "
+                "Retry-After",
             }
         ),
     },
@@ -63,9 +65,17 @@ def submit(
         str | None, Header(max_length=200, description="repeat a POST with the same key to get the same job back")
     ] = None,
 ) -> JSONResponse:
-    image = read_upload(form.image.file, settings.max_upload_bytes, settings.max_image_pixels)
-    mask = None if form.mask is None else read_mask(form.mask.file, image.size, settings)
     request = form.job_request()
+    request.check_reference()
+    if (form.image is None) == (request.source is None):
+        message = "give an image, or a source and study_uid" if form.image is None else "give an image or a source"
+        raise InvalidInput("image", message)
+    if form.image is not None:
+        image = read_upload(form.image.file, settings.max_upload_bytes, settings.max_image_pixels)
+    else:
+        image = read_reference(request, settings.pacs_file, settings.max_image_pixels)
+    check_store_to(request, settings.pacs_file, image.data)
+    mask = None if form.mask is None else read_mask(form.mask.file, image.size, settings)
     edit = resolve(request, with_mask=mask is not None)
     if request.webhook is not None:
         check_webhook_url(request.webhook, settings.webhook_allow_private)

@@ -9,6 +9,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import (
+    ComprehensiveSRStorage,
     JPEG2000Lossless,
     JPEGLSLossless,
     RLELossless,
@@ -16,7 +17,14 @@ from pydicom.uid import (
     SegmentationStorage,
 )
 
-from models.imaging.dicom import DIFFERENCE_COMMENTS, IMAGE_COMMENTS, is_dicom, read_dicom, secondary_captures
+from models.imaging.dicom import (
+    DIFFERENCE_COMMENTS,
+    IMAGE_COMMENTS,
+    Findings,
+    dicom_outputs,
+    is_dicom,
+    read_dicom,
+)
 from models.imaging.difference import render_difference
 from models.imaging.files import decode_image
 from models.request.errors import ImageError
@@ -32,6 +40,8 @@ from tests.dicom_files import (
 )
 
 LIMIT = 4096 * 4096
+
+FINDINGS = Findings(0.2, 0.1, True, "a", "b", "prism", "model-1")
 
 
 def _own_range(values: np.ndarray) -> np.ndarray:
@@ -210,7 +220,7 @@ def test_secondary_capture_round_trip(photometric, bits):
     counterfactual = np.clip(pixels[::-1] * 0.9, 0, 1)
     difference = np.zeros((*pixels.shape, 3), np.uint8)
     difference[..., 0] = 255
-    files = secondary_captures(source, counterfactual, difference, "PRISM counterfactual: 'a' edited to 'b'")
+    files = dicom_outputs(source, counterfactual, difference, "PRISM counterfactual: 'a' edited to 'b'", FINDINGS)
     out = dcmread(io.BytesIO(files["counterfactual.dcm"]))
     diff = dcmread(io.BytesIO(files["difference.dcm"]))
     for image in (out, diff):
@@ -240,15 +250,67 @@ def test_a_non_conformant_patient_attribute_is_left_empty_not_fatal():
     ds, _ = radiograph()
     ds.StudyDate, ds.PatientSex = "2020-01-01", "Q"
     pixels, source = read_dicom(encode(ds), LIMIT)
-    files = secondary_captures(source, pixels, np.zeros((*pixels.shape, 3), np.uint8), "edit")
+    files = dicom_outputs(source, pixels, np.zeros((*pixels.shape, 3), np.uint8), "edit", FINDINGS)
     out = dcmread(io.BytesIO(files["counterfactual.dcm"]))
     assert out.StudyInstanceUID == STUDY and out.StudyDate == "" and out.PatientSex == ""
     assert (out.PatientID, out.PatientName, out.AccessionNumber) == (ds.PatientID, ds.PatientName, ds.AccessionNumber)
 
 
+def _content(report: Dataset) -> dict[str, object]:
+    """The report's content items by code: a text, a number or a referenced instance UID."""
+    values = {}
+    for item in report.ContentSequence:
+        code = item.ConceptNameCodeSequence[0].CodeValue
+        if item.ValueType == "TEXT":
+            values[code] = item.TextValue
+        elif item.ValueType == "NUM":
+            values[code] = float(item.MeasuredValueSequence[0].NumericValue)
+        else:
+            values[code] = item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+    return values
+
+
+def test_the_report_references_the_source_and_both_outputs_and_says_what_the_edit_did():
+    ds, _ = radiograph(bits_stored=12)
+    ds.StudyDate = "2020-01-01"  # left empty in the outputs, as in the images
+    pixels, source = read_dicom(encode(ds), LIMIT)
+    findings = Findings(0.137, 0.1, True, "with support devices", "without", "prism", "ab12cd34ef56ab78")
+    files = dicom_outputs(source, pixels, np.zeros((*pixels.shape, 3), np.uint8), "edit", findings)
+    report = dcmread(io.BytesIO(files["report.dcm"]))
+    out, diff = (dcmread(io.BytesIO(files[n])) for n in ("counterfactual.dcm", "difference.dcm"))
+    assert report.SOPClassUID == ComprehensiveSRStorage and report.Modality == "SR"
+    assert report.StudyInstanceUID == STUDY and report.PatientID == ds.PatientID and report.StudyDate == ""
+    assert report.SeriesInstanceUID not in (ds.SeriesInstanceUID, out.SeriesInstanceUID)  # one modality a series
+    assert "NOT FOR DIAGNOSIS" in report.SeriesDescription and report.VerificationFlag == "UNVERIFIED"
+    content = _content(report)
+    assert content["SOURCE"] == ds.SOPInstanceUID and content["COUNTERFACTUAL"] == out.SOPInstanceUID
+    assert content["DIFFERENCE"] == diff.SOPInstanceUID
+    assert content["S-CLIP"] == pytest.approx(0.137) and content["S-CLIP-THRESHOLD"] == pytest.approx(0.1)
+    assert (content["PASSED"], content["METHOD"], content["MODEL"]) == ("yes", "prism", "ab12cd34ef56ab78")
+    assert (content["PROMPT-ORIGINAL"], content["PROMPT-EDIT"]) == ("with support devices", "without")
+    assert "NOT FOR DIAGNOSIS" in content["NOTICE"]
+    evidence = {ref.ReferencedSOPInstanceUID for s in report.CurrentRequestedProcedureEvidenceSequence
+                for series in s.ReferencedSeriesSequence for ref in series.ReferencedSOPSequence}  # fmt: skip
+    assert evidence == {ds.SOPInstanceUID, out.SOPInstanceUID, diff.SOPInstanceUID}
+
+
+def test_a_job_id_fixes_every_uid_so_storing_again_replaces():
+    pixels, source = read_dicom(encode(radiograph()[0]), LIMIT)
+    rgb = np.zeros((*pixels.shape, 3), np.uint8)
+
+    def uids(seed: str | None) -> list[str]:
+        files = dicom_outputs(source, pixels, rgb, "edit", FINDINGS, seed)
+        read = [dcmread(io.BytesIO(files[n])) for n in ("counterfactual.dcm", "difference.dcm", "report.dcm")]
+        return [uid for d in read for uid in (d.SeriesInstanceUID, d.SOPInstanceUID)]
+
+    first = uids("job-1")
+    assert uids("job-1") == first and len(set(first)) == 5  # the two images share their series
+    assert not set(uids("job-2")) & set(first) and not set(uids(None)) & set(uids(None))
+
+
 def _outputs(data: bytes) -> list[Dataset]:
     pixels, source = read_dicom(data, LIMIT)
-    files = secondary_captures(source, pixels, np.zeros((*pixels.shape, 3), np.uint8), "edit")
+    files = dicom_outputs(source, pixels, np.zeros((*pixels.shape, 3), np.uint8), "edit", FINDINGS)
     return [dcmread(io.BytesIO(files[name])) for name in ("counterfactual.dcm", "difference.dcm")]
 
 
@@ -300,7 +362,7 @@ def test_study_sized_outputs_are_jpeg_ls_lossless_smaller_and_read_back_bit_exac
     counterfactual = stored / np.float32(4095)
     rgb, _ = render_difference(counterfactual - original)
     _, source = read_dicom(encode(radiograph(bits_stored=12)[0]), LIMIT)  # the outputs' header only
-    files = secondary_captures(source, counterfactual, rgb, "edit")
+    files = dicom_outputs(source, counterfactual, rgb, "edit", FINDINGS)
     for name, pixels, bound in (("counterfactual.dcm", stored, 0.6), ("difference.dcm", rgb, 0.93)):
         image = dcmread(io.BytesIO(files[name]))
         assert image.file_meta.TransferSyntaxUID == JPEGLSLossless and "LossyImageCompression" not in image
@@ -315,7 +377,7 @@ def test_what_jpeg_ls_cannot_hold_is_written_rle_lossless(bits, height, width):
     """JPEG-LS holds 2 to 16 bits, and pyjpegls refuses images of a few pixels."""
     ds, _ = radiograph(height=height, width=width, bits_stored=bits)
     pixels, source = read_dicom(encode(ds), LIMIT)
-    files = secondary_captures(source, pixels, np.zeros((height, width, 3), np.uint8), "edit")
+    files = dicom_outputs(source, pixels, np.zeros((height, width, 3), np.uint8), "edit", FINDINGS)
     out = dcmread(io.BytesIO(files["counterfactual.dcm"]))
     assert out.file_meta.TransferSyntaxUID == RLELossless and out.BitsStored == bits
     assert np.array_equal(out.pixel_array, np.round(pixels * (2**bits - 1)))

@@ -82,11 +82,32 @@ def test_every_bad_cell_is_listed_by_line_and_column():
         (b'Path,Edema\na.png,1\n"b.png,1\nc.png,0\n', "line 3: not a readable CSV row"),  # a quote never closed
         (b"Path,Edema,EDEMA\na.png,1,1\n", "line 1: the column 'Edema' appears twice"),
         (b"Path|Edema\na.png|1\n", "read with a comma, a semicolon or a tab"),
+        (b"Path,Study_UID,Edema\na.png,1.2.3,1\n", "give 'Path' .* or 'study_uid' .*, not both"),
     ],
 )
 def test_an_unusable_file_is_refused_as_a_whole(text, needle):
     with pytest.raises(ManifestInvalid, match=needle):
         read_manifest(text, REMOVE)
+
+
+def test_rows_naming_studies_become_references_named_by_their_uids():
+    text = "Study_UID;series_uid;SOP_UID;Support Devices\n1.2.3;;;1\n1.2.3;1.2.3.4;1.2.3.4.5;1\n1.2.4;;;0\n"
+    plan = read_manifest(text.encode(), REMOVE)
+    assert not plan.errors and plan.by_reference
+    first, second, skipped = plan.items
+    assert (first.path, first.reference) == ("1.2.3", {"study_uid": "1.2.3"})
+    assert second.path == "1.2.3/1.2.3.4/1.2.3.4.5" and second.reference["sop_uid"] == "1.2.3.4.5"
+    assert skipped.skipped and skipped.reference == {"study_uid": "1.2.4"}
+    assert dataset_names(second.path, ["report.dcm"]) == {"report.dcm": "reports/1.2.3/1.2.3.4/1.2.3.4.5.dcm"}
+    bad = read_manifest(
+        b"study_uid,sop_uid,Edema\n1.2.x,,1\n,1.2,1\n1.2.3,1.2,1\n1.2.3,1.2,0\n1.2.9,1." + b"1" * 70 + b",1\n", REMOVE
+    )
+    assert [(e.line, e.column, e.message.split(":")[0]) for e in bad.errors] == [
+        (2, "study_uid", "not a DICOM UID (digits and dots, 64 at most)"),
+        (3, "study_uid", "empty"),
+        (5, "study_uid", "'1.2.3/1.2' is also on line 4"),
+        (6, "sop_uid", "not a DICOM UID (digits and dots, 64 at most)"),
+    ]
 
 
 def test_paths_are_found_as_written_or_by_their_tail(tmp_path):

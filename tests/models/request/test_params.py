@@ -14,7 +14,7 @@ SMALL = ("counterfactual.png", "result.json")
 
 def test_the_default_is_every_file_so_a_request_without_outputs_writes_what_it_did():
     assert EditOptions().outputs == EditParams().outputs == FILE_NAMES
-    assert len(FILE_NAMES) == 7 and FILE_NAMES[0] == "counterfactual.png"
+    assert len(FILE_NAMES) == 8 and FILE_NAMES[-1] == "report.dcm" and FILE_NAMES[0] == "counterfactual.png"
 
 
 @pytest.mark.parametrize(
@@ -46,7 +46,7 @@ def test_result_json_is_added_in_its_place_among_the_chosen():
         ("[]", "name at least one of"),
         ("counterfactual.jpg", "Input should be 'counterfactual.png', 'difference.png'"),
         ("counterfactual.png,../result.json", "Input should be 'counterfactual.png'"),
-        (["result.json"] * 8, "at most 7 items"),
+        (["result.json"] * 9, "at most 8 items"),
     ],
 )
 def test_an_empty_list_or_an_unknown_name_is_refused_naming_outputs(value, message):
