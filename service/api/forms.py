@@ -13,29 +13,32 @@ from typing import Annotated
 
 from fastapi import UploadFile
 from fastapi.exceptions import RequestValidationError
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, WithJsonSchema
 
 from models.request.errors import InvalidInput
 from models.request.resolve import EditRequest
 from service.contract.jobs import JobRequest
 
+FILE_PART = WithJsonSchema({"type": "string", "format": "binary"})
+"""An optional file part's schema: a plain binary string, as OpenAPI's multipart encoding and
+client generators expect (``UploadFile | None`` would be an anyOf, which they send as text)."""
 LABELS_SYNTAX = 'a JSON object such as {"Support Devices": 1} or pairs such as "Support Devices=1; Edema=0"'
 
 
 class CounterfactualForm(JobRequest):
     image: Annotated[
         UploadFile | None,
+        FILE_PART,
         Field(
             description="chest X-ray: PNG (8/16-bit), JPEG or DICOM (detected from the content); or give "
             "source and study_uid instead",
-            json_schema_extra={"format": "binary"},
         ),
     ] = None
     mask: Annotated[
         UploadFile | None,
+        FILE_PART,
         Field(
             description="guided: the anatomy to keep, a PNG the size of the image (nonzero pixels are kept)",
-            json_schema_extra={"format": "binary"},
         ),
     ] = None
     findings: Annotated[
@@ -71,9 +74,9 @@ class BatchForm(EditRequest):
 
     images: Annotated[
         UploadFile | None,
+        FILE_PART,
         Field(
             description="a ZIP of the images (PNG, JPEG or DICOM), in any folders; not with a manifest of studies",
-            json_schema_extra={"format": "binary"},
         ),
     ] = None
     manifest: Annotated[
