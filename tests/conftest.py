@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
 from pathlib import Path
 
@@ -14,8 +15,12 @@ from models.diffusion.tiny import make_tiny_model
 
 def pytest_configure(config: pytest.Config) -> None:
     """The suite's own PRISM_HOME: stacks the tests start in process (and ``prism up``) keep their
-    Redis data and default blob store there, not in the user's ~/.cache/prism."""
+    Redis data and default blob store there, not in the user's ~/.cache/prism. Ctrl-C is heard
+    again if the suite was started in the background (``cmd &`` ignores SIGINT and every process
+    started from it inherits that): the tests that press Ctrl-C on a ``prism`` process need it."""
     os.environ.setdefault("PRISM_HOME", tempfile.mkdtemp(prefix="prism-home-"))
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")

@@ -172,7 +172,9 @@ class Pacs:
         if self.endpoint.dicomweb is None:
             raise PacsError(422, "source", f"endpoint {self.name!r} has no DICOMweb URL to read studies from")
         web = self.endpoint.dicomweb
-        return DICOMwebClient(web.url, session=_session(web))
+        client = DICOMwebClient(web.url, session=_session(web))
+        client.set_http_retry_params(retry=False)  # its 5 tries (30 s) would hold a submit; a worker retries stores
+        return client
 
     def _call(self, what, *args, **kwargs):
         """A DICOMweb call; a refused request (4xx) or an unreachable or failing PACS, as our errors."""

@@ -26,7 +26,7 @@ def _redis_bytes(redis: Redis, job_id: str) -> int:
 
 
 def test_a_real_size_study_leaves_kilobytes_in_redis_and_every_file_is_served(service, redis_server):
-    """A 12-bit DICOM DX study of 3000 x 2500 pixels with noise (15 MB): its 7 result files are in
+    """A 12-bit DICOM DX study of 3000 x 2500 pixels with noise (15 MB): its 8 result files are in
     the blob store, each served as the worker wrote it; Redis keeps the job's record and result."""
     ds, stored = radiograph(3000, 2500, bits_stored=12, seed=11)
     study = encode(ds)
@@ -45,7 +45,9 @@ def test_a_real_size_study_leaves_kilobytes_in_redis_and_every_file_is_served(se
         assert served.content == (blobs / file_blob(job_id, name)).read_bytes(), name
         assert int(served.headers["content-length"]) == len(served.content)
         written += len(served.content)
-    assert len(status["links"]["files"]) == 7
+    assert len(status["links"]["files"]) == 8
+    report = httpx.get(f"{service.url}/jobs/{job_id}/files/report.dcm").content
+    assert len(report) < 20_000  # the structured report says what the edit did, with no pixels
     counterfactual = pydicom.dcmread(
         io.BytesIO(httpx.get(f"{service.url}/jobs/{job_id}/files/counterfactual.dcm").content)
     )
