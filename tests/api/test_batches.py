@@ -162,12 +162,12 @@ def test_cancel_stops_the_rest_and_a_killed_worker_loses_no_item(tmp_path, tiny_
         for i in range(5)
     )
     archive, _, _ = phantom_batch(5)
-    three = b"\n".join(prompts.splitlines()[:4]) + b"\n"
+    two = b"\n".join(prompts.splitlines()[:3]) + b"\n"
     receiver = Receiver()
     webhooks = {"PRISM_WEBHOOK_ALLOW_PRIVATE": "true", "PRISM_WEBHOOK_SECRET": SECRET}
     with Cluster(tmp_path, tiny_model_dir, workers=1, webhook_sender=True, **webhooks) as c:
         # a worker SIGKILLed while it runs an item: the item is re-queued and every item ends succeeded
-        killed = post_batch(c.url, archive, three, steps="60", self_replace_steps="0.5").json()["id"]
+        killed = post_batch(c.url, archive, two, steps="60", self_replace_steps="0.5").json()["id"]
         status = wait_for(
             lambda: batch(c.url, killed),
             lambda b: b["counts"]["running"] == 1 and b["counts"]["succeeded"] >= 1,
@@ -179,9 +179,9 @@ def test_cancel_stops_the_rest_and_a_killed_worker_loses_no_item(tmp_path, tiny_
         c.workers[0].wait()
         c.workers[0] = c.add_worker()
         status = wait_completed(c.url, killed)
-        assert status["counts"]["succeeded"] == 3, status
+        assert status["counts"]["succeeded"] == 2, status
         requeues = [httpx.get(f"{c.url}/jobs/{i['job_id']}").json()["requeues"] for i in status["items"]]
-        assert sorted(requeues) == [0, 0, 1]
+        assert sorted(requeues) == [0, 1]
         assert httpx.get(f"{c.url}/jobs/{running}").json()["requeues"] == 1
 
         # cancel while one item runs and the rest are queued

@@ -40,7 +40,7 @@ def test_killed_worker_without_retries_fails_with_worker_lost(tmp_path, tiny_mod
 
 
 def test_timeout_fails_job_and_worker_survives(tmp_path, tiny_model_dir):
-    with Cluster(tmp_path, tiny_model_dir, workers=1, PRISM_JOB_TIMEOUT_S="10") as c:
+    with Cluster(tmp_path, tiny_model_dir, workers=1, PRISM_JOB_TIMEOUT_S="6") as c:
         slow = submit(c.url, steps="999").json()["id"]
         final = poll(c.url, slow, {"succeeded", "failed"})
         assert final["status"] == "failed" and final["error"]["code"] == "timeout", final
