@@ -167,7 +167,7 @@ def test_cancel_stops_the_rest_and_a_killed_worker_loses_no_item(tmp_path, tiny_
     webhooks = {"PRISM_WEBHOOK_ALLOW_PRIVATE": "true", "PRISM_WEBHOOK_SECRET": SECRET}
     with Cluster(tmp_path, tiny_model_dir, workers=1, webhook_sender=True, **webhooks) as c:
         # a worker SIGKILLed while it runs an item: the item is re-queued and every item ends succeeded
-        killed = post_batch(c.url, archive, two, steps="60", self_replace_steps="0.5").json()["id"]
+        killed = post_batch(c.url, archive, two, steps="30", self_replace_steps="0.5").json()["id"]
         status = wait_for(
             lambda: batch(c.url, killed),
             lambda b: b["counts"]["running"] == 1 and b["counts"]["succeeded"] >= 1,

@@ -58,7 +58,7 @@ def test_it_takes_the_queued_jobs_that_share_the_pack_key_in_queue_order(redis_s
 
 def test_a_canceled_and_a_failing_job_leave_the_pack_and_the_others_succeed(tmp_path, tiny_model_dir):
     with Cluster(tmp_path, tiny_model_dir, workers=0, PRISM_WORKER_PACK="4") as c:
-        ids = [submit(c.url, steps="40", self_replace_steps="0.4,0.8").json()["id"] for _ in range(4)]
+        ids = [submit(c.url, steps="24", self_replace_steps="0.4,0.8").json()["id"] for _ in range(4)]
         first, canceled, expired, last = ids
         (c.blobs / input_blob(expired)).unlink()
         c.workers.append(c.add_worker())
@@ -80,7 +80,7 @@ def test_a_canceled_and_a_failing_job_leave_the_pack_and_the_others_succeed(tmp_
 
 def test_a_worker_killed_mid_pack_has_every_job_requeued_and_run_once(tmp_path, tiny_model_dir):
     with Cluster(tmp_path, tiny_model_dir, workers=0, PRISM_WORKER_PACK="3") as c:
-        ids = [submit(c.url, steps="30", self_replace_steps="0.4,0.8").json()["id"] for _ in range(3)]
+        ids = [submit(c.url, steps="16", self_replace_steps="0.4,0.8").json()["id"] for _ in range(3)]
         c.workers.append(c.add_worker())
         for job_id in ids:
             wait_running(c.url, job_id)
