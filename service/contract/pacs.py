@@ -26,7 +26,7 @@ import io
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -166,7 +166,9 @@ class Pacs:
     name: str
     endpoint: Endpoint
 
+    @cached_property
     def _web(self):
+        """One DICOMweb client (and HTTP session) for all the calls on this endpoint object."""
         from dicomweb_client.api import DICOMwebClient
 
         if self.endpoint.dicomweb is None:
@@ -196,7 +198,7 @@ class Pacs:
         """The instance to edit: ``instance`` if named, else the one frontal radiograph of the study
         (or series): CR or DX, ViewPosition PA or AP, one frame. None or several is a 422 saying
         what the study holds; a study (or instance) the PACS does not have is a 404."""
-        client = self._web()
+        client = self._web
         search = {"study_instance_uid": study, "fields": ["ViewPosition", "NumberOfFrames", "Modality"]}
         if series is not None:
             search["series_instance_uid"] = series
@@ -228,7 +230,7 @@ class Pacs:
 
     def retrieve(self, ref: InstanceRef) -> bytes:
         """The instance as a DICOM Part 10 file (WADO-RS), to be checked as an upload is."""
-        client = self._web()
+        client = self._web
         dataset = self._call(client.retrieve_instance, ref.study, ref.series, ref.instance)
         if dataset is None:
             raise PacsError(404, "sop_uid", f"endpoint {self.name!r} no longer has the instance")
@@ -246,7 +248,7 @@ class Pacs:
         return self._c_store(datasets)
 
     def _stow(self, datasets: dict[str, Dataset]) -> StoredCopy:
-        answer = self._call(self._web().store_instances, list(datasets.values()))
+        answer = self._call(self._web.store_instances, list(datasets.values()))
         if answer is None or answer.get("FailedSOPSequence"):
             raise PacsUnavailable(f"endpoint {self.name!r} refused to store the outputs")
         urls = {
