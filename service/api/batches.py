@@ -29,7 +29,7 @@ from service.api.archive import Archive
 from service.api.errors import IdempotencyConflict, ManifestErrors, NotCancelable, QueueFull
 from service.api.schemas import BatchItemStatus, BatchLinks, BatchStatus, BatchSummary
 from service.api.store import STATES, JobStore
-from service.api.uploads import UploadRejected, check_image
+from service.api.uploads import NOT_DICOM, UploadRejected, check_image
 from service.contract import metrics
 from service.contract.batches import (
     BatchItem,
@@ -138,7 +138,7 @@ def check_rows(
                 errors.append(RowError(line=item.line, column=column, message=f"{item.path}: {exc.message}"))
                 continue
             if store_to and not is_dicom(data):
-                message = f"{item.path}: store_to needs DICOM inputs, only those have DICOM outputs to store"
+                message = f"{item.path}: store_to {NOT_DICOM}"
                 errors.append(RowError(line=item.line, column=column, message=message))
             if item.reference is not None:
                 images.spool.add(item.line, data)

@@ -61,15 +61,18 @@ def read_reference(request: JobRequest, pacs_file: str | None, max_pixels: int) 
     return Upload(data, check_image(data, max_pixels))
 
 
-def check_store_to(request: JobRequest, pacs_file: str | None, image: bytes) -> None:
-    """A ``store_to`` names an endpoint that can store and a DICOM input (only those have DICOM
-    outputs to store); else an :class:`InvalidInput` naming it."""
-    if request.store_to is None:
+NOT_DICOM = "needs a DICOM input: only those have DICOM outputs to store"
+"""Why a ``store_to`` is refused for a PNG or JPEG input (a single one, or a batch's row)."""
+
+
+def check_store_to(store_to: str | None, outputs: tuple[str, ...], pacs_file: str | None) -> None:
+    """A ``store_to`` names an endpoint of the service's and ``outputs`` hold a DICOM file to store
+    (whether the input is DICOM is checked where it is read: :data:`NOT_DICOM`); else an
+    :class:`InvalidInput` naming it."""
+    if store_to is None:
         return
-    endpoint(pacs_file, request.store_to, "store_to")
-    if not is_dicom(image):
-        raise InvalidInput("store_to", "needs a DICOM input: only those have DICOM outputs to store")
-    if not set(DICOM_FILES) & set(request.outputs):
+    endpoint(pacs_file, store_to, "store_to")
+    if not set(DICOM_FILES) & set(outputs):
         raise InvalidInput("store_to", f"outputs holds none of {', '.join(DICOM_FILES)} to store")
 
 

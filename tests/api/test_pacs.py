@@ -258,6 +258,12 @@ def test_a_manifest_of_studies_gives_the_dataset_uploads_would_and_stores_back(p
         ("study_uid\n1.2.3\n", {}, ["source"], "the manifest names studies"),
         ("study_uid\n1.2.3\n", {"source": "nowhere"}, ["source"], "no PACS endpoint 'nowhere'"),
         ("Path,study_uid\na.png,1.2.3\n", {"source": "radiology"}, ["manifest"], "not both"),
+        (
+            "study_uid\n1.2.3\n",
+            {"source": "radiology", "store_to": "radiology", "outputs": "counterfactual.png"},
+            ["store_to"],
+            "outputs holds none of",
+        ),
     ],
 )
 def test_a_manifest_of_studies_that_cannot_run_is_refused_naming_the_cell(pacs, manifest, fields, loc, words):

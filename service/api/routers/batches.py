@@ -27,6 +27,7 @@ from service.api.docs import accepted, error_responses
 from service.api.errors import BatchNotFound, BatchTooLarge, retry_after
 from service.api.forms import BatchForm
 from service.api.schemas import BatchList, BatchStatus, BatchSummary
+from service.api.uploads import check_store_to
 from service.contract.pacs import Pacs, endpoint
 from service.contract.settings import Settings
 from service.contract.tenants import signing_secret
@@ -97,8 +98,7 @@ def submit_batch(
     if rows > settings.batch_max_items:
         raise BatchTooLarge(f"the manifest has {rows} rows; the limit is {settings.batch_max_items}")
     archive, pacs = _image_source(form, manifest, settings)
-    if form.store_to is not None:
-        endpoint(settings.pacs_file, form.store_to, "store_to")
+    check_store_to(form.store_to, base.outputs, settings.pacs_file)
     images = check_rows(manifest, archive, pacs, settings.max_image_pixels, form.store_to is not None)
     try:
         if form.webhook is not None:

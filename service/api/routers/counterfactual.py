@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Form, Header, Request
 from fastapi.responses import JSONResponse
 
+from models.imaging.dicom import is_dicom
 from models.request.errors import InvalidInput
 from models.request.resolve import resolve
 from service.api.deps import (
@@ -23,7 +24,7 @@ from service.api.errors import retry_after
 from service.api.forms import CounterfactualForm
 from service.api.schemas import JobAccepted
 from service.api.store import links
-from service.api.uploads import check_store_to, read_mask, read_reference, read_upload
+from service.api.uploads import NOT_DICOM, check_store_to, read_mask, read_reference, read_upload
 from service.contract.tenants import signing_secret
 from service.contract.webhooks import check_webhook_url
 
@@ -74,7 +75,9 @@ def submit(
         image = read_upload(form.image.file, settings.max_upload_bytes, settings.max_image_pixels)
     else:
         image = read_reference(request, settings.pacs_file, settings.max_image_pixels)
-    check_store_to(request, settings.pacs_file, image.data)
+    check_store_to(request.store_to, request.outputs, settings.pacs_file)
+    if request.store_to is not None and not is_dicom(image.data):
+        raise InvalidInput("store_to", NOT_DICOM)
     mask = None if form.mask is None else read_mask(form.mask.file, image.size, settings)
     edit = resolve(request, with_mask=mask is not None)
     if request.webhook is not None:
